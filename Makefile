@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - the bot against a local Synapse it starts itself (prints the demo login)
+#   make test  - the whole test suite (unit + integration against a real Synapse)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench reset clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) tools/run_local.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench_heal.py
+
+reset: $(VENV)/.installed
+	LAMBDA_MATRIX_DB=.local/lambda_matrix.db MATRIX_STORE_PATH=.local/matrix_store \
+	MATRIX_HOMESERVER=http://127.0.0.1:8008 MATRIX_USER_ID=@lambda:localhost \
+	$(PY) tools/reset_local.py
+
+clean:
+	rm -rf $(VENV) .local .pytest_cache

@@ -1,0 +1,197 @@
+"""Startup, the sync loop and the wiring of the dispatcher. Startup does no reconciliation:
+missing local state is healed lazily, by the healing link of the chain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import ClientError
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    InviteMemberEvent,
+    RoomMessageText,
+    RoomNameEvent,
+    SyncResponse,
+)
+
+from core.agent import Agent, EchoAgent
+from core.chat import ChatManager
+from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
+from adapter.matrix.config import Config
+from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.dispatcher import Dispatcher
+from adapter.matrix.handlers import handle_update
+from adapter.matrix.healing import Healer, HealingMiddleware
+from adapter.matrix.homeserver import Homeserver
+from adapter.matrix.middlewares import SkipHistory, ignore_own_events, owner_only, resolve_route
+from adapter.matrix.room_router import RoomRouter
+from adapter.matrix.session import HomeserverUnreachable, LoginFailed, log_in
+from adapter.matrix.store import MatrixStore
+
+log = structlog.get_logger()
+
+SYNC_TIMEOUT_MS = 30_000
+SYNC_FILTER = {"room": {"timeline": {"limit": 100}}, "presence": {"not_types": ["*"]}}
+MAX_BACKOFF_S = 60.0
+
+
+def client_config() -> AsyncClientConfig:
+    # nio retries 429s and timeouts forever by default; bound them so that a heal or a
+    # reply fails visibly (and is retried by us) instead of hanging the event loop.
+    return AsyncClientConfig(max_limit_exceeded=2, max_timeouts=2, request_timeout=30,
+                             max_timeout_retry_wait_time=5, encryption_enabled=False)
+
+
+def updates_from_sync(resp: SyncResponse, bot_id: str, history: bool, since: str) -> list[Update]:
+    """Normalise a sync response: invites to the bot, then each room's text and renames."""
+    updates = []
+    for room_id, info in resp.rooms.invite.items():
+        for ev in info.invite_state:
+            if isinstance(ev, InviteMemberEvent) and ev.state_key == bot_id \
+                    and ev.membership == "invite":
+                updates.append(Update("invite", room_id, ev.sender, f"invite|{room_id}|{since}"))
+    for room_id, info in resp.rooms.join.items():
+        for ev in info.timeline.events:
+            if isinstance(ev, RoomMessageText):
+                updates.append(Update("message", room_id, ev.sender, ev.event_id, ev.body,
+                                      history))
+            elif isinstance(ev, RoomNameEvent):
+                updates.append(Update("room_name", room_id, ev.sender, ev.event_id, ev.name,
+                                      history))
+    return updates
+
+
+class Bot:
+    """One dispatcher fed by one sync loop."""
+
+    def __init__(self, client: AsyncClient, store: SQLiteStore, agent: Agent,
+                 server_name: str) -> None:
+        self.client = client
+        self.store = MatrixStore(store)
+        self.services = Services(hs=Homeserver(client, server_name), store=self.store,
+                                 chats=ChatManager(store), agent=agent,
+                                 router=RoomRouter(self.store))
+        self.history = SkipHistory()
+        self.healing = HealingMiddleware(Healer(self.services))
+        self.dispatcher = Dispatcher(
+            [ignore_own_events, self.history, resolve_route, self.healing, owner_only],
+            handle_update, EventData(services=self.services))
+        self.healing.replay = self.dispatcher.feed
+
+    async def sync_once(self, since: str | None) -> str | None:
+        """One sync round: handle every update, then persist the new token. Returns it."""
+        resp = await self.client.sync(timeout=SYNC_TIMEOUT_MS if since else 0,
+                                      since=since, sync_filter=SYNC_FILTER)
+        if not isinstance(resp, SyncResponse):
+            raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
+        history = since is None
+        updates = updates_from_sync(resp, self.client.user_id, history, since or "")
+        skipped_before = self.history.skipped
+        for update in updates:
+            await self.dispatcher.feed(update)
+        if history:
+            log.info("sync.history_skipped", events=self.history.skipped - skipped_before,
+                     rooms=len(resp.rooms.join))
+        await self.store.set_sync_token(resp.next_batch)
+        return resp.next_batch
+
+    async def run(self, stop: asyncio.Event) -> None:
+        since = await self.store.get_sync_token()
+        log.info("sync.starting", resume=since is not None)
+        ready, backoff = False, 1.0
+        while not stop.is_set():
+            round_ = asyncio.ensure_future(self.sync_once(since))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({round_, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not round_.done():
+                # Stopping: the token of an unfinished round is not saved, so a restart
+                # replays it, and derived transaction ids keep replies from doubling.
+                round_.cancel()
+                break
+            try:
+                since = round_.result()
+            except (HomeserverUnreachable, ClientError, OSError, asyncio.TimeoutError) as err:
+                log.warning("sync.failed", error=str(err) or type(err).__name__,
+                            retry_in_s=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            if not ready:
+                ready = True
+                log.info("bot.ready")
+            elif backoff > 1.0:
+                log.info("sync.recovered")
+            backoff = 1.0
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event) -> bool:
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            session = await log_in(client, config)
+            log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
+            return True
+        except HomeserverUnreachable as err:
+            log.warning("homeserver.unreachable", homeserver=config.homeserver,
+                        error=str(err), retry_in_s=backoff)
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+    return False
+
+
+async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = None) -> int:
+    """Run until ``stop`` is set. Returns the process exit code."""
+    lock = ProcessLock(config.db_path)
+    try:
+        lock.acquire()
+    except StoreLocked:
+        log.error("store.locked", db=str(config.db_path), pid=lock.holder_pid(),
+                  remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first")
+        return 1
+    try:
+        try:
+            store = await SQLiteStore.open(config.db_path)
+        except StoreUnreadable as err:
+            log.error("store.unreadable", db=str(config.db_path), error=str(err),
+                      remedy="python tools/reset_local.py")
+            return 1
+        client = AsyncClient(config.homeserver, config.user_id, config=client_config())
+        try:
+            log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
+                     db=str(config.db_path), db_created=store.created)
+            if not await _log_in_with_backoff(client, config, stop):
+                return 0
+            await Bot(client, store, agent or EchoAgent(), config.server_name).run(stop)
+            log.info("bot.stopped")
+            return 0
+        except LoginFailed as err:
+            log.error("login.failed", error=str(err),
+                      remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN")
+            return 1
+        finally:
+            await client.close()
+            await store.close()
+    finally:
+        lock.release()
+
+
+def main(config: Config) -> int:
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_bot(config, stop)
+
+    return asyncio.run(runner())

@@ -1,0 +1,73 @@
+"""Configuration from the environment (SPEC §3), validated with clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.log_setup import LEVELS
+
+_USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
+
+
+class ConfigError(Exception):
+    """A missing or invalid environment variable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    homeserver: str
+    user_id: str
+    password: str | None
+    access_token: str | None
+    db_path: Path
+    store_path: Path
+    log_format: str
+    log_level: str
+
+    @property
+    def server_name(self) -> str:
+        return self.user_id.split(":", 1)[1]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, need_credentials: bool = True
+                 ) -> Config:
+        env = os.environ if env is None else env
+        problems: list[str] = []
+
+        def value(name: str) -> str | None:
+            raw = env.get(name, "").strip()
+            return raw or None
+
+        homeserver = value("MATRIX_HOMESERVER")
+        if homeserver is None:
+            problems.append("MATRIX_HOMESERVER is required (for example http://127.0.0.1:8008)")
+        elif not homeserver.startswith(("http://", "https://")):
+            problems.append(f"MATRIX_HOMESERVER must be an http(s) URL, got {homeserver!r}")
+        user_id = value("MATRIX_USER_ID")
+        if user_id is None:
+            problems.append("MATRIX_USER_ID is required (for example @lambda:localhost)")
+        elif not _USER_ID.match(user_id):
+            problems.append(f"MATRIX_USER_ID must look like @name:server, got {user_id!r}")
+        password, token = value("MATRIX_PASSWORD"), value("MATRIX_ACCESS_TOKEN")
+        if need_credentials and password is None and token is None:
+            problems.append("set MATRIX_PASSWORD or MATRIX_ACCESS_TOKEN")
+        log_format = (value("LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")).lower()
+        if log_format not in ("json", "console"):
+            problems.append(f"LOG_FORMAT must be json or console, got {log_format!r}")
+        log_level = (value("LOG_LEVEL") or "info").lower()
+        if log_level not in LEVELS:
+            problems.append(f"LOG_LEVEL must be one of {', '.join(LEVELS)}, got {log_level!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(
+            homeserver=homeserver.rstrip("/"), user_id=user_id, password=password,
+            access_token=token,
+            db_path=Path(value("LAMBDA_MATRIX_DB") or "lambda_matrix.db"),
+            store_path=Path(value("MATRIX_STORE_PATH") or "matrix_store"),
+            log_format=log_format, log_level=log_level,
+        )

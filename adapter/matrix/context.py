@@ -1,0 +1,60 @@
+"""What flows through the dispatcher: the normalised event and the typed data beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+from core.agent import Agent
+from core.chat import Chat, ChatManager
+from adapter.matrix.homeserver import Homeserver, reply_txn_id
+from adapter.matrix.room_router import Route, RoomRouter
+from adapter.matrix.store import MatrixStore, UserMeta
+
+if TYPE_CHECKING:
+    from adapter.matrix.handlers.commands import Command
+
+UpdateKind = Literal["message", "room_name", "invite"]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One event the bot acts on, normalised from nio's event classes."""
+
+    kind: UpdateKind
+    room_id: str
+    sender: str
+    event_id: str
+    body: str = ""
+    history: bool = False  # timeline of a first sync without a token: never answered
+
+    @property
+    def is_command(self) -> bool:
+        return self.kind == "message" and self.body.lstrip().startswith("!")
+
+
+@dataclass(frozen=True)
+class Services:
+    hs: Homeserver
+    store: MatrixStore
+    chats: ChatManager
+    agent: Agent
+    router: RoomRouter
+
+    @property
+    def bot_id(self) -> str:
+        return self.hs.bot_id
+
+    async def reply(self, update: Update, body: str, *, html: str | None = None,
+                    part: str = "reply", notice: bool = True) -> None:
+        """Answer ``update`` in its room; the transaction id is derived from its event id."""
+        await self.hs.send(update.room_id, body, html=html, notice=notice,
+                           txn_id=reply_txn_id(update.event_id, part))
+
+
+class EventData(TypedDict, total=False):
+    services: Services
+    route: Route
+    command: Command | None
+    chat: Chat | None  # the chat of a ChatRoute, after healing
+    user: UserMeta | None  # the sender's Space, when the handler needs it

@@ -1,0 +1,204 @@
+"""Chat-management commands: ``!new``, ``!rename``, ``!archive``/``!confirm``/``!cancel``,
+``!chats``, ``!help``. Handlers read the healed context; they never heal themselves."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from core.chat import Chat, InvalidTitle, new_chat_id, validate_title
+from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.room_router import ChatRoute
+from adapter.matrix.store import Pending, RoomMeta
+
+log = structlog.get_logger()
+
+CONFIRM_TTL_S = 300
+NO_SPACE = "You don't have a Lambda Space yet. Invite me to a room and I'll set one up."
+
+Run = Callable[["Command", Update, EventData], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    usage: str
+    summary: str
+    run: Run
+    in_lobby: bool = False
+    needs_space: bool = False  # the healing link makes sure data["user"] is set
+    lists_space: bool = False  # the healing link heals every chat of the Space first
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: str
+    spec: CommandSpec = field(repr=False)
+
+
+def matrix_to(room_id: str) -> str:
+    return f"https://matrix.to/#/{room_id}"
+
+
+async def _say(update: Update, data: EventData, body: str, html_body: str | None = None) -> None:
+    await data["services"].reply(update, body, html=html_body)
+
+
+def _chat_context(data: EventData) -> tuple[Services, ChatRoute, Chat]:
+    """For commands without ``in_lobby``: ``handle_command`` has checked the route."""
+    route = data["route"]
+    assert isinstance(route, ChatRoute) and data.get("chat") is not None
+    return data["services"], route, data["chat"]
+
+
+async def cmd_help(cmd: Command, update: Update, data: EventData) -> None:
+    lines = [f"{spec.usage} — {spec.summary}" for spec in COMMANDS.values()]
+    await _say(update, data, "Commands:\n" + "\n".join(lines))
+
+
+async def cmd_unknown(cmd: Command, update: Update, data: EventData) -> None:
+    await _say(update, data, f"Unknown command !{cmd.name}. Send !help to see what I can do.")
+
+
+async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
+    svc, owner, user = data["services"], update.sender, data.get("user")
+    if user is None:
+        await _say(update, data, NO_SPACE)
+        return
+    if cmd.args.strip():
+        try:
+            title = validate_title(cmd.args)
+        except InvalidTitle as err:
+            await _say(update, data, f"{err} Usage: {cmd.spec.usage}")
+            return
+    else:
+        title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
+    room_id, chat = await create_chat(svc, owner, user.space_id, title)
+    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner)
+    await _say(update, data, f"Created “{title}”: {matrix_to(room_id)}",
+               f'Created <a href="{matrix_to(room_id)}">{html.escape(title)}</a>.')
+
+
+async def create_chat(svc: Services, owner: str, space_id: str, title: str) -> tuple[str, Chat]:
+    """A chat room in the owner's Space, with its marker, both links and its records."""
+    chat_id = new_chat_id()
+    room_id = await svc.hs.create_chat_room(owner, space_id, chat_id, title)
+    await svc.hs.link_child(space_id, room_id)
+    chat = await svc.chats.get_or_create(owner, chat_id, title)
+    await svc.store.set_room(room_id, RoomMeta("chat", owner, chat_id, space_id))
+    return room_id, chat
+
+
+async def cmd_rename(cmd: Command, update: Update, data: EventData) -> None:
+    svc, route, chat = _chat_context(data)
+    try:
+        title = validate_title(cmd.args)
+    except InvalidTitle as err:
+        await _say(update, data, f"{err} Usage: {cmd.spec.usage}")
+        return
+    chat = await svc.chats.rename(route.owner, chat.chat_id, title)
+    await svc.hs.set_name(route.room_id, title)
+    await svc.hs.set_chat_marker(route.room_id, route.owner, chat.chat_id, chat.status)
+    await _say(update, data, f"Renamed to “{title}”.")
+
+
+async def cmd_archive(cmd: Command, update: Update, data: EventData) -> None:
+    svc, route, chat = _chat_context(data)
+    if chat.status == "archived":
+        await _say(update, data, "This chat is already archived. Send !new to start another.")
+        return
+    await svc.store.set_pending(route.room_id, Pending("archive", chat.chat_id,
+                                                       time.time() + CONFIRM_TTL_S))
+    await _say(update, data, f"Archive “{chat.title}”? Send !confirm within 5 minutes, "
+                             "or !cancel to keep it.")
+
+
+async def cmd_confirm(cmd: Command, update: Update, data: EventData) -> None:
+    svc, route, chat = _chat_context(data)
+    pending = await svc.store.get_pending(update.room_id)
+    if pending is None:
+        await _say(update, data, "There is nothing to confirm here. (Confirmations are kept "
+                                 "locally, so a restart with a reset database clears them.) "
+                                 "Send !archive again if you meant to archive this chat.")
+        return
+    await svc.store.set_pending(update.room_id, None)
+    if pending.expired or pending.chat_id != chat.chat_id:
+        await _say(update, data, "That confirmation has expired. Send !archive again.")
+        return
+    chat = await svc.chats.archive(route.owner, chat.chat_id)
+    await svc.hs.set_chat_marker(route.room_id, route.owner, chat.chat_id, "archived")
+    if route.meta.space_id:
+        await svc.hs.unlink_child(route.meta.space_id, route.room_id)
+    log.info("chat.archived", room_id=route.room_id, chat_id=chat.chat_id, owner=route.owner)
+    await _say(update, data, f"Archived “{chat.title}”. Send !new to start a new chat.")
+
+
+async def cmd_cancel(cmd: Command, update: Update, data: EventData) -> None:
+    svc = data["services"]
+    if await svc.store.get_pending(update.room_id) is None:
+        await _say(update, data, "There is nothing to cancel here.")
+        return
+    await svc.store.set_pending(update.room_id, None)
+    await _say(update, data, "Cancelled. The chat stays as it is.")
+
+
+async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
+    svc, owner = data["services"], update.sender
+    if data.get("user") is None:
+        await _say(update, data, NO_SPACE)
+        return
+    rooms = {meta.chat_id: rid for rid, meta in await svc.store.rooms_of(owner, "chat")}
+    chats = [c for c in await svc.chats.list_all(owner) if c.chat_id in rooms]
+    active = [c for c in chats if c.status == "active"]
+    archived = len(chats) - len(active)
+    if not active:
+        await _say(update, data, f"You have no active chats ({archived} archived). "
+                                 "Send !new to start one.")
+        return
+    plain, items = [], []
+    for chat in active:
+        link = matrix_to(rooms[chat.chat_id])
+        here = rooms[chat.chat_id] == update.room_id
+        plain.append(f"• {chat.title} — {link}{' (this chat)' if here else ''}")
+        items.append(f'<li><a href="{link}">{html.escape(chat.title)}</a>'
+                     f'{" <b>(this chat)</b>" if here else ""}</li>')
+    footer = f"{archived} archived."
+    await _say(update, data, "Your chats:\n" + "\n".join(plain) + "\n" + footer,
+               f"<p>Your chats:</p><ul>{''.join(items)}</ul><p>{footer}</p>")
+
+
+COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in [
+    CommandSpec("new", "!new [title]", "start a new chat room", cmd_new,
+                in_lobby=True, needs_space=True),
+    CommandSpec("chats", "!chats", "list your chats", cmd_chats,
+                in_lobby=True, needs_space=True, lists_space=True),
+    CommandSpec("rename", "!rename <title>", "rename this chat", cmd_rename),
+    CommandSpec("archive", "!archive", "archive this chat (asks to !confirm)", cmd_archive),
+    CommandSpec("confirm", "!confirm", "confirm a pending !archive", cmd_confirm),
+    CommandSpec("cancel", "!cancel", "drop a pending !archive", cmd_cancel, in_lobby=True),
+    CommandSpec("help", "!help", "show this help", cmd_help, in_lobby=True),
+]}
+UNKNOWN = CommandSpec("unknown", "", "", cmd_unknown, in_lobby=True)
+
+
+def parse_command(body: str) -> Command:
+    """``"!rename  New title"`` -> Command("rename", "New title"). Names are case-insensitive."""
+    head, _, args = body.strip()[1:].partition(" ")
+    name = head.lower()
+    return Command(name, args.strip(), COMMANDS.get(name, UNKNOWN))
+
+
+async def handle_command(update: Update, data: EventData) -> None:
+    cmd = data["command"]
+    if cmd is None:
+        return
+    log.info("command.received", room_id=update.room_id, command=cmd.name, sender=update.sender)
+    if not cmd.spec.in_lobby and not isinstance(data["route"], ChatRoute):
+        await _say(update, data, f"!{cmd.name} works in a chat room. Send it there.")
+        return
+    await cmd.spec.run(cmd, update, data)

@@ -1,0 +1,156 @@
+"""Thin typed calls to the homeserver: nio's error responses become ``HomeserverError``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from aiohttp import ClientError
+from nio import (
+    AsyncClient,
+    ErrorResponse,
+    JoinedRoomsResponse,
+    JoinResponse,
+    RoomCreateResponse,
+    RoomGetStateResponse,
+    RoomInviteResponse,
+    RoomPutStateResponse,
+    RoomSendResponse,
+)
+from nio.api import RoomPreset, RoomVisibility
+
+from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
+
+R = TypeVar("R")
+SPACE_NAME = "Lambda"
+
+
+class HomeserverError(Exception):
+    """A homeserver call failed (error status, rate limit or unreachable)."""
+
+    def __init__(self, what: str, status: str, message: str,
+                 retry_after_ms: int | None = None) -> None:
+        super().__init__(f"{what}: {status} {message}".strip())
+        self.status = status
+        self.retry_after_ms = retry_after_ms
+
+
+def power_levels(owner: str) -> dict[str, Any]:
+    """Owner 50; name/topic/avatar 50; every other state event 100.
+
+    Room v12: the creator (the bot) has unlimited power and must not be listed in ``users``,
+    and an ``events`` map replaces the whole default map, so ``state_default`` is 100 too.
+    """
+    return {
+        "users": {owner: 50},
+        "users_default": 0,
+        "events_default": 0,
+        "state_default": 100,
+        "invite": 100, "kick": 100, "ban": 100, "redact": 100,
+        "events": {
+            "m.room.name": 50, "m.room.topic": 50, "m.room.avatar": 50,
+            "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 100, "m.room.encryption": 100,
+            "m.room.tombstone": 100, "m.room.server_acl": 100,
+            "m.space.child": 100, "m.space.parent": 100,
+            SPACE_MARKER: 100, CHAT_MARKER: 100,
+        },
+    }
+
+
+def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
+    """Derived from the source event so a replay after a crash is deduplicated by the server."""
+    return f"lambda-{part}-{hashlib.sha256(source_event_id.encode()).hexdigest()[:32]}"
+
+
+class Homeserver:
+    """The bot's calls to the homeserver. Every method does exactly one request."""
+
+    def __init__(self, client: AsyncClient, server_name: str) -> None:
+        self.client = client
+        self.server_name = server_name
+
+    @property
+    def bot_id(self) -> str:
+        return self.client.user_id
+
+    async def _call(self, what: str, request: Awaitable[Any], ok: type[R]) -> R:
+        try:
+            resp = await request
+        except (ClientError, asyncio.TimeoutError, OSError) as err:
+            raise HomeserverError(what, "unreachable", type(err).__name__) from err
+        if isinstance(resp, ok):
+            return resp
+        if isinstance(resp, ErrorResponse):
+            raise HomeserverError(what, str(resp.status_code or ""), resp.message or "",
+                                  getattr(resp, "retry_after_ms", None))
+        raise HomeserverError(what, "unexpected", type(resp).__name__)
+
+    async def get_state(self, room_id: str) -> list[dict]:
+        resp = await self._call("get room state", self.client.room_get_state(room_id),
+                                RoomGetStateResponse)
+        return resp.events
+
+    async def joined_rooms(self) -> list[str]:
+        resp = await self._call("list joined rooms", self.client.joined_rooms(),
+                                JoinedRoomsResponse)
+        return resp.rooms
+
+    async def join(self, room_id: str) -> None:
+        await self._call("join", self.client.join(room_id), JoinResponse)
+
+    async def invite(self, room_id: str, user_id: str) -> None:
+        await self._call("invite", self.client.room_invite(room_id, user_id), RoomInviteResponse)
+
+    async def put_state(self, room_id: str, event_type: str, content: dict,
+                        state_key: str = "") -> None:
+        await self._call(f"set {event_type}",
+                         self.client.room_put_state(room_id, event_type, content, state_key),
+                         RoomPutStateResponse)
+
+    async def create_space(self, owner: str) -> str:
+        """A Space owned by ``owner``, carrying its marker from the first event; owner invited."""
+        resp = await self._call("create space", self.client.room_create(
+            visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
+            name=SPACE_NAME, space=True, invite=[owner],
+            initial_state=[{"type": SPACE_MARKER, "state_key": "",
+                            "content": {"owner": owner, "v": 1}}],
+            power_level_override=power_levels(owner)), RoomCreateResponse)
+        return resp.room_id
+
+    async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
+        """A chat room with its marker and ``m.space.parent`` set at creation; owner invited."""
+        resp = await self._call("create chat room", self.client.room_create(
+            visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
+            name=title, invite=[owner],
+            initial_state=[
+                {"type": CHAT_MARKER, "state_key": "",
+                 "content": {"owner": owner, "chat_id": chat_id, "status": "active", "v": 1}},
+                {"type": "m.space.parent", "state_key": space_id,
+                 "content": {"via": [self.server_name], "canonical": True}},
+            ],
+            power_level_override=power_levels(owner)), RoomCreateResponse)
+        return resp.room_id
+
+    async def link_child(self, space_id: str, room_id: str) -> None:
+        await self.put_state(space_id, "m.space.child", {"via": [self.server_name]}, room_id)
+
+    async def unlink_child(self, space_id: str, room_id: str) -> None:
+        await self.put_state(space_id, "m.space.child", {}, room_id)
+
+    async def set_chat_marker(self, room_id: str, owner: str, chat_id: str, status: str) -> None:
+        await self.put_state(room_id, CHAT_MARKER,
+                             {"owner": owner, "chat_id": chat_id, "status": status, "v": 1})
+
+    async def set_name(self, room_id: str, name: str) -> None:
+        await self.put_state(room_id, "m.room.name", {"name": name})
+
+    async def send(self, room_id: str, body: str, *, txn_id: str | None = None,
+                   html: str | None = None, notice: bool = True) -> None:
+        content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
+        if html is not None:
+            content.update(format="org.matrix.custom.html", formatted_body=html)
+        await self._call("send message", self.client.room_send(
+            room_id, "m.room.message", content, tx_id=txn_id), RoomSendResponse)

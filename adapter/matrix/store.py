@@ -1,0 +1,104 @@
+"""Matrix metadata records in the local cache (SPEC §4), typed and serialised here only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from core.store import SQLiteStore, Transaction
+
+RoomKind = Literal["space", "chat", "lobby"]
+SYNC_TOKEN_KEY = "sync_token"
+RESET_MARKER_KEY = "reset_marker"
+
+
+@dataclass(frozen=True)
+class UserMeta:
+    space_id: str
+    lobby_room_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoomMeta:
+    kind: RoomKind
+    owner: str
+    chat_id: str | None = None
+    space_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    action: Literal["archive"]
+    chat_id: str
+    expires_at: float
+
+    @property
+    def expired(self) -> bool:
+        return time.time() >= self.expires_at
+
+
+def _strip_none(record: Any) -> dict:
+    return {k: v for k, v in asdict(record).items() if v is not None}
+
+
+class MatrixStore:
+    """Typed accessors over ``matrix_user:*``, ``matrix_room:*``, ``pending:*`` and the sync token.
+
+    Writers take an optional transaction: with one they buffer, without one they write now.
+    """
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.db = store
+
+    async def _write(self, key: str, value: Any | None, tx: Transaction | None) -> None:
+        if tx is not None:
+            tx.set(key, value) if value is not None else tx.delete(key)
+        elif value is None:
+            await self.db.delete(key)
+        else:
+            await self.db.set(key, value)
+
+    async def get_user(self, user_id: str) -> UserMeta | None:
+        data = await self.db.get(f"matrix_user:{user_id}")
+        return UserMeta(**data) if data else None
+
+    async def set_user(self, user_id: str, meta: UserMeta, tx: Transaction | None = None) -> None:
+        await self._write(f"matrix_user:{user_id}", asdict(meta), tx)
+
+    async def get_room(self, room_id: str) -> RoomMeta | None:
+        data = await self.db.get(f"matrix_room:{room_id}")
+        return RoomMeta(**data) if data else None
+
+    async def set_room(self, room_id: str, meta: RoomMeta, tx: Transaction | None = None) -> None:
+        await self._write(f"matrix_room:{room_id}", _strip_none(meta), tx)
+
+    async def rooms(self) -> list[tuple[str, RoomMeta]]:
+        rows = await self.db.scan("matrix_room:")
+        return [(key.removeprefix("matrix_room:"), RoomMeta(**v)) for key, v in rows]
+
+    async def rooms_of(self, owner: str, kind: RoomKind) -> list[tuple[str, RoomMeta]]:
+        return [(rid, m) for rid, m in await self.rooms() if m.owner == owner and m.kind == kind]
+
+    async def users(self) -> list[tuple[str, UserMeta]]:
+        rows = await self.db.scan("matrix_user:")
+        return [(key.removeprefix("matrix_user:"), UserMeta(**v)) for key, v in rows]
+
+    async def get_pending(self, room_id: str) -> Pending | None:
+        data = await self.db.get(f"pending:{room_id}")
+        return Pending(**data) if data else None
+
+    async def set_pending(self, room_id: str, pending: Pending | None) -> None:
+        await self._write(f"pending:{room_id}", asdict(pending) if pending else None, None)
+
+    async def get_sync_token(self) -> str | None:
+        return await self.db.get(SYNC_TOKEN_KEY)
+
+    async def set_sync_token(self, token: str) -> None:
+        await self.db.set(SYNC_TOKEN_KEY, token)
+
+    async def get_reset_marker(self) -> dict | None:
+        return await self.db.get(RESET_MARKER_KEY)
+
+    async def set_reset_marker(self, info: dict) -> None:
+        await self.db.set(RESET_MARKER_KEY, info)

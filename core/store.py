@@ -1,0 +1,178 @@
+"""The local key/value cache: one SQLite file, JSON values, on aiosqlite."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+RESET_HINT = "run `python tools/reset_local.py` to start from a clean local state"
+
+
+class StoreError(Exception):
+    """Base class of local-store errors."""
+
+
+class StoreUnreadable(StoreError):
+    """The SQLite file exists but cannot be used; the bot never deletes it itself."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"the local database {path} is unreadable ({detail}); {RESET_HINT}")
+        self.path = path
+
+
+class StoreLocked(StoreError):
+    """Another process (a running bot or the reset tool) holds the database."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is in use by another process (is the bot running?)")
+        self.path = path
+
+
+def lock_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".lock")
+
+
+class ProcessLock:
+    """An exclusive advisory lock held for a process's lifetime (released by the OS on exit)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = lock_path(db_path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(self.path) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def holder_pid(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+
+class Transaction:
+    """Buffered multi-key writes, applied atomically when the block exits."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str | None]] = []
+
+    def set(self, key: str, value: Any) -> None:
+        self.writes.append((key, json.dumps(value, sort_keys=True)))
+
+    def delete(self, key: str) -> None:
+        self.writes.append((key, None))
+
+
+class SQLiteStore:
+    """Key/value store with JSON values. ``created`` tells if the file was new at open."""
+
+    def __init__(self, path: Path, conn: aiosqlite.Connection, created: bool) -> None:
+        self.path = path
+        self.created = created
+        self._conn = conn
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path) -> SQLiteStore:
+        path = Path(path)
+        created = not path.exists()
+        if not created and not os.access(path, os.R_OK | os.W_OK):
+            raise StoreUnreadable(path, "no read/write permission")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as err:
+            raise StoreUnreadable(path, str(err)) from err
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            async with conn.execute("PRAGMA quick_check") as cur:
+                verdict = (await cur.fetchone() or ("?",))[0]
+            if verdict != "ok":
+                raise StoreUnreadable(path, f"integrity check: {verdict}")
+        except sqlite3.Error as err:
+            await conn.close()
+            raise StoreUnreadable(path, str(err)) from err
+        except StoreUnreadable:
+            await conn.close()
+            raise
+        return cls(path, conn, created)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def get(self, key: str) -> Any | None:
+        async with self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else self._decode(key, row[0])
+
+    async def scan(self, prefix: str) -> list[tuple[str, Any]]:
+        """All (key, value) pairs whose key starts with ``prefix``, in key order."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        async with self._conn.execute(
+            "SELECT key, value FROM kv WHERE key LIKE ? ESCAPE '\\' ORDER BY key",
+            (escaped + "%",),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(k, self._decode(k, v)) for k, v in rows]
+
+    async def set(self, key: str, value: Any) -> None:
+        async with self.transaction() as tx:
+            tx.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        async with self.transaction() as tx:
+            tx.delete(key)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        tx = Transaction()
+        yield tx
+        if not tx.writes:
+            return
+        async with self._write_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for key, value in tx.writes:
+                    if value is None:
+                        await self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+                    else:
+                        await self._conn.execute(
+                            "INSERT INTO kv (key, value) VALUES (?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, value))
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    def _decode(self, key: str, raw: str) -> Any:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise StoreUnreadable(self.path, f"record {key!r} is not JSON") from err

@@ -1,0 +1,204 @@
+"""Integration fixtures: the bot runs in-process against the session's Synapse; test users
+are real nio clients. Waiting is always for a condition, never a fixed sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from nio import AsyncClient, LoginResponse, RoomCreateResponse, RoomSendResponse, SyncResponse
+
+from adapter.matrix.bot import run_bot
+from adapter.matrix.config import Config
+
+_names = itertools.count()
+TIMEOUT = 30.0
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{int(time.time() * 1000) % 10**8}x{next(_names)}"
+
+
+class LogSink:
+    """Every structlog event of the test, as dicts (structlog.testing.capture_logs)."""
+
+    def __init__(self, entries: list[dict]) -> None:
+        self.entries = entries
+
+    def named(self, event: str, **fields: Any) -> list[dict]:
+        return [e for e in self.entries if e.get("event") == event
+                and all(e.get(k) == v for k, v in fields.items())]
+
+    async def wait_for(self, event: str, timeout: float = TIMEOUT, count: int = 1,
+                       **fields: Any) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(found := self.named(event, **fields)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event} {fields} in logs: "
+                                     f"{[e.get('event') for e in self.entries][-30:]}")
+            await asyncio.sleep(0.05)
+        return found
+
+
+class BotRunner:
+    """The bot in-process, started and stopped like a real process would be."""
+
+    def __init__(self, config: Config, logs: LogSink) -> None:
+        self.config = config
+        self.logs = logs
+        self._task: asyncio.Task | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self.config.user_id
+
+    async def start(self, wait_ready: bool = True) -> None:
+        ready_before = len(self.logs.named("bot.ready"))
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(run_bot(self.config, self._stop))
+        if wait_ready:
+            await self.logs.wait_for("bot.ready", count=ready_before + 1)
+
+    async def stop(self) -> int:
+        assert self._task and self._stop
+        self._stop.set()
+        code = await asyncio.wait_for(self._task, TIMEOUT)
+        self._task = None
+        return code
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+class TestUser:
+    """A person with a Matrix client: sends, accepts invites, waits for the bot's answers."""
+
+    __test__ = False
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.user_id = client.user_id
+        self.timeline: dict[str, list[dict]] = defaultdict(list)
+        self.invites: set[str] = set()
+        self.next_batch: str | None = None
+
+    async def sync(self, timeout_ms: int = 300) -> None:
+        resp = await self.client.sync(timeout=timeout_ms, since=self.next_batch)
+        assert isinstance(resp, SyncResponse), resp
+        for room_id, info in resp.rooms.join.items():
+            self.timeline[room_id].extend(ev.source for ev in info.timeline.events)
+            self.invites.discard(room_id)
+        self.invites.update(resp.rooms.invite)
+        self.next_batch = resp.next_batch
+
+    async def wait_for(self, check: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (result := check()):
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            await self.sync()
+        return result
+
+    def bot_messages(self, room_id: str, bot_id: str) -> list[dict]:
+        return [ev for ev in self.timeline[room_id]
+                if ev.get("type") == "m.room.message" and ev.get("sender") == bot_id]
+
+    async def wait_reply(self, room_id: str, bot_id: str, contains: str,
+                         timeout: float = TIMEOUT) -> dict:
+        def find():
+            return next((ev for ev in self.bot_messages(room_id, bot_id)
+                         if contains in ev["content"].get("body", "")), None)
+        return await self.wait_for(find, timeout)
+
+    async def send(self, room_id: str, body: str) -> str:
+        resp = await self.client.room_send(room_id, "m.room.message",
+                                           {"msgtype": "m.text", "body": body})
+        assert isinstance(resp, RoomSendResponse), resp
+        return resp.event_id
+
+    async def ask(self, room_id: str, bot_id: str, body: str, expect: str) -> dict:
+        """Send ``body`` and wait for a bot answer after it containing ``expect``."""
+        seen = len(self.bot_messages(room_id, bot_id))
+        await self.send(room_id, body)
+
+        def find():
+            return next((ev for ev in self.bot_messages(room_id, bot_id)[seen:]
+                         if expect in ev["content"].get("body", "")), None)
+        return await self.wait_for(find)
+
+    async def join(self, room_id: str) -> None:
+        resp = await self.client.join(room_id)
+        assert not hasattr(resp, "status_code") or resp.status_code is None, resp
+
+    async def open_lobby(self, bot_id: str) -> str:
+        resp = await self.client.room_create(name="lobby", invite=[bot_id])
+        assert isinstance(resp, RoomCreateResponse), resp
+        return resp.room_id
+
+    async def onboard(self, bot_id: str) -> tuple[str, str, str]:
+        """Invite the bot, accept the Space and first chat. Returns (lobby, space, chat)."""
+        lobby = await self.open_lobby(bot_id)
+        welcome = await self.wait_reply(lobby, bot_id, "Space")
+        await self.wait_for(lambda: len(self.invites) >= 2)
+        rooms = sorted(self.invites)
+        for room_id in rooms:
+            await self.join(room_id)
+        space, chat = self._space_and_chat(welcome["content"]["body"])
+        return lobby, space, chat
+
+    @staticmethod
+    def _space_and_chat(body: str) -> tuple[str, str]:
+        links = [part.split("#/")[1].rstrip(".,") for part in body.split()
+                 if "matrix.to/#/" in part]
+        return links[0], links[1]
+
+
+@pytest.fixture
+def logs():
+    with structlog.testing.capture_logs() as entries:
+        yield LogSink(entries)
+
+
+@pytest.fixture
+def bot_config(homeserver, tmp_path: Path) -> Config:
+    account = homeserver.register(unique("bot"), "bot-password")
+    return Config(homeserver=homeserver.url, user_id=account.user_id, password=account.password,
+                  access_token=None, db_path=tmp_path / "lambda_matrix.db",
+                  store_path=tmp_path / "matrix_store", log_format="json", log_level="debug")
+
+
+@pytest.fixture
+async def bot(bot_config: Config, logs: LogSink):
+    runner = BotRunner(bot_config, logs)
+    await runner.start()
+    yield runner
+    if runner._task is not None:
+        await runner.stop()
+
+
+@pytest.fixture
+async def make_user(homeserver):
+    clients: list[AsyncClient] = []
+
+    async def make(prefix: str = "user") -> TestUser:
+        account = homeserver.register(unique(prefix), "user-password")
+        client = AsyncClient(homeserver.url, account.user_id)
+        resp = await client.login(account.password)
+        assert isinstance(resp, LoginResponse), resp
+        clients.append(client)
+        user = TestUser(client)
+        await user.sync(timeout_ms=0)
+        return user
+
+    yield make
+    for client in clients:
+        await client.close()
