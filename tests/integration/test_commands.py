@@ -1,0 +1,97 @@
+"""Every command against the real homeserver, bad arguments included."""
+
+from __future__ import annotations
+
+from adapter.matrix.room_state import CHAT_MARKER
+
+
+async def room_state(user, room_id: str, event_type: str, state_key: str = "") -> dict:
+    resp = await user.client.room_get_state_event(room_id, event_type, state_key)
+    return getattr(resp, "content", {})
+
+
+async def test_help_and_unknown_command(bot, make_user):
+    alice = await make_user("alice")
+    lobby, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "!help", "!rename <title>")
+    await alice.ask(lobby, bot.user_id, "!frobnicate", "Unknown command !frobnicate")
+
+
+async def test_rename_updates_chat_room_name_and_marker(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "!rename Trip to Lisbon", "Renamed to “Trip to Lisbon”")
+    assert (await room_state(alice, chat, "m.room.name"))["name"] == "Trip to Lisbon"
+    assert (await room_state(alice, chat, CHAT_MARKER))["status"] == "active"
+    await alice.ask(chat, bot.user_id, "!chats", "Trip to Lisbon")
+
+
+async def test_rename_rejects_bad_titles_with_clear_messages(bot, make_user):
+    alice = await make_user("alice")
+    lobby, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "!rename", "cannot be empty")
+    await alice.ask(chat, bot.user_id, "!rename " + "x" * 256, "too long")
+    await alice.ask(chat, bot.user_id, "!rename bad\u0007bell", "control characters")
+    await alice.ask(lobby, bot.user_id, "!rename Lobby", "works in a chat room")
+    assert (await room_state(alice, chat, "m.room.name"))["name"] == "Chat 1"
+
+
+async def test_new_creates_room_in_space_and_chats_lists_it(bot, make_user):
+    alice = await make_user("alice")
+    lobby, space, chat = await alice.onboard(bot.user_id)
+    reply = await alice.ask(lobby, bot.user_id, "!new Recipes", "Created “Recipes”")
+    new_room = reply["content"]["body"].split("#/")[1]
+    child = await room_state(alice, space, "m.space.child", new_room)
+    assert child.get("via")
+    await alice.wait_for(lambda: new_room in alice.invites)
+    await alice.join(new_room)
+    listing = await alice.ask(new_room, bot.user_id, "!chats", "Your chats")
+    body, html = listing["content"]["body"], listing["content"]["formatted_body"]
+    assert "Chat 1" in body and "Recipes — https://matrix.to/#/" in body
+    assert "(this chat)" in body and "0 archived" in body
+    assert f'href="https://matrix.to/#/{chat}"' in html
+    await alice.ask(lobby, bot.user_id, "!new", "Created “Chat 3”")
+
+
+async def test_archive_confirm_cancel_and_expiry_messages(bot, make_user):
+    alice = await make_user("alice")
+    lobby, space, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "!confirm", "nothing to confirm")
+    await alice.ask(chat, bot.user_id, "!archive", "Send !confirm within 5 minutes")
+    await alice.ask(chat, bot.user_id, "!cancel", "Cancelled")
+    await alice.ask(chat, bot.user_id, "!cancel", "nothing to cancel")
+    await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
+    await alice.ask(chat, bot.user_id, "!confirm", "Archived “Chat 1”")
+    assert (await room_state(alice, chat, CHAT_MARKER))["status"] == "archived"
+    assert await room_state(alice, space, "m.space.child", chat) == {}
+    await alice.ask(chat, bot.user_id, "are you there?", "archived. Send !new")
+    await alice.ask(chat, bot.user_id, "!archive", "already archived")
+    await alice.ask(lobby, bot.user_id, "!chats", "no active chats (1 archived)")
+
+
+async def test_client_rename_updates_chat_title(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await alice.client.room_put_state(chat, "m.room.name", {"name": "Renamed in Element"})
+    await bot.logs.wait_for("chat.renamed", room_id=chat)
+    await alice.ask(chat, bot.user_id, "!chats", "Renamed in Element")
+
+
+async def test_second_invite_makes_no_second_space(bot, make_user):
+    alice = await make_user("alice")
+    _, space, _ = await alice.onboard(bot.user_id)
+    second = await alice.open_lobby(bot.user_id)
+    welcome = await alice.wait_reply(second, bot.user_id, "Welcome back")
+    assert space in welcome["content"]["body"]
+    assert len(bot.logs.named("space.created")) == 1
+
+
+async def test_messages_from_non_owner_are_ignored(bot, make_user):
+    alice, mallory = await make_user("alice"), await make_user("mallory")
+    lobby, _, chat = await alice.onboard(bot.user_id)
+    # Mallory cannot be invited into a chat room (invite needs 100), so use the lobby:
+    await alice.client.room_invite(lobby, mallory.user_id)
+    await mallory.wait_for(lambda: lobby in mallory.invites)
+    await mallory.join(lobby)
+    await mallory.send(lobby, "!chats")
+    await bot.logs.wait_for("event.ignored", room_id=lobby, reason="not_owner")
