@@ -4,6 +4,7 @@ missing local state is healed lazily, by the healing link of the chain."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 
 import structlog
@@ -81,10 +82,16 @@ class Bot:
             handle_update, EventData(services=self.services))
         self.healing.replay = self.dispatcher.feed
 
-    async def sync_once(self, since: str | None) -> str | None:
+    async def sync_once(self, since: str | None, long_poll: bool = True) -> str | None:
         """One sync round: handle every update, then persist the new token. Returns it."""
-        resp = await self.client.sync(timeout=SYNC_TIMEOUT_MS if since else 0,
-                                      since=since, sync_filter=SYNC_FILTER)
+        if since is None:
+            # Synapse answers an initial sync at once, and caches that answer for ~2 min keyed
+            # by (timeout, filter, ...): a restart within that window would get a stale one
+            # and miss fresh invites. A timeout unique to this call keeps the key unique.
+            timeout = 1 + secrets.randbelow(10**9)
+        else:
+            timeout = SYNC_TIMEOUT_MS if long_poll else 0
+        resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
         if not isinstance(resp, SyncResponse):
             raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
         history = since is None
@@ -103,7 +110,7 @@ class Bot:
         log.info("sync.starting", resume=since is not None)
         ready, backoff = False, 1.0
         while not stop.is_set():
-            round_ = asyncio.ensure_future(self.sync_once(since))
+            round_ = asyncio.ensure_future(self.sync_once(since, long_poll=ready))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({round_, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()

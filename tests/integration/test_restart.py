@@ -1,0 +1,87 @@
+"""Restarts: same device, missed messages answered exactly once, history never answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+from adapter.matrix.session import session_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_restart_reuses_device_and_session_file_is_private(bot, make_user):
+    first = json.loads(session_file(bot.config.store_path).read_text())
+    mode = stat.S_IMODE(os.stat(session_file(bot.config.store_path)).st_mode)
+    assert mode == 0o600
+    await bot.restart()
+    again = json.loads(session_file(bot.config.store_path).read_text())
+    assert again["device_id"] == first["device_id"]
+    assert bot.logs.named("session.restored", device_id=first["device_id"])
+
+
+async def test_message_sent_while_down_is_answered_exactly_once(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "before", "Echo: before")
+    await bot.stop()
+    await alice.send(chat, "while you were away")
+    await bot.start()
+    await alice.wait_reply(chat, bot.user_id, "Echo: while you were away")
+    await bot.restart()
+    await alice.ask(chat, bot.user_id, "after", "Echo: after")
+    bodies = [ev["content"]["body"] for ev in alice.bot_messages(chat, bot.user_id)]
+    assert bodies.count("Echo: while you were away") == 1
+
+
+async def test_start_without_sync_token_skips_history_but_handles_invites(bot, make_user):
+    alice, bob = await make_user("alice"), await make_user("bob")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await alice.send(chat, "old news")
+    bob_lobby = await bob.open_lobby(bot.user_id)  # an invite while the bot is down
+    os.remove(bot.config.db_path)
+    await bot.start()
+    await bob.wait_reply(bob_lobby, bot.user_id, "Welcome to Lambda")
+    skipped = bot.logs.named("sync.history_skipped")[-1]
+    assert skipped["events"] >= 1
+    await alice.ask(chat, bot.user_id, "new news", "Echo: new news")
+    bodies = [ev["content"]["body"] for ev in alice.bot_messages(chat, bot.user_id)]
+    assert "Echo: old news" not in bodies
+
+
+async def test_python_m_adapter_matrix_logs_json_and_stops_on_sigterm(bot_config, make_user):
+    env = {**os.environ, "MATRIX_HOMESERVER": bot_config.homeserver,
+           "MATRIX_USER_ID": bot_config.user_id, "MATRIX_PASSWORD": bot_config.password,
+           "LAMBDA_MATRIX_DB": str(bot_config.db_path),
+           "MATRIX_STORE_PATH": str(bot_config.store_path), "LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
+        stderr=asyncio.subprocess.PIPE)
+    lines: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not any(line.get("event") == "bot.ready" for line in lines):
+        assert time.monotonic() < deadline, lines
+        raw = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert raw, lines
+        lines.append(json.loads(raw))
+    assert all({"event", "level", "timestamp"} <= line.keys() for line in lines)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_bad_configuration_exits_2_with_a_clear_json_error():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "LOG_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    line = json.loads(err.decode().strip().splitlines()[-1])
+    assert line["event"] == "config.invalid" and "MATRIX_HOMESERVER is required" in line["error"]
