@@ -1,0 +1,71 @@
+"""The SQLite key/value store: one contract, plus the errors a developer meets."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await SQLiteStore.open(tmp_path / "t.db")
+    yield s
+    await s.close()
+
+
+async def test_get_set_delete_round_trip_json(store):
+    assert store.created
+    await store.set("a", {"x": [1, "two"]})
+    assert await store.get("a") == {"x": [1, "two"]}
+    await store.delete("a")
+    assert await store.get("a") is None
+
+
+async def test_prefix_scan_is_literal_and_ordered(store):
+    for key in ["chat:@a:x:2", "chat:@a:x:1", "chat:@ab:x:1", "chat_%", "other"]:
+        await store.set(key, key)
+    assert [k for k, _ in await store.scan("chat:@a:")] == ["chat:@a:x:1", "chat:@a:x:2"]
+    assert [k for k, _ in await store.scan("chat_%")] == ["chat_%"]
+
+
+async def test_transaction_is_all_or_nothing(store):
+    await store.set("keep", 1)
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            tx.set("a", 1)
+            tx.delete("keep")
+            raise RuntimeError("boom")
+    assert await store.get("a") is None and await store.get("keep") == 1
+    async with store.transaction() as tx:
+        tx.set("a", 1)
+        tx.delete("keep")
+    assert await store.get("a") == 1 and await store.get("keep") is None
+
+
+async def test_reopen_sees_data_and_is_not_created(tmp_path):
+    s = await SQLiteStore.open(tmp_path / "t.db")
+    await s.set("k", "v")
+    await s.close()
+    s = await SQLiteStore.open(tmp_path / "t.db")
+    assert not s.created and await s.get("k") == "v"
+    await s.close()
+
+
+async def test_corrupt_file_raises_clear_error_naming_the_reset_tool_and_is_kept(tmp_path):
+    path = tmp_path / "t.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreUnreadable) as err:
+        await SQLiteStore.open(path)
+    assert "tools/reset_local.py" in str(err.value)
+    assert path.read_bytes() == b"this is not sqlite" * 100
+
+
+def test_process_lock_is_exclusive(tmp_path):
+    first, second = ProcessLock(tmp_path / "t.db"), ProcessLock(tmp_path / "t.db")
+    first.acquire()
+    with pytest.raises(StoreLocked):
+        second.acquire()
+    first.release()
+    second.acquire()
+    second.release()
