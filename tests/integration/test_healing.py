@@ -1,0 +1,183 @@
+"""Lazy healing against the real homeserver: every loss x every action (SPEC §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from nio import AsyncClient, RoomCreateResponse
+
+from adapter.matrix.room_state import CHAT_MARKER
+from core.store import SQLiteStore
+
+
+async def drop_keys(db_path: Path, *prefixes: str) -> None:
+    store = await SQLiteStore.open(db_path)
+    async with store.transaction() as tx:
+        for prefix in prefixes:
+            for key, _ in await store.scan(prefix):
+                tx.delete(key)
+    await store.close()
+
+
+def delete_db(db_path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+
+
+async def lose(kind: str, bot) -> None:
+    db, session = bot.config.db_path, bot.config.store_path
+    if kind == "everything":
+        delete_db(db)
+        shutil.rmtree(session)
+    elif kind == "matrix_store":
+        shutil.rmtree(session)
+    elif kind == "sync_token":
+        await drop_keys(db, "sync_token")
+    else:
+        await drop_keys(db, f"{kind}:")
+
+
+async def bot_room_count(bot) -> int:
+    client = AsyncClient(bot.config.homeserver, bot.config.user_id)
+    await client.login(bot.config.password)
+    try:
+        return len((await client.joined_rooms()).rooms)
+    finally:
+        await client.logout()
+        await client.close()
+
+
+LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
+          "matrix_store"]
+ACTIONS = ["message", "rename", "archive", "chats", "new"]
+# Besides losing everything or the room records, which any action needs:
+NEEDS_HEAL = {("chat", "message"), ("chat", "rename"), ("chat", "archive"), ("chat", "chats"),
+              ("matrix_user", "chats"), ("matrix_user", "new")}
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+async def test_after_loss_action_works_and_healing_creates_no_room(loss, action, bot, make_user):
+    alice = await make_user("alice")
+    lobby, space, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await lose(loss, bot)
+    rooms_before = await bot_room_count(bot)
+    await bot.start()
+
+    if action == "message":
+        await alice.ask(chat, bot.user_id, "still there?", "Echo: still there?")
+    elif action == "rename":
+        await alice.ask(chat, bot.user_id, "!rename Healed", "Renamed to “Healed”")
+        name = await alice.client.room_get_state_event(chat, "m.room.name", "")
+        assert name.content["name"] == "Healed"
+    elif action == "archive":
+        await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
+        await alice.ask(chat, bot.user_id, "!confirm", "Archived “Chat 1”")
+        marker = await alice.client.room_get_state_event(chat, CHAT_MARKER, "")
+        assert marker.content["status"] == "archived"
+    elif action == "chats":
+        listing = await alice.ask(lobby, bot.user_id, "!chats", "Your chats")
+        assert f"Chat 1 — https://matrix.to/#/{chat}" in listing["content"]["body"]
+    elif action == "new":
+        reply = await alice.ask(lobby, bot.user_id, "!new Fresh", "Created “Fresh”")
+        new_room = reply["content"]["body"].split("#/")[1]
+        child = await alice.client.room_get_state_event(space, "m.space.child", new_room)
+        assert child.content.get("via")
+
+    expected_new = 1 if action == "new" else 0
+    assert await bot_room_count(bot) == rooms_before + expected_new
+    assert not bot.logs.named("space.created")[1:], "healing made a second Space"
+    healed = bot.logs.named("state.healed")
+    if (loss, action) in NEEDS_HEAL or loss in ("everything", "matrix_room"):
+        cause = "store_missing" if loss == "everything" else "inconsistent"
+        assert healed and {h["cause"] for h in healed} == {cause}
+        assert all(h["hs_requests"] >= 1 and h["duration_ms"] >= 0 for h in healed)
+    else:  # nothing this action needs was lost: healing stays lazy
+        assert not healed
+
+
+async def test_confirm_after_pending_loss_says_the_reset_cleared_it(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
+    await bot.stop()
+    await lose("pending", bot)
+    await bot.start()
+    await alice.ask(chat, bot.user_id, "!confirm", "reset database clears them")
+
+
+async def test_no_heal_between_start_and_first_event(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+    assert not bot.logs.named("state.healed")
+    await alice.ask(chat, bot.user_id, "wake up", "Echo: wake up")
+    assert bot.logs.named("state.healed", room_id=chat)
+
+
+async def test_burst_into_unknown_room_heals_once_and_answers_every_message(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+    bodies = [f"burst {i}" for i in range(8)]
+    await asyncio.gather(*(alice.send(chat, body) for body in bodies))
+    for body in bodies:
+        await alice.wait_reply(chat, bot.user_id, f"Echo: {body}")
+    assert len(bot.logs.named("state.healed", room_id=chat)) == 1
+
+
+async def test_forged_room_is_refused_once_and_leaks_nothing(bot, make_user):
+    alice, mallory, carol = await make_user("alice"), await make_user("mallory"), \
+        await make_user("carol")
+    _, alice_space, alice_chat = await alice.onboard(bot.user_id)
+    await alice.ask(alice_chat, bot.user_id, "!rename Secret plans", "Renamed")
+    # Mallory builds a room that claims to be Alice's chat, inside Alice's Space.
+    resp = await mallory.client.room_create(
+        name="Secret plans", invite=[bot.user_id, carol.user_id],
+        initial_state=[
+            {"type": CHAT_MARKER, "state_key": "",
+             "content": {"owner": alice.user_id, "chat_id": "abc", "status": "active", "v": 1}},
+            {"type": "m.space.parent", "state_key": alice_space,
+             "content": {"via": ["localhost"], "canonical": True}}])
+    assert isinstance(resp, RoomCreateResponse)
+    forged = resp.room_id
+    await mallory.wait_reply(forged, bot.user_id, "Welcome to Lambda")  # bootstraps Mallory
+    await carol.wait_for(lambda: forged in carol.invites)
+    await carol.join(forged)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+
+    await mallory.send(forged, "!chats")
+    refusal = await mallory.wait_reply(forged, bot.user_id, "not created by me")
+    await mallory.send(forged, "!chats")
+    await bot.logs.wait_for("event.ignored", room_id=forged, reason="shared_room")
+    assert len(bot.logs.named("state.heal_refused", room_id=forged)) == 1
+    texts = [ev["content"]["body"] for ev in mallory.bot_messages(forged, bot.user_id)]
+    assert texts.count(refusal["content"]["body"]) == 1
+    assert not any(alice_chat in t or "Secret plans —" in t for t in texts)
+
+
+async def test_forged_lobby_only_shows_the_senders_own_space(bot, make_user):
+    alice, mallory = await make_user("alice"), await make_user("mallory")
+    _, alice_space, alice_chat = await alice.onboard(bot.user_id)
+    m_lobby, m_space, m_chat = await mallory.onboard(bot.user_id)
+    for event_type, key, content in [
+            (CHAT_MARKER, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
+            ("m.space.parent", alice_space, {"via": ["localhost"]})]:
+        await mallory.client.room_put_state(m_lobby, event_type, content, key)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+    listing = await mallory.ask(m_lobby, bot.user_id, "!chats", "Your chats")
+    assert m_chat in listing["content"]["body"]
+    assert alice_chat not in listing["content"]["body"]
+    assert bot.logs.named("state.healed", room_id=m_lobby)[0]["source"] == "legacy"
