@@ -17,6 +17,7 @@ from nio import AsyncClient, LoginResponse, RoomCreateResponse, RoomSendResponse
 
 from adapter.matrix.bot import run_bot
 from adapter.matrix.config import Config
+from tests.integration.fault_proxy import FaultProxy
 
 _names = itertools.count()
 TIMEOUT = 30.0
@@ -202,3 +203,22 @@ async def make_user(homeserver):
     yield make
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+async def proxy(homeserver):
+    fault_proxy = FaultProxy(homeserver.url)
+    await fault_proxy.start()
+    yield fault_proxy
+    await fault_proxy.stop()
+
+
+@pytest.fixture
+async def proxied_bot(bot_config: Config, proxy: FaultProxy, logs: LogSink):
+    """The bot talking to Synapse through the fault-injecting proxy."""
+    from dataclasses import replace
+    runner = BotRunner(replace(bot_config, homeserver=proxy.url), logs)
+    await runner.start()
+    yield runner
+    if runner._task is not None:
+        await runner.stop()

@@ -1,0 +1,70 @@
+"""A reverse proxy on 127.0.0.1 in front of the real Synapse that can inject failures
+(error statuses, 429 with retry_after_ms, dropped connections) into chosen requests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiohttp import ClientSession, web
+
+
+@dataclass
+class Fault:
+    pattern: re.Pattern[str]
+    status: int  # 0: drop the connection
+    body: dict
+    remaining: int
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.faults: list[Fault] = []
+        self.hits: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+        self.url = ""
+
+    def fail(self, path_regex: str, status: int, body: dict | None = None,
+             times: int = 1_000_000) -> None:
+        self.faults.append(Fault(re.compile(path_regex), status, body or {}, times))
+
+    def heal(self) -> None:
+        self.faults.clear()
+
+    async def start(self) -> None:
+        self._session = ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=50 * 2**20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+        if self._session:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        for fault in self.faults:
+            if fault.remaining > 0 and fault.pattern.search(path):
+                fault.remaining -= 1
+                self.hits.append(path)
+                if fault.status == 0:
+                    request.transport.close()
+                    return web.Response(status=502)
+                return web.json_response(fault.body, status=fault.status)
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._session.request(request.method, self.upstream + request.path_qs,
+                                         data=body, headers=headers) as upstream:
+            payload = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items()
+                   if k.lower() in ("content-type", "content-encoding")}
+            return web.Response(status=upstream.status, body=payload, headers=out)

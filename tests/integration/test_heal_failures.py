@@ -1,0 +1,58 @@
+"""Homeserver errors during a heal: logged, the user told once, retried, nothing lost."""
+
+from __future__ import annotations
+
+from tests.integration.test_healing import lose
+
+STATE = r"/rooms/[^/]+/state$"
+
+
+async def test_heal_failure_is_reported_once_and_the_message_answered_after_recovery(
+        proxied_bot, proxy, make_user):
+    bot = proxied_bot
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+    proxy.fail(STATE, 502, {"errcode": "M_UNKNOWN", "error": "bad gateway"})
+    await alice.send(chat, "first try")
+    await alice.wait_reply(chat, bot.user_id, "I'll retry")
+    await alice.send(chat, "second try")
+    await bot.logs.wait_for("state.heal_failed", count=2, room_id=chat, will_retry=True)
+    notices = [e for e in alice.bot_messages(chat, bot.user_id)
+               if "I'll retry" in e["content"]["body"]]
+    assert len(notices) == 1
+    proxy.heal()
+    await alice.send(chat, "third try")
+    for body in ("first try", "second try", "third try"):
+        await alice.wait_reply(chat, bot.user_id, f"Echo: {body}")
+    assert len(bot.logs.named("state.healed", room_id=chat)) == 1
+
+
+async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot, proxy,
+                                                                    make_user):
+    bot = proxied_bot
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await lose("everything", bot)
+    await bot.start()
+    # nio retries a 429 twice by itself; the third one reaches the healer.
+    proxy.fail(STATE, 429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down",
+                            "retry_after_ms": 100}, times=3)
+    await alice.send(chat, "patience")
+    failed = await bot.logs.wait_for("state.heal_failed", room_id=chat)
+    assert "M_LIMIT_EXCEEDED" in failed[0]["error"]
+    await alice.wait_reply(chat, bot.user_id, "Echo: patience")
+
+
+async def test_unreachable_homeserver_at_start_is_retried_without_crashing(
+        proxied_bot, proxy, make_user):
+    bot = proxied_bot
+    await bot.stop()
+    proxy.fail(r"/sync$", 0, times=12)
+    await bot.start()
+    await bot.logs.wait_for("sync.failed")
+    alice = await make_user("alice")
+    await alice.onboard(bot.user_id)
