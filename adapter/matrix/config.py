@@ -64,10 +64,16 @@ class Config:
             problems.append(f"LOG_LEVEL must be one of {', '.join(LEVELS)}, got {log_level!r}")
         if problems:
             raise ConfigError("; ".join(problems))
+        db_path, store_path = local_paths(env)
         return cls(
             homeserver=homeserver.rstrip("/"), user_id=user_id, password=password,
-            access_token=token,
-            db_path=Path(value("LAMBDA_MATRIX_DB") or "lambda_matrix.db"),
-            store_path=Path(value("MATRIX_STORE_PATH") or "matrix_store"),
+            access_token=token, db_path=db_path, store_path=store_path,
             log_format=log_format, log_level=log_level,
         )
+
+
+def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
+    """The local state: (SQLite file, Matrix session directory)."""
+    env = os.environ if env is None else env
+    return (Path(env.get("LAMBDA_MATRIX_DB", "").strip() or "lambda_matrix.db"),
+            Path(env.get("MATRIX_STORE_PATH", "").strip() or "matrix_store"))
