@@ -82,8 +82,8 @@ class Bot:
             handle_update, EventData(services=self.services))
         self.healing.replay = self.dispatcher.feed
 
-    async def sync_once(self, since: str | None, long_poll: bool = True) -> str | None:
-        """One sync round: handle every update, then persist the new token. Returns it."""
+    async def fetch(self, since: str | None, long_poll: bool) -> SyncResponse:
+        """One sync request; the only part of a round that a stop may interrupt."""
         if since is None:
             # Synapse answers an initial sync at once, and caches that answer for ~2 min keyed
             # by (timeout, filter, ...): a restart within that window would get a stale one
@@ -94,10 +94,13 @@ class Bot:
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
         if not isinstance(resp, SyncResponse):
             raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
+        return resp
+
+    async def handle(self, resp: SyncResponse, since: str | None) -> str:
+        """Handle every update of a sync response, then persist its token and return it."""
         history = since is None
-        updates = updates_from_sync(resp, self.client.user_id, history, since or "")
         skipped_before = self.history.skipped
-        for update in updates:
+        for update in updates_from_sync(resp, self.client.user_id, history, since or ""):
             await self.dispatcher.feed(update)
         if history:
             log.info("sync.history_skipped", events=self.history.skipped - skipped_before,
@@ -110,17 +113,15 @@ class Bot:
         log.info("sync.starting", resume=since is not None)
         ready, backoff = False, 1.0
         while not stop.is_set():
-            round_ = asyncio.ensure_future(self.sync_once(since, long_poll=ready))
+            fetch = asyncio.ensure_future(self.fetch(since, long_poll=ready))
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({round_, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
-            if not round_.done():
-                # Stopping: the token of an unfinished round is not saved, so a restart
-                # replays it, and derived transaction ids keep replies from doubling.
-                round_.cancel()
+            if not fetch.done():
+                fetch.cancel()  # mid-long-poll: nothing of this round was handled yet
                 break
             try:
-                since = round_.result()
+                since = await self.handle(fetch.result(), since)
             except (HomeserverUnreachable, ClientError, OSError, asyncio.TimeoutError) as err:
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
