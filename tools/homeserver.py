@@ -129,6 +129,7 @@ class LocalHomeserver:
             "enable_registration": False, "report_stats": False,
             "rc_message": _RELAXED, "rc_registration": _RELAXED,
             "rc_joins_per_room": _RELAXED, "rc_admin_redaction": _RELAXED,
+            "rc_room_creation": _RELAXED,
             "rc_login": {k: _RELAXED for k in ("address", "account", "failed_attempts")},
             "rc_joins": {k: _RELAXED for k in ("local", "remote")},
             "rc_invites": {k: _RELAXED for k in ("per_room", "per_user", "per_issuer")},

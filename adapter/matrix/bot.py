@@ -40,9 +40,10 @@ MAX_BACKOFF_S = 60.0
 
 
 def client_config() -> AsyncClientConfig:
-    # nio retries 429s and timeouts forever by default; bound them so that a heal or a
-    # reply fails visibly (and is retried by us) instead of hanging the event loop.
-    return AsyncClientConfig(max_limit_exceeded=2, max_timeouts=2, request_timeout=30,
+    # nio retries 429s (sleeping the full retry_after, a minute for room creation) and
+    # timeouts forever by default. Rate limits are handled in Homeserver._call instead, and
+    # timeouts are bounded, so a heal or a reply fails visibly rather than stalling the bot.
+    return AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30,
                              max_timeout_retry_wait_time=5, encryption_enabled=False)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import ClientError
@@ -25,6 +25,10 @@ from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
 
 R = TypeVar("R")
 SPACE_NAME = "Lambda"
+# nio's own 429 handling is off (see bot.client_config): waits up to this long are absorbed
+# here, longer ones surface as HomeserverError with retry_after_ms, never blocking the bot.
+SHORT_RATE_LIMIT_MS = 3000
+MAX_SHORT_RATE_LIMIT_RETRIES = 2
 
 
 class HomeserverError(Exception):
@@ -76,43 +80,53 @@ class Homeserver:
     def bot_id(self) -> str:
         return self.client.user_id
 
-    async def _call(self, what: str, request: Awaitable[Any], ok: type[R]) -> R:
-        try:
-            resp = await request
-        except (ClientError, asyncio.TimeoutError, OSError) as err:
-            raise HomeserverError(what, "unreachable", type(err).__name__) from err
-        if isinstance(resp, ok):
-            return resp
-        if isinstance(resp, ErrorResponse):
+    async def _call(self, what: str, request: Callable[[], Awaitable[Any]], ok: type[R]) -> R:
+        for attempt in range(MAX_SHORT_RATE_LIMIT_RETRIES + 1):
+            try:
+                resp = await request()
+            except (ClientError, asyncio.TimeoutError, OSError) as err:
+                raise HomeserverError(what, "unreachable", type(err).__name__) from err
+            if isinstance(resp, ok):
+                return resp
+            if not isinstance(resp, ErrorResponse):
+                raise HomeserverError(what, "unexpected", type(resp).__name__)
+            retry_after = getattr(resp, "retry_after_ms", None)
+            if (resp.status_code == "M_LIMIT_EXCEEDED" and retry_after is not None
+                    and retry_after <= SHORT_RATE_LIMIT_MS
+                    and attempt < MAX_SHORT_RATE_LIMIT_RETRIES):
+                await asyncio.sleep(retry_after / 1000)  # a short limit is absorbed here
+                continue
             raise HomeserverError(what, str(resp.status_code or ""), resp.message or "",
-                                  getattr(resp, "retry_after_ms", None))
-        raise HomeserverError(what, "unexpected", type(resp).__name__)
+                                  retry_after)
+        raise AssertionError("unreachable")
 
     async def get_state(self, room_id: str) -> list[dict]:
-        resp = await self._call("get room state", self.client.room_get_state(room_id),
+        resp = await self._call("get room state", lambda: self.client.room_get_state(room_id),
                                 RoomGetStateResponse)
         return resp.events
 
     async def joined_rooms(self) -> list[str]:
-        resp = await self._call("list joined rooms", self.client.joined_rooms(),
+        resp = await self._call("list joined rooms", lambda: self.client.joined_rooms(),
                                 JoinedRoomsResponse)
         return resp.rooms
 
     async def join(self, room_id: str) -> None:
-        await self._call("join", self.client.join(room_id), JoinResponse)
+        await self._call("join", lambda: self.client.join(room_id), JoinResponse)
 
     async def invite(self, room_id: str, user_id: str) -> None:
-        await self._call("invite", self.client.room_invite(room_id, user_id), RoomInviteResponse)
+        await self._call("invite", lambda: self.client.room_invite(room_id, user_id),
+                         RoomInviteResponse)
 
     async def put_state(self, room_id: str, event_type: str, content: dict,
                         state_key: str = "") -> None:
         await self._call(f"set {event_type}",
-                         self.client.room_put_state(room_id, event_type, content, state_key),
+                         lambda: self.client.room_put_state(room_id, event_type, content,
+                                                            state_key),
                          RoomPutStateResponse)
 
     async def create_space(self, owner: str) -> str:
         """A Space owned by ``owner``, carrying its marker from the first event; owner invited."""
-        resp = await self._call("create space", self.client.room_create(
+        resp = await self._call("create space", lambda: self.client.room_create(
             visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
             name=SPACE_NAME, space=True, invite=[owner],
             initial_state=[{"type": SPACE_MARKER, "state_key": "",
@@ -122,7 +136,7 @@ class Homeserver:
 
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         """A chat room with its marker and ``m.space.parent`` set at creation; owner invited."""
-        resp = await self._call("create chat room", self.client.room_create(
+        resp = await self._call("create chat room", lambda: self.client.room_create(
             visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
             name=title, invite=[owner],
             initial_state=[
@@ -152,5 +166,5 @@ class Homeserver:
         content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
         if html is not None:
             content.update(format="org.matrix.custom.html", formatted_body=html)
-        await self._call("send message", self.client.room_send(
+        await self._call("send message", lambda: self.client.room_send(
             room_id, "m.room.message", content, tx_id=txn_id), RoomSendResponse)

@@ -13,6 +13,7 @@ from adapter.matrix.homeserver import HomeserverError
 log = structlog.get_logger()
 
 FAILED = "Sorry, the homeserver refused or did not answer that just now. Please try again."
+RATE_LIMITED = "Sorry, the homeserver is rate-limiting me. Please try again in {s} s."
 
 
 async def handle_update(update: Update, data: EventData) -> None:
@@ -30,6 +31,8 @@ async def handle_update(update: Update, data: EventData) -> None:
                     event_id=update.event_id, error=str(err))
         if update.kind != "invite":
             try:
-                await data["services"].reply(update, FAILED, part="failed")
+                text = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
+                        if err.retry_after_ms else FAILED)
+                await data["services"].reply(update, text, part="failed")
             except HomeserverError:
                 pass

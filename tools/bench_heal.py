@@ -1,0 +1,156 @@
+"""Benchmark: what lazy healing costs, measured against a local Synapse (`make bench`).
+
+Prints, from one run on one machine (so compare the ratios, not the absolute numbers):
+- a healthy reply's latency, and the first reply in a room after a total local loss;
+- homeserver requests per healed room (from the `state.healed` log lines);
+- `!chats` with N chats, warm and after a total local loss (it heals the whole Space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+from nio import AsyncClient, RoomCreateResponse, SyncResponse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from adapter.matrix.bot import run_bot  # noqa: E402
+from adapter.matrix.config import Config  # noqa: E402
+from homeserver import LocalHomeserver  # noqa: E402
+
+
+class Person:
+    """A user's client that times how long the bot takes to answer."""
+
+    def __init__(self, client: AsyncClient, bot_id: str) -> None:
+        self.client, self.bot_id, self.since = client, bot_id, None
+
+    async def _drain(self, timeout_ms: int) -> list[tuple[str, dict]]:
+        resp = await self.client.sync(timeout=timeout_ms, since=self.since)
+        assert isinstance(resp, SyncResponse), resp
+        self.since = resp.next_batch
+        for room_id in resp.rooms.invite:
+            await self.client.join(room_id)
+        return [(rid, ev.source) for rid, info in resp.rooms.join.items()
+                for ev in info.timeline.events]
+
+    async def ask(self, room_id: str, body: str, expect: str) -> tuple[float, str]:
+        """Seconds from sending ``body`` to the bot's answer containing ``expect``."""
+        await self._drain(0)
+        started = time.perf_counter()
+        await self.client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
+        while True:
+            for rid, ev in await self._drain(10_000):
+                text = ev.get("content", {}).get("body", "")
+                if rid == room_id and ev.get("sender") == self.bot_id and expect in text:
+                    return time.perf_counter() - started, text
+
+
+class BotProcess:
+    def __init__(self, config: Config) -> None:
+        self.config, self.task, self.stop_event = config, None, None
+
+    async def start(self, logs: list[dict]) -> None:
+        seen = sum(e["event"] == "bot.ready" for e in logs)
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(run_bot(self.config, self.stop_event))
+        while sum(e["event"] == "bot.ready" for e in logs) <= seen:
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await self.task
+
+    def lose_everything(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.config.db_path}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(self.config.store_path, ignore_errors=True)
+
+
+def ms(values: list[float]) -> str:
+    return f"median {statistics.median(values) * 1000:7.1f} ms  (n={len(values)})"
+
+
+async def bench(chats: int, samples: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="lambda-bench-"))
+    hs = LocalHomeserver(work / "synapse")
+    hs.start()
+    try:
+        bot_account = hs.register("benchbot", "benchbot-pw")
+        user_account = hs.register("benchuser", "benchuser-pw")
+        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
+                        password=bot_account.password, access_token=None,
+                        db_path=work / "bot.db", store_path=work / "matrix_store",
+                        log_format="json", log_level="info")
+        bot = BotProcess(config)
+        client = AsyncClient(hs.url, user_account.user_id)
+        await client.login(user_account.password)
+        person = Person(client, bot_account.user_id)
+        with structlog.testing.capture_logs() as logs:
+            await bot.start(logs)
+            lobby = await client.room_create(name="lobby", invite=[bot_account.user_id])
+            assert isinstance(lobby, RoomCreateResponse)
+            rooms = []
+            for i in range(chats):
+                _, text = await person.ask(lobby.room_id, f"!new Bench {i}", "Created")
+                rooms.append(text.split("#/")[1])
+            healthy = [(await person.ask(rooms[0], f"hi {i}", f"Echo: hi {i}"))[0]
+                       for i in range(samples)]
+            warm_chats = [(await person.ask(lobby.room_id, "!chats", "Your chats"))[0]
+                          for _ in range(3)]
+
+            await bot.stop()
+            bot.lose_everything()
+            await bot.start(logs)
+            first = [(await person.ask(room, "after loss", "Echo: after loss"))[0]
+                     for room in rooms[:samples]]
+            healed = [e for e in logs if e["event"] == "state.healed"]
+
+            await bot.stop()
+            bot.lose_everything()
+            await bot.start(logs)
+            mark = len(logs)
+            cold_chats, listing = await person.ask(lobby.room_id, "!chats", "Your chats")
+            cold_heals = [e for e in logs[mark:] if e["event"] == "state.healed"]
+            await bot.stop()
+        await client.close()
+    finally:
+        hs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    requests = [e["hs_requests"] for e in healed]
+    print(f"Lambda healing benchmark: {chats} chats, {samples} samples, Synapse on {hs.url}")
+    print(f"  healthy reply                       {ms(healthy)}")
+    print(f"  first reply after total loss        {ms(first)}   "
+          f"ratio {statistics.median(first) / statistics.median(healthy):.2f}x")
+    print(f"  heal itself (state.healed)          median "
+          f"{statistics.median(e['duration_ms'] for e in healed):7.1f} ms  (n={len(healed)})")
+    print(f"  homeserver requests per healed room min {min(requests)}  max {max(requests)}  "
+          f"mean {statistics.mean(requests):.2f}")
+    print(f"  !chats warm ({chats} chats)             {ms(warm_chats)}")
+    print(f"  !chats after total loss             {cold_chats * 1000:7.1f} ms  "
+          f"({len(cold_heals)} rooms healed, "
+          f"{sum(e['hs_requests'] for e in cold_heals)} state requests; listed "
+          f"{listing.count('Bench ')} chats)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chats", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=10)
+    args = parser.parse_args()
+    asyncio.run(bench(args.chats, args.samples))
+
+
+if __name__ == "__main__":
+    main()
