@@ -24,8 +24,8 @@ bench: $(VENV)/.installed
 
 reset: $(VENV)/.installed
 	LAMBDA_MATRIX_DB=.local/lambda_matrix.db MATRIX_STORE_PATH=.local/matrix_store \
-	MATRIX_HOMESERVER=http://127.0.0.1:8008 MATRIX_USER_ID=@lambda:localhost \
-	$(PY) tools/reset_local.py
+	MATRIX_HOMESERVER=http://127.0.0.1:$${LOCAL_HS_PORT:-8008} MATRIX_USER_ID=@lambda:localhost \
+	$(PY) tools/reset_local.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache
