@@ -18,9 +18,6 @@ from nio import (
     SyncResponse,
 )
 
-from core.agent import Agent, EchoAgent
-from core.chat import ChatManager
-from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.dispatcher import Dispatcher
@@ -31,6 +28,9 @@ from adapter.matrix.middlewares import SkipHistory, ignore_own_events, owner_onl
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.session import HomeserverUnreachable, LoginFailed, log_in
 from adapter.matrix.store import MatrixStore
+from core.agent import Agent, EchoAgent
+from core.chat import ChatManager
+from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
 
 log = structlog.get_logger()
 
@@ -123,7 +123,7 @@ class Bot:
                 break
             try:
                 since = await self.handle(fetch.result(), since)
-            except (HomeserverUnreachable, ClientError, OSError, asyncio.TimeoutError) as err:
+            except (TimeoutError, HomeserverUnreachable, ClientError, OSError) as err:
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
@@ -140,7 +140,7 @@ class Bot:
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 

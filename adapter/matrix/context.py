@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from adapter.matrix.homeserver import Homeserver, reply_txn_id
+from adapter.matrix.room_router import RoomRouter, Route
+from adapter.matrix.store import MatrixStore, UserMeta
 from core.agent import Agent
 from core.chat import Chat, ChatManager
-from adapter.matrix.homeserver import Homeserver, reply_txn_id
-from adapter.matrix.room_router import Route, RoomRouter
-from adapter.matrix.store import MatrixStore, UserMeta
 
 if TYPE_CHECKING:
     from adapter.matrix.handlers.commands import Command

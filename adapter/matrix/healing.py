@@ -15,11 +15,10 @@ from typing import Literal
 
 import structlog
 
-from core.chat import ChatNotFound
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, Unregistered
+from adapter.matrix.room_router import ChatRoute, Unregistered
 from adapter.matrix.room_state import (
     SPACE_TYPE,
     HealPlan,
@@ -29,6 +28,7 @@ from adapter.matrix.room_state import (
     parent_to_verify,
 )
 from adapter.matrix.store import UserMeta
+from core.chat import ChatNotFound
 
 log = structlog.get_logger()
 
@@ -72,15 +72,15 @@ class Healer:
         started, cause, requests = time.monotonic(), await self.cause(), 0
         bot = self.svc.bot_id
         try:
-            snap = RoomSnapshot.from_events(room_id, await self.svc.hs.get_state(room_id))
             requests += 1
+            snap = await self._snapshot(room_id)
             parent = None
             if parent_id := parent_to_verify(snap, bot):
-                parent = RoomSnapshot.from_events(parent_id, await self.svc.hs.get_state(parent_id))
                 requests += 1
+                parent = await self._snapshot(parent_id)
         except HomeserverError as err:
             log.warning("state.heal_failed", room_id=room_id, error=str(err), will_retry=True,
-                        cause=cause, hs_requests=requests + 1)
+                        cause=cause, hs_requests=requests)
             raise
         try:
             plan = assess_room(snap, bot, parent)
@@ -95,6 +95,16 @@ class Healer:
             hs_requests=requests, duration_ms=round((time.monotonic() - started) * 1000, 1),
             kind=plan.room.kind, owner=plan.room.owner)
         return plan
+
+    async def _snapshot(self, room_id: str) -> RoomSnapshot:
+        try:
+            return RoomSnapshot.from_events(room_id, await self.svc.hs.get_state(room_id))
+        except HomeserverError as err:
+            if err.status in ("M_FORBIDDEN", "M_NOT_FOUND"):
+                # Not a passing fault: the bot cannot see this room. An empty snapshot
+                # makes the decision refuse it (unknown room, or a foreign parent).
+                return RoomSnapshot(room_id)
+            raise
 
     async def _write(self, plan: HealPlan) -> list[str]:
         """Write every record the plan implies in one transaction; returns the kinds written."""

@@ -84,7 +84,7 @@ class Homeserver:
         for attempt in range(MAX_SHORT_RATE_LIMIT_RETRIES + 1):
             try:
                 resp = await request()
-            except (ClientError, asyncio.TimeoutError, OSError) as err:
+            except (TimeoutError, ClientError, OSError) as err:
                 raise HomeserverError(what, "unreachable", type(err).__name__) from err
             if isinstance(resp, ok):
                 return resp

@@ -10,8 +10,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
-from core.chat import Chat
 from adapter.matrix.store import RoomMeta, UserMeta
+from core.chat import Chat
 
 SPACE_MARKER = "io.lambda.space"
 CHAT_MARKER = "io.lambda.chat"
@@ -22,15 +22,19 @@ HealSource = Literal["marker", "legacy"]
 
 # Reason code -> what the user is told. Written once, here.
 REFUSALS: dict[str, str] = {
-    "shared_room": "This room was not created by me and has other members, so I can't "
-                   "treat it as your chat. Invite me to a room of your own, or use your Lambda Space.",
+    "shared_room": "This room was not created by me and has other members, so I can't treat "
+                   "it as your chat. Invite me to a room of your own, or use your Lambda Space.",
     "forged_marker": "This room carries Lambda settings that I did not write, so I can't use it.",
     "malformed_marker": "This room's Lambda settings are damaged, so I can't use it.",
     "foreign_parent": "This room belongs to a Space that is not yours, so I can't use it.",
-    "ambiguous_parent": "This room is linked to several Spaces, so I can't tell whose chat it is.",
-    "missing_parent": "This room is not linked to a Lambda Space, so I can't tell whose chat it is.",
-    "no_single_owner": "I can't tell whose chat this room is (it needs exactly one member besides me).",
-    "unexpected_members": "This room has members it should not have, so I can't use it as a chat.",
+    "ambiguous_parent": "This room is linked to several Spaces, so I can't tell whose chat "
+                        "it is.",
+    "missing_parent": "This room is not linked to a Lambda Space, so I can't tell whose chat "
+                      "it is.",
+    "no_single_owner": "I can't tell whose chat this room is (it needs exactly one member "
+                       "besides me).",
+    "unexpected_members": "This room has members it should not have, so I can't use it as "
+                          "a chat.",
     "unknown_room": "I can't read this room's state, so I can't use it.",
 }
 
@@ -71,8 +75,9 @@ class RoomSnapshot:
                 continue
             content = raw.get("content")
             ev = StateEvent(str(raw.get("type", "")), str(raw["state_key"]),
-                            str(raw.get("sender", "")), content if isinstance(content, dict) else {},
-                           int(raw.get("origin_server_ts") or 0))
+                            str(raw.get("sender", "")),
+                            content if isinstance(content, dict) else {},
+                            int(raw.get("origin_server_ts") or 0))
             parsed[(ev.type, ev.state_key)] = ev
         return cls(room_id, parsed)
 

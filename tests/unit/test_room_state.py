@@ -78,7 +78,8 @@ def test_legacy_room_heals_from_name_parent_and_member_with_stable_id():
     plan = assess_room(room, BOT, space_state())
     assert plan.source == "legacy"
     assert plan.room.owner == ALICE and plan.chat.title == "Trip"
-    assert plan.room.chat_id == legacy_chat_id(ROOM) == assess_room(room, BOT, space_state()).room.chat_id
+    again = assess_room(room, BOT, space_state())
+    assert plan.room.chat_id == legacy_chat_id(ROOM) == again.room.chat_id
 
 
 def test_legacy_room_with_legacy_parent_space():
@@ -193,3 +194,9 @@ def test_room_without_create_event_is_refused():
 
 def test_every_refusal_has_a_user_message():
     assert "not created by me" in HealRefused("shared_room").user_message
+
+
+def test_unreadable_parent_space_is_a_foreign_parent():
+    with pytest.raises(HealRefused) as err:
+        assess_room(snap(chat_events()), BOT, RoomSnapshot(SPACE))
+    assert err.value.reason == "foreign_parent"

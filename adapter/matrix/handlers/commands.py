@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from core.chat import Chat, InvalidTitle, new_chat_id, validate_title
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.room_router import ChatRoute
 from adapter.matrix.store import Pending, RoomMeta
+from core.chat import Chat, InvalidTitle, new_chat_id, validate_title
 
 log = structlog.get_logger()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import structlog
 
-from core.chat import InvalidTitle
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.room_router import ChatRoute, LobbyRoute
+from core.chat import InvalidTitle
 
 log = structlog.get_logger()
 

@@ -1,0 +1,41 @@
+"""Configuration from the environment (SPEC §3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapter.matrix.config import Config, ConfigError
+
+BASE = {"MATRIX_HOMESERVER": "http://127.0.0.1:8008/", "MATRIX_USER_ID": "@lambda:localhost",
+        "MATRIX_PASSWORD": "pw"}
+
+
+def test_defaults():
+    config = Config.from_env({**BASE, "LOG_FORMAT": "json"})
+    assert config.homeserver == "http://127.0.0.1:8008"
+    assert config.db_path == Path("lambda_matrix.db")
+    assert config.store_path == Path("matrix_store")
+    assert (config.log_format, config.log_level) == ("json", "info")
+    assert config.server_name == "localhost"
+
+
+def test_token_instead_of_password():
+    env = {**BASE, "MATRIX_ACCESS_TOKEN": "syt_x"}
+    del env["MATRIX_PASSWORD"]
+    assert Config.from_env(env).access_token == "syt_x"
+
+
+def test_every_problem_is_named_at_once():
+    with pytest.raises(ConfigError) as err:
+        Config.from_env({"MATRIX_USER_ID": "lambda", "LOG_LEVEL": "loud", "LOG_FORMAT": "xml"})
+    message = str(err.value)
+    for part in ("MATRIX_HOMESERVER is required", "MATRIX_USER_ID must look like @name:server",
+                 "MATRIX_PASSWORD or MATRIX_ACCESS_TOKEN", "LOG_LEVEL", "LOG_FORMAT"):
+        assert part in message
+
+
+def test_homeserver_must_be_a_url():
+    with pytest.raises(ConfigError, match="http"):
+        Config.from_env({**BASE, "MATRIX_HOMESERVER": "localhost:8008"})
