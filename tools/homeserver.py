@@ -6,6 +6,7 @@ Synchronous on purpose: it is driven from plain scripts and session fixtures.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import json
@@ -66,7 +67,8 @@ class LocalHomeserver:
             cwd=self.data_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop Synapse in order
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_ready(timeout)
@@ -150,6 +152,16 @@ class LocalHomeserver:
                 time.sleep(0.1)
         self.stop()
         raise HomeserverError(f"Synapse did not answer on {self.url} within {timeout:.0f}s")
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM Synapse if the process that started it dies without stopping it
+    (a killed test run or benchmark must not leave a homeserver behind)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _request(method: str, url: str, body: dict | None = None) -> dict:

@@ -44,7 +44,12 @@ def _credentials() -> dict:
     return creds
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # `kill` stops the demo as cleanly as Ctrl-C
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     creds = _credentials()
     hs = LocalHomeserver(LOCAL / "synapse", port=_port())
     print(f"Starting Synapse on {hs.url} (data in {hs.data_dir}) ...", flush=True)
