@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench reset clean
+.PHONY: run test bench demo reset clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py
 
 reset: $(VENV)/.installed
 	LAMBDA_MATRIX_DB=.local/lambda_matrix.db MATRIX_STORE_PATH=.local/matrix_store \

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import structlog
-from nio import AsyncClient, RoomCreateResponse, SyncResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
@@ -26,33 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from adapter.matrix.bot import run_bot  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
 from homeserver import LocalHomeserver  # noqa: E402
-
-
-class Person:
-    """A user's client that times how long the bot takes to answer."""
-
-    def __init__(self, client: AsyncClient, bot_id: str) -> None:
-        self.client, self.bot_id, self.since = client, bot_id, None
-
-    async def _drain(self, timeout_ms: int) -> list[tuple[str, dict]]:
-        resp = await self.client.sync(timeout=timeout_ms, since=self.since)
-        assert isinstance(resp, SyncResponse), resp
-        self.since = resp.next_batch
-        for room_id in resp.rooms.invite:
-            await self.client.join(room_id)
-        return [(rid, ev.source) for rid, info in resp.rooms.join.items()
-                for ev in info.timeline.events]
-
-    async def ask(self, room_id: str, body: str, expect: str) -> tuple[float, str]:
-        """Seconds from sending ``body`` to the bot's answer containing ``expect``."""
-        await self._drain(0)
-        started = time.perf_counter()
-        await self.client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
-        while True:
-            for rid, ev in await self._drain(10_000):
-                text = ev.get("content", {}).get("body", "")
-                if rid == room_id and ev.get("sender") == self.bot_id and expect in text:
-                    return time.perf_counter() - started, text
+from scripted_user import ScriptedUser  # noqa: E402
 
 
 class BotProcess:
@@ -92,20 +65,19 @@ async def bench(chats: int, samples: int) -> None:
                         db_path=work / "bot.db", store_path=work / "matrix_store",
                         log_format="json", log_level="info")
         bot = BotProcess(config)
-        client = AsyncClient(hs.url, user_account.user_id)
-        await client.login(user_account.password)
-        person = Person(client, bot_account.user_id)
+        person = await ScriptedUser.log_in(hs.url, user_account.user_id,
+                                           user_account.password, bot_account.user_id)
         with structlog.testing.capture_logs() as logs:
             await bot.start(logs)
-            lobby = await client.room_create(name="lobby", invite=[bot_account.user_id])
-            assert isinstance(lobby, RoomCreateResponse)
+            lobby = await person.invite_bot()
+            await person.wait_for_bot(lobby, "Welcome")
             rooms = []
             for i in range(chats):
-                _, text = await person.ask(lobby.room_id, f"!new Bench {i}", "Created")
+                _, text = await person.ask(lobby, f"!new Bench {i}", "Created")
                 rooms.append(text.split("#/")[1])
             healthy = [(await person.ask(rooms[0], f"hi {i}", f"Echo: hi {i}"))[0]
                        for i in range(samples)]
-            warm_chats = [(await person.ask(lobby.room_id, "!chats", "Your chats"))[0]
+            warm_chats = [(await person.ask(lobby, "!chats", "Your chats"))[0]
                           for _ in range(3)]
 
             await bot.stop()
@@ -119,10 +91,10 @@ async def bench(chats: int, samples: int) -> None:
             bot.lose_everything()
             await bot.start(logs)
             mark = len(logs)
-            cold_chats, listing = await person.ask(lobby.room_id, "!chats", "Your chats")
+            cold_chats, listing = await person.ask(lobby, "!chats", "Your chats")
             cold_heals = [e for e in logs[mark:] if e["event"] == "state.healed"]
             await bot.stop()
-        await client.close()
+        await person.close()
     finally:
         hs.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""Scripted demo (`make demo`): a user invites the bot, chats, the developer resets the
+local state with tools/reset_local.py, and the next message heals the room lazily.
+
+Everything runs on a throw-away local Synapse; the bot is the real `python -m adapter.matrix`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from homeserver import LocalHomeserver  # noqa: E402
+from scripted_user import ScriptedUser  # noqa: E402
+
+SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
+         "state.heal_failed", "sync.history_skipped", "bot.stopped"}
+
+
+class Bot:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.proc, self.ready = env, None, asyncio.Event()
+
+    async def start(self) -> None:
+        self.ready.clear()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=self.env,
+            stderr=asyncio.subprocess.PIPE)
+        asyncio.create_task(self._echo_logs(self.proc))
+        await asyncio.wait_for(self.ready.wait(), 60)
+
+    async def _echo_logs(self, proc) -> None:
+        async for raw in proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if line.get("event") in SHOWN:
+                fields = {k: v for k, v in line.items() if k not in ("event", "timestamp")}
+                print(f"    [bot log] {line['event']} {json.dumps(fields)}")
+            if line.get("event") == "bot.ready":
+                self.ready.set()
+
+    async def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        await self.proc.wait()
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}")
+
+
+async def demo() -> None:
+    work = Path(tempfile.mkdtemp(prefix="lambda-demo-"))
+    hs = LocalHomeserver(work / "synapse")
+    hs.start()
+    try:
+        bot_account = hs.register("lambda", "lambda-demo-pw")
+        alice = hs.register("alice", "alice-demo-pw")
+        env = {**os.environ, "MATRIX_HOMESERVER": hs.url, "MATRIX_USER_ID": bot_account.user_id,
+               "MATRIX_PASSWORD": bot_account.password, "LOG_FORMAT": "json",
+               "LAMBDA_MATRIX_DB": str(work / "lambda_matrix.db"),
+               "MATRIX_STORE_PATH": str(work / "matrix_store")}
+        bot = Bot(env)
+        step(f"Start the bot on {hs.url}")
+        await bot.start()
+        user = await ScriptedUser.log_in(hs.url, alice.user_id, alice.password,
+                                         bot_account.user_id)
+        step(f"{alice.user_id} invites the bot")
+        lobby = await user.invite_bot()
+        welcome = await user.wait_for_bot(lobby, "Welcome")
+        print(f"    bot: {welcome}")
+        chat = welcome.split("#/")[2].split()[0]
+        for body, expect in [("Hello Lambda!", "Echo"), ("!rename Demo chat", "Renamed")]:
+            _, text = await user.ask(chat, body, expect)
+            print(f"    alice: {body}\n    bot: {text}")
+
+        step("Stop the bot and reset the local state (tools/reset_local.py --yes)")
+        await bot.stop()
+        reset = await asyncio.create_subprocess_exec(
+            sys.executable, "tools/reset_local.py", "--yes", cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await reset.communicate()
+        print("    " + out.decode().strip().replace("\n", "\n    "))
+
+        step("Start the bot again: startup does nothing extra")
+        await bot.start()
+        step("The next message heals its room lazily (see state.healed, cause=local_reset)")
+        for room, body, expect in [(chat, "Are you still there?", "Echo"),
+                                   (lobby, "!chats", "Your chats")]:
+            _, text = await user.ask(room, body, expect)
+            print(f"    alice: {body}\n    bot: {text}")
+        await bot.stop()
+        await user.close()
+        step("Done: no room was re-created, nobody left anything.")
+    finally:
+        hs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(demo())
