@@ -22,7 +22,8 @@ from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
-from adapter.matrix.healing import Healer, HealingMiddleware
+from adapter.matrix.healer import Healer
+from adapter.matrix.healing import HealingMiddleware
 from adapter.matrix.homeserver import Homeserver
 from adapter.matrix.middlewares import SkipHistory, ignore_own_events, owner_only, resolve_route
 from adapter.matrix.room_router import RoomRouter

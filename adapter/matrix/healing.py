@@ -1,8 +1,6 @@
-"""Lazy self-healing (SPEC §6): the local DB is a cache; the homeserver is the truth.
-
-``Healer`` is the thin I/O shell around ``room_state.assess_room``: fetch, decide, write
-in one transaction, log. ``HealingMiddleware`` is its one link in the dispatcher chain.
-"""
+"""The healing link of the dispatcher chain (SPEC §6): the local DB is a cache and the
+homeserver the truth. Handlers after this link see complete records; fetching and
+deciding is done by ``healer.Healer``."""
 
 from __future__ import annotations
 
@@ -10,189 +8,22 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import Literal
 
 import structlog
 
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.dispatcher import Handler
+from adapter.matrix.healer import Healer
 from adapter.matrix.homeserver import HomeserverError
 from adapter.matrix.room_router import ChatRoute, Unregistered
-from adapter.matrix.room_state import (
-    SPACE_TYPE,
-    HealPlan,
-    HealRefused,
-    RoomSnapshot,
-    assess_room,
-    parent_to_verify,
-)
-from adapter.matrix.store import UserMeta
-from core.chat import ChatNotFound
+from adapter.matrix.room_state import HealRefused
+from core.chat import Chat, ChatNotFound
 
 log = structlog.get_logger()
 
-HealCause = Literal["local_reset", "store_missing", "inconsistent"]
-REFUSAL_MEMORY_S = 600.0
 REFUSAL_NOTICE_EVERY_S = 3600.0
-SPACE_HEAL_CONCURRENCY = 8
 FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
                   "I'll retry and answer your message when it is back.")
-
-
-class Healer:
-    """Backfills local records from room state. Single-flight per room; refusals remembered."""
-
-    def __init__(self, svc: Services) -> None:
-        self.svc = svc
-        self._inflight: dict[str, asyncio.Task] = {}
-        self._refused: dict[str, tuple[HealRefused, float]] = {}
-
-    async def cause(self) -> HealCause:
-        if await self.svc.store.get_reset_marker() is not None:
-            return "local_reset"
-        return "store_missing" if self.svc.store.db.created else "inconsistent"
-
-    def _single_flight(self, key: str, work: Callable[[], Awaitable]) -> Awaitable:
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(work())
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return asyncio.shield(task)
-
-    async def heal_room(self, room_id: str) -> HealPlan:
-        """Restore the records of one room, or raise ``HealRefused`` / ``HomeserverError``."""
-        remembered = self._refused.get(room_id)
-        if remembered and remembered[1] > time.monotonic():
-            raise remembered[0]
-        return await self._single_flight(room_id, lambda: self._heal_room(room_id))
-
-    async def _heal_room(self, room_id: str) -> HealPlan:
-        started, cause, requests = time.monotonic(), await self.cause(), 0
-        bot = self.svc.bot_id
-        try:
-            requests += 1
-            snap = await self._snapshot(room_id)
-            parent = None
-            if parent_id := parent_to_verify(snap, bot):
-                requests += 1
-                parent = await self._snapshot(parent_id)
-        except HomeserverError as err:
-            log.warning("state.heal_failed", room_id=room_id, error=str(err), will_retry=True,
-                        cause=cause, hs_requests=requests)
-            raise
-        try:
-            plan = assess_room(snap, bot, parent)
-        except HealRefused as refusal:
-            log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason, cause=cause,
-                        hs_requests=requests)
-            self._refused[room_id] = (refusal, time.monotonic() + REFUSAL_MEMORY_S)
-            raise
-        restored = await self._write(plan)
-        (log.warning if cause == "inconsistent" else log.info)(
-            "state.healed", room_id=room_id, restored=restored, source=plan.source, cause=cause,
-            hs_requests=requests, duration_ms=round((time.monotonic() - started) * 1000, 1),
-            kind=plan.room.kind, owner=plan.room.owner)
-        return plan
-
-    async def _snapshot(self, room_id: str) -> RoomSnapshot:
-        try:
-            return RoomSnapshot.from_events(room_id, await self.svc.hs.get_state(room_id))
-        except HomeserverError as err:
-            if err.status in ("M_FORBIDDEN", "M_NOT_FOUND"):
-                # Not a passing fault: the bot cannot see this room. An empty snapshot
-                # makes the decision refuse it (unknown room, or a foreign parent).
-                return RoomSnapshot(room_id)
-            raise
-
-    async def _write(self, plan: HealPlan) -> list[str]:
-        """Write every record the plan implies in one transaction; returns the kinds written."""
-        store, owner = self.svc.store, plan.room.owner
-        current_user = await store.get_user(owner)
-        user = current_user
-        if user is None and plan.user is not None:
-            lobbies = await store.rooms_of(owner, "lobby")
-            user = replace(plan.user, lobby_room_id=lobbies[0][0] if lobbies else None)
-        if plan.room.kind == "lobby" and user is not None and user.lobby_room_id is None:
-            user = replace(user, lobby_room_id=plan.room_id)
-        restored = ["matrix_room"]
-        async with store.db.transaction() as tx:
-            await store.set_room(plan.room_id, plan.room, tx)
-            if plan.chat is not None:
-                self.svc.chats.restore(plan.chat, tx)
-                restored.append("chat")
-            if user is not None and user != current_user:
-                await store.set_user(owner, user, tx)
-                restored.append("matrix_user")
-        return restored
-
-    async def user_space(self, user_id: str) -> UserMeta | None:
-        """The user's Space record; healed from the server if missing. None: they have none."""
-        meta = await self.svc.store.get_user(user_id)
-        if meta is not None:
-            return meta
-        await self._single_flight(f"user:{user_id}", lambda: self._find_space(user_id))
-        return await self.svc.store.get_user(user_id)
-
-    async def _find_space(self, user_id: str) -> None:
-        # Cheapest first: a Space the cache still knows, then the bot's joined rooms that
-        # sync showed to be Spaces, then joined rooms of unknown type. Each is verified by state.
-        for room_id in await self._space_candidates(user_id):
-            try:
-                plan = await self.heal_room(room_id)
-            except HealRefused:
-                continue
-            if plan.room.kind == "space" and plan.room.owner == user_id:
-                return
-
-    async def _space_candidates(self, user_id: str) -> list[str]:
-        store = self.svc.store
-        local = [rid for rid, _ in await store.rooms_of(user_id, "space")]
-        if local:
-            return local
-        known = {rid for rid, _ in await store.rooms()}
-        seen = self.svc.hs.client.rooms
-        spaces, unknown = [], []
-        for room_id in await self.svc.hs.joined_rooms():
-            room = seen.get(room_id)
-            if room_id in known:
-                continue
-            if room is not None and room.room_type == SPACE_TYPE:
-                if user_id in room.users or user_id in room.invited_users:
-                    spaces.insert(0, room_id)
-                else:
-                    spaces.append(room_id)
-            elif room is None or room.room_type is None:
-                unknown.append(room_id)
-        return spaces + unknown
-
-    async def heal_space_children(self, space_id: str) -> None:
-        """Heal every child of the Space that has no complete local record (for ``!chats``)."""
-        snap = RoomSnapshot.from_events(space_id, await self.svc.hs.get_state(space_id))
-        missing = [rid for rid in snap.children(self.svc.bot_id) if not await self._complete(rid)]
-        if not missing:
-            return
-        gate = asyncio.Semaphore(SPACE_HEAL_CONCURRENCY)
-
-        async def heal(room_id: str) -> None:
-            async with gate:
-                try:
-                    await self.heal_room(room_id)
-                except HealRefused:
-                    pass  # logged by heal_room; the other chats still list
-
-        await asyncio.gather(*(heal(rid) for rid in missing))
-
-    async def _complete(self, room_id: str) -> bool:
-        meta = await self.svc.store.get_room(room_id)
-        if meta is None or meta.kind != "chat" or meta.chat_id is None:
-            return meta is not None
-        try:
-            await self.svc.chats.get(meta.owner, meta.chat_id)
-            return True
-        except ChatNotFound:
-            return False
 
 
 class HealingMiddleware:
@@ -242,7 +73,7 @@ class HealingMiddleware:
         if room_id in self._deferred:
             await self._replay(room_id)
 
-    async def _chat_of(self, route: ChatRoute, svc: Services):
+    async def _chat_of(self, route: ChatRoute, svc: Services) -> Chat:
         try:
             return await svc.chats.get(route.owner, route.meta.chat_id)
         except ChatNotFound:
