@@ -13,6 +13,7 @@ from nio import (
     AsyncClient,
     AsyncClientConfig,
     InviteMemberEvent,
+    MegolmEvent,
     RoomMessageText,
     RoomNameEvent,
     SyncResponse,
@@ -49,7 +50,8 @@ def client_config() -> AsyncClientConfig:
 
 
 def updates_from_sync(resp: SyncResponse, bot_id: str, history: bool, since: str) -> list[Update]:
-    """Normalise a sync response: invites to the bot, then each room's text and renames."""
+    """Normalise a sync response: invites to the bot, then each room's text, renames and
+    encrypted messages."""
     updates = []
     for room_id, info in resp.rooms.invite.items():
         for ev in info.invite_state:
@@ -64,6 +66,8 @@ def updates_from_sync(resp: SyncResponse, bot_id: str, history: bool, since: str
             elif isinstance(ev, RoomNameEvent):
                 updates.append(Update("room_name", room_id, ev.sender, ev.event_id, ev.name,
                                       history))
+            elif isinstance(ev, MegolmEvent):  # the bot has no E2EE: say so, never stay silent
+                updates.append(Update("encrypted", room_id, ev.sender, ev.event_id, "", history))
     return updates
 
 

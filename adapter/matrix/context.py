@@ -14,7 +14,7 @@ from core.chat import Chat, ChatManager
 if TYPE_CHECKING:
     from adapter.matrix.handlers.commands import Command
 
-UpdateKind = Literal["message", "room_name", "invite"]
+UpdateKind = Literal["message", "room_name", "invite", "encrypted"]
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,12 @@ async def test_messages_from_non_owner_are_ignored(bot, make_user):
     await mallory.join(lobby)
     await mallory.send(lobby, "!chats")
     await bot.logs.wait_for("event.ignored", room_id=lobby, reason="not_owner")
+
+
+async def test_encrypted_message_gets_a_clear_hint_not_silence(bot, make_user):
+    alice = await make_user("alice")
+    lobby, _, _ = await alice.onboard(bot.user_id)
+    await alice.client.room_send(lobby, "m.room.encrypted", {
+        "algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnAC", "session_id": "s1",
+        "sender_key": "k1", "device_id": "DEV"})
+    await alice.wait_reply(lobby, bot.user_id, "can't read encrypted messages")

@@ -7,7 +7,7 @@ import structlog
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.handlers.auth import handle_invite
 from adapter.matrix.handlers.commands import handle_command
-from adapter.matrix.handlers.messages import handle_room_name, handle_text
+from adapter.matrix.handlers.messages import handle_encrypted, handle_room_name, handle_text
 from adapter.matrix.homeserver import HomeserverError
 
 log = structlog.get_logger()
@@ -22,6 +22,8 @@ async def handle_update(update: Update, data: EventData) -> None:
             await handle_invite(update, data)
         elif update.kind == "room_name":
             await handle_room_name(update, data)
+        elif update.kind == "encrypted":
+            await handle_encrypted(update, data)
         elif data.get("command") is not None:
             await handle_command(update, data)
         else:

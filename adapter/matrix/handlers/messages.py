@@ -13,6 +13,8 @@ log = structlog.get_logger()
 LOBBY_HINT = ("This is your lobby. Chat with me in the rooms of your Lambda Space; "
               "send !chats to list them, !new to start one, or !help.")
 ARCHIVED_HINT = "This chat is archived. Send !new to start a new chat."
+ENCRYPTED_HINT = ("I can't read encrypted messages. Please write to me in the chat rooms of "
+                  "your Lambda Space (they are not encrypted), or in an unencrypted room.")
 
 
 async def handle_text(update: Update, data: EventData) -> None:
@@ -43,3 +45,8 @@ async def handle_room_name(update: Update, data: EventData) -> None:
         log.info("chat.rename_ignored", room_id=update.room_id, reason=str(err))
         return
     log.info("chat.renamed", room_id=update.room_id, chat_id=chat.chat_id, source="client")
+
+
+async def handle_encrypted(update: Update, data: EventData) -> None:
+    log.info("message.encrypted", room_id=update.room_id, event_id=update.event_id)
+    await data["services"].reply(update, ENCRYPTED_HINT)
