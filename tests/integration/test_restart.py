@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from adapter.matrix.session import session_file
+from tests.integration.conftest import BotRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,3 +86,23 @@ async def test_bad_configuration_exits_2_with_a_clear_json_error():
     assert proc.returncode == 2
     line = json.loads(err.decode().strip().splitlines()[-1])
     assert line["event"] == "config.invalid" and "MATRIX_HOMESERVER is required" in line["error"]
+
+
+async def test_corrupt_db_stops_the_bot_with_the_remedy_and_keeps_the_file(bot):
+    await bot.stop()
+    garbage = b"definitely not sqlite " * 200
+    bot.config.db_path.write_bytes(garbage)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{bot.config.db_path}{suffix}").unlink(missing_ok=True)
+    await bot.start(wait_ready=False)
+    assert await bot.stop() == 1
+    [line] = bot.logs.named("store.unreadable")
+    assert line["remedy"] == "python tools/reset_local.py" and "reset_local" in line["error"]
+    assert bot.config.db_path.read_bytes() == garbage
+
+
+async def test_second_bot_on_the_same_db_refuses_to_start(bot, logs):
+    second = BotRunner(bot.config, logs)
+    await second.start(wait_ready=False)
+    assert await second.stop() == 1
+    assert logs.named("store.locked")

@@ -44,12 +44,13 @@ async def handle_invite(update: Update, data: EventData) -> None:
                          "or send <code>!help</code> here.")
 
 
-async def _reinvite(svc: Services, space_id: str, owner: str) -> None:
+async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
+    """Invite the owner back; "already in the room" (403) is the usual, harmless answer."""
     try:
-        await svc.hs.invite(space_id, owner)
+        await svc.hs.invite(room_id, owner)
     except HomeserverError as err:
-        # Already joined or invited: the server says so with 403; nothing to do.
-        log.debug("space.reinvite_skipped", room_id=space_id, owner=owner, error=str(err))
+        (log.debug if err.status == "M_FORBIDDEN" else log.warning)(
+            "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err))
 
 
 async def _first_chat(svc: Services, owner: str, space_id: str) -> str:
