@@ -14,7 +14,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import structlog
@@ -22,10 +21,11 @@ import structlog
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from adapter.matrix.bot import run_bot  # noqa: E402
-from adapter.matrix.config import Config  # noqa: E402
 from homeserver import LocalHomeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
+
+from adapter.matrix.bot import run_bot  # noqa: E402
+from adapter.matrix.config import Config  # noqa: E402
 
 
 class BotProcess:
