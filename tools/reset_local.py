@@ -262,6 +262,10 @@ def run(argv: list[str]) -> int:
         except ConfigError as err:
             print(f"--server needs the bot's environment: {err}", file=sys.stderr)
             return USAGE
+    if not db_path.parent.is_dir():
+        print(f"Refused: the folder of LAMBDA_MATRIX_DB ({db_path.parent}) does not exist; "
+              "check the variable.", file=sys.stderr)
+        return REFUSED
     lock = ProcessLock(db_path)
     try:
         lock.acquire()
@@ -272,6 +276,9 @@ def run(argv: list[str]) -> int:
         return REFUSED
     try:
         return _reset(args, config, make_plan(db_path, store_path))
+    except OSError as err:
+        print(f"Failed: {err}", file=sys.stderr)
+        return REFUSED
     finally:
         lock.release()
 

@@ -75,6 +75,13 @@ class BotRunner:
         self._task = None
         return code
 
+    async def exit_code(self) -> int:
+        """Wait for the bot to exit by itself (a refusal at start), without stopping it."""
+        assert self._task
+        code = await asyncio.wait_for(self._task, TIMEOUT)
+        self._task = None
+        return code
+
     async def restart(self) -> None:
         await self.stop()
         await self.start()

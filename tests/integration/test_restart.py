@@ -9,7 +9,10 @@ import signal
 import stat
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from nio import AsyncClient
 
 from adapter.matrix.session import session_file
 from tests.integration.conftest import BotRunner
@@ -95,7 +98,7 @@ async def test_corrupt_db_stops_the_bot_with_the_remedy_and_keeps_the_file(bot):
     for suffix in ("-wal", "-shm"):
         Path(f"{bot.config.db_path}{suffix}").unlink(missing_ok=True)
     await bot.start(wait_ready=False)
-    assert await bot.stop() == 1
+    assert await bot.exit_code() == 1
     [line] = bot.logs.named("store.unreadable")
     assert line["remedy"] == "python tools/reset_local.py" and "reset_local" in line["error"]
     assert bot.config.db_path.read_bytes() == garbage
@@ -104,5 +107,27 @@ async def test_corrupt_db_stops_the_bot_with_the_remedy_and_keeps_the_file(bot):
 async def test_second_bot_on_the_same_db_refuses_to_start(bot, logs):
     second = BotRunner(bot.config, logs)
     await second.start(wait_ready=False)
-    assert await second.stop() == 1
+    assert await second.exit_code() == 1
     assert logs.named("store.locked")
+
+
+async def test_access_token_login_without_password(bot_config, logs, make_user):
+    client = AsyncClient(bot_config.homeserver, bot_config.user_id)
+    await client.login(bot_config.password)
+    config = replace(bot_config, password=None, access_token=client.access_token)
+    await client.close()
+    runner = BotRunner(config, logs)
+    await runner.start()
+    alice = await make_user("alice")
+    await alice.onboard(runner.user_id)
+    assert await runner.stop() == 0
+    saved = json.loads(session_file(config.store_path).read_text())
+    assert saved["device_id"] == logs.named("bot.logged_in")[0]["device_id"]
+
+
+async def test_refused_password_exits_1_with_a_clear_log(bot_config, logs):
+    runner = BotRunner(replace(bot_config, password="wrong"), logs)
+    await runner.start(wait_ready=False)
+    assert await runner.exit_code() == 1
+    [line] = logs.named("login.failed")
+    assert "M_FORBIDDEN" in line["error"]
