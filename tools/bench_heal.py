@@ -14,6 +14,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -32,12 +33,15 @@ class BotProcess:
     def __init__(self, config: Config) -> None:
         self.config, self.task, self.stop_event = config, None, None
 
-    async def start(self, logs: list[dict]) -> None:
+    async def start(self, logs: list[dict]) -> float:
+        """Start the bot in-process; returns seconds until it logged ``bot.ready``."""
+        started = time.perf_counter()
         seen = sum(e["event"] == "bot.ready" for e in logs)
         self.stop_event = asyncio.Event()
         self.task = asyncio.create_task(run_bot(self.config, self.stop_event))
         while sum(e["event"] == "bot.ready" for e in logs) <= seen:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - started
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -68,7 +72,7 @@ async def bench(chats: int, samples: int) -> None:
         person = await ScriptedUser.log_in(hs.url, user_account.user_id,
                                            user_account.password, bot_account.user_id)
         with structlog.testing.capture_logs() as logs:
-            await bot.start(logs)
+            starts = {"first start (password login)": await bot.start(logs)}
             lobby = await person.invite_bot()
             await person.wait_for_bot(lobby, "Welcome")
             rooms = []
@@ -81,8 +85,10 @@ async def bench(chats: int, samples: int) -> None:
                           for _ in range(3)]
 
             await bot.stop()
+            starts["restart, state intact"] = await bot.start(logs)
+            await bot.stop()
             bot.lose_everything()
-            await bot.start(logs)
+            starts["restart after total loss"] = await bot.start(logs)
             first = [(await person.ask(room, "after loss", "Echo: after loss"))[0]
                      for room in rooms[:samples]]
             healed = [e for e in logs if e["event"] == "state.healed"]
@@ -101,6 +107,8 @@ async def bench(chats: int, samples: int) -> None:
 
     requests = [e["hs_requests"] for e in healed]
     print(f"Lambda healing benchmark: {chats} chats, {samples} samples, Synapse on {hs.url}")
+    for what, seconds in starts.items():
+        print(f"  bot start -> ready: {what:27} {seconds * 1000:7.1f} ms")
     print(f"  healthy reply                       {ms(healthy)}")
     print(f"  first reply after total loss        {ms(first)}   "
           f"ratio {statistics.median(first) / statistics.median(healthy):.2f}x")
