@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from nio import AsyncClient, LoginResponse, RoomCreateResponse, RoomSendResponse
 
 from adapter.matrix.bot import run_bot
 from adapter.matrix.config import Config
+from core.store import SQLiteStore
 from tests.integration.fault_proxy import FaultProxy
 
 _names = itertools.count()
@@ -85,6 +87,38 @@ class BotRunner:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+    async def lose(self, kind: str) -> None:
+        """Lose part of the local state while the bot is stopped: ``everything`` (DB and
+        session), ``matrix_store`` (session), ``sync_token``, or every key of a kind."""
+        db, session = self.config.db_path, self.config.store_path
+        if kind in ("everything", "matrix_store"):
+            shutil.rmtree(session)
+        if kind == "everything":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        elif kind != "matrix_store":
+            prefix = "sync_token" if kind == "sync_token" else f"{kind}:"
+            store = await SQLiteStore.open(db)
+            async with store.transaction() as tx:
+                for key, _ in await store.scan(prefix):
+                    tx.delete(key)
+            await store.close()
+
+    async def restart_losing(self, kind: str) -> None:
+        await self.stop()
+        await self.lose(kind)
+        await self.start()
+
+    async def server_room_count(self) -> int:
+        """How many rooms the bot is joined to, asked of the homeserver on a fresh login."""
+        client = AsyncClient(self.config.homeserver, self.config.user_id)
+        await client.login(self.config.password)
+        try:
+            return len((await client.joined_rooms()).rooms)
+        finally:
+            await client.logout()
+            await client.close()
 
 
 class TestUser:

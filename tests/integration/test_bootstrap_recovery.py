@@ -5,20 +5,19 @@ from __future__ import annotations
 from nio import AsyncClient
 
 from adapter.matrix.homeserver import Homeserver
-from tests.integration.test_healing import bot_room_count, lose
 
 
 async def test_invite_after_total_loss_reuses_space_and_first_chat(bot, make_user):
     alice = await make_user("alice")
     _, space, chat = await alice.onboard(bot.user_id)
     await bot.stop()
-    await lose("everything", bot)
-    rooms_before = await bot_room_count(bot)
+    await bot.lose("everything")
+    rooms_before = await bot.server_room_count()
     await bot.start()
     second_lobby = await alice.open_lobby(bot.user_id)
     welcome = await alice.wait_reply(second_lobby, bot.user_id, "Welcome back")
     assert space in welcome["content"]["body"] and chat in welcome["content"]["body"]
-    assert await bot_room_count(bot) == rooms_before + 1  # only the new lobby was joined
+    assert await bot.server_room_count() == rooms_before + 1  # only the new lobby was joined
     assert len(bot.logs.named("space.created")) == 1  # the first onboarding's, no other
 
 
@@ -32,7 +31,7 @@ async def test_crash_after_creating_the_space_ends_with_one_space_and_one_first_
     orphan_space = await Homeserver(client, "localhost").create_space(alice.user_id)
     await client.logout()
     await client.close()
-    await lose("everything", bot)
+    await bot.lose("everything")
     await bot.start()
 
     lobby = await alice.open_lobby(bot.user_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests.integration.test_healing import lose
-
 STATE = r"/rooms/[^/]+/state$"
 
 
@@ -12,9 +10,7 @@ async def test_heal_failure_is_reported_once_and_the_message_answered_after_reco
     bot = proxied_bot
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
     proxy.fail(STATE, 502, {"errcode": "M_UNKNOWN", "error": "bad gateway"})
     await alice.send(chat, "first try")
     await alice.wait_reply(chat, bot.user_id, "I'll retry")
@@ -35,9 +31,7 @@ async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot
     bot = proxied_bot
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
     # A long limit is not slept through inside the request: the heal fails, and is retried
     # after retry_after_ms (the proxy stops limiting after the first answer).
     proxy.fail(STATE, 429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down",

@@ -3,52 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import pytest
-from nio import AsyncClient, RoomCreateResponse
+from nio import RoomCreateResponse
 
 from adapter.matrix.room_state import CHAT_MARKER
-from core.store import SQLiteStore
-
-
-async def drop_keys(db_path: Path, *prefixes: str) -> None:
-    store = await SQLiteStore.open(db_path)
-    async with store.transaction() as tx:
-        for prefix in prefixes:
-            for key, _ in await store.scan(prefix):
-                tx.delete(key)
-    await store.close()
-
-
-def delete_db(db_path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-
-
-async def lose(kind: str, bot) -> None:
-    db, session = bot.config.db_path, bot.config.store_path
-    if kind == "everything":
-        delete_db(db)
-        shutil.rmtree(session)
-    elif kind == "matrix_store":
-        shutil.rmtree(session)
-    elif kind == "sync_token":
-        await drop_keys(db, "sync_token")
-    else:
-        await drop_keys(db, f"{kind}:")
-
-
-async def bot_room_count(bot) -> int:
-    client = AsyncClient(bot.config.homeserver, bot.config.user_id)
-    await client.login(bot.config.password)
-    try:
-        return len((await client.joined_rooms()).rooms)
-    finally:
-        await client.logout()
-        await client.close()
-
 
 LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
           "matrix_store"]
@@ -64,8 +23,8 @@ async def test_after_loss_action_works_and_healing_creates_no_room(loss, action,
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)
     await bot.stop()
-    await lose(loss, bot)
-    rooms_before = await bot_room_count(bot)
+    await bot.lose(loss)
+    rooms_before = await bot.server_room_count()
     await bot.start()
 
     if action == "message":
@@ -89,7 +48,7 @@ async def test_after_loss_action_works_and_healing_creates_no_room(loss, action,
         assert child.content.get("via")
 
     expected_new = 1 if action == "new" else 0
-    assert await bot_room_count(bot) == rooms_before + expected_new
+    assert await bot.server_room_count() == rooms_before + expected_new
     assert not bot.logs.named("space.created")[1:], "healing made a second Space"
     healed = bot.logs.named("state.healed")
     if (loss, action) in NEEDS_HEAL or loss in ("everything", "matrix_room"):
@@ -104,18 +63,14 @@ async def test_confirm_after_pending_loss_says_the_reset_cleared_it(bot, make_us
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
-    await bot.stop()
-    await lose("pending", bot)
-    await bot.start()
+    await bot.restart_losing("pending")
     await alice.ask(chat, bot.user_id, "!confirm", "reset database clears them")
 
 
 async def test_no_heal_between_start_and_first_event(bot, make_user):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
     assert not bot.logs.named("state.healed")
     await alice.ask(chat, bot.user_id, "wake up", "Echo: wake up")
     assert bot.logs.named("state.healed", room_id=chat)
@@ -124,9 +79,7 @@ async def test_no_heal_between_start_and_first_event(bot, make_user):
 async def test_burst_into_unknown_room_heals_once_and_answers_every_message(bot, make_user):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
     bodies = [f"burst {i}" for i in range(8)]
     await asyncio.gather(*(alice.send(chat, body) for body in bodies))
     for body in bodies:
@@ -152,9 +105,7 @@ async def test_forged_room_is_refused_once_and_leaks_nothing(bot, make_user):
     await mallory.wait_reply(forged, bot.user_id, "Welcome to Lambda")  # bootstraps Mallory
     await carol.wait_for(lambda: forged in carol.invites)
     await carol.join(forged)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
 
     await mallory.send(forged, "!chats")
     refusal = await mallory.wait_reply(forged, bot.user_id, "not created by me")
@@ -174,9 +125,7 @@ async def test_forged_lobby_only_shows_the_senders_own_space(bot, make_user):
             (CHAT_MARKER, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
             ("m.space.parent", alice_space, {"via": ["localhost"]})]:
         await mallory.client.room_put_state(m_lobby, event_type, content, key)
-    await bot.stop()
-    await lose("everything", bot)
-    await bot.start()
+    await bot.restart_losing("everything")
     listing = await mallory.ask(m_lobby, bot.user_id, "!chats", "Your chats")
     assert m_chat in listing["content"]["body"]
     assert alice_chat not in listing["content"]["body"]

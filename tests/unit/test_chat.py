@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 
 from core.chat import Chat, ChatManager, ChatNotFound, InvalidTitle, new_chat_id, validate_title
-from core.store import SQLiteStore
 
 
 @pytest.fixture
-async def chats(tmp_path):
-    store = await SQLiteStore.open(tmp_path / "t.db")
-    yield ChatManager(store)
-    await store.close()
+def chats(store):
+    return ChatManager(store)
 
 
 async def test_get_or_create_then_rename_archive_and_list(chats):

@@ -8,14 +8,11 @@ from adapter.matrix.dispatcher import build_chain
 from adapter.matrix.handlers.commands import COMMANDS, UNKNOWN, parse_command
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
 from adapter.matrix.store import MatrixStore, RoomMeta
-from core.store import SQLiteStore
 
 
 @pytest.fixture
-async def mstore(tmp_path):
-    store = await SQLiteStore.open(tmp_path / "t.db")
-    yield MatrixStore(store)
-    await store.close()
+def mstore(store):
+    return MatrixStore(store)
 
 
 async def test_router_resolves_each_kind_and_falls_back_to_unregistered(mstore):

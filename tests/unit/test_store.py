@@ -7,13 +7,6 @@ import pytest
 from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = await SQLiteStore.open(tmp_path / "t.db")
-    yield s
-    await s.close()
-
-
 async def test_get_set_delete_round_trip_json(store):
     assert store.created
     await store.set("a", {"x": [1, "two"]})
