@@ -13,6 +13,7 @@ from adapter.matrix.context import EventData, Update
 log = structlog.get_logger()
 
 Handler = Callable[[Update, EventData], Awaitable[None]]
+CRASHED = "Sorry, something went wrong on my side. It has been logged; please try again."
 
 
 class Middleware(Protocol):
@@ -33,10 +34,18 @@ class Dispatcher:
         self._base = base_data
 
     async def feed(self, update: Update) -> None:
-        """Run one update through the chain. A bug in a handler is logged, never re-raised:
-        one bad event must not stop the sync loop or replay forever."""
+        """Run one update through the chain. A bug is logged and the sender told, never
+        re-raised: one bad event must not stop the sync loop or be replayed forever."""
         try:
             await self._chain(update, EventData(**self._base))
         except Exception:
             log.exception("event.handler_crashed", room_id=update.room_id,
                           event_id=update.event_id, kind=update.kind)
+            if update.kind == "message" and not update.history:
+                await self._apologise(update)
+
+    async def _apologise(self, update: Update) -> None:
+        try:
+            await self._base["services"].reply(update, CRASHED, part="crashed")
+        except Exception:
+            log.warning("reply.failed", room_id=update.room_id, event_id=update.event_id)

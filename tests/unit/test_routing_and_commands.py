@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import structlog
 
-from adapter.matrix.dispatcher import build_chain
+from adapter.matrix.context import Update
+from adapter.matrix.dispatcher import CRASHED, Dispatcher, build_chain
 from adapter.matrix.handlers.commands import COMMANDS, UNKNOWN, parse_command
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
 from adapter.matrix.store import MatrixStore, RoomMeta
@@ -64,3 +66,26 @@ async def test_chain_runs_middlewares_in_order_and_can_short_circuit():
     seen.clear()
     await build_chain([link("a", stop=True), link("b")], handler)(None, {})
     assert seen == ["a"]
+
+
+class RecordingServices:
+    """Only what the dispatcher touches when a handler crashes: the reply."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = []
+
+    async def reply(self, update, body, **_):
+        self.replies.append(body)
+
+
+async def test_a_crashing_handler_is_logged_and_the_sender_told():
+    async def broken(update, data):
+        raise KeyError("bug")
+
+    services = RecordingServices()
+    dispatcher = Dispatcher([], broken, {"services": services})
+    update = Update("message", "!r:x", "@a:x", "$ev", "hello")
+    with structlog.testing.capture_logs() as logs:
+        await dispatcher.feed(update)
+    assert [e["event"] for e in logs] == ["event.handler_crashed"]
+    assert services.replies == [CRASHED]
