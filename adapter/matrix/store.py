@@ -91,6 +91,16 @@ class MatrixStore:
     async def set_pending(self, room_id: str, pending: Pending | None) -> None:
         await self._write(f"pending:{room_id}", asdict(pending) if pending else None, None)
 
+    async def get_created(self, source_event_id: str) -> tuple[str, str] | None:
+        """(room_id, chat_id) of the chat room an event already created, if it did."""
+        data = await self.db.get(f"created_by:{source_event_id}")
+        return (data["room_id"], data["chat_id"]) if data else None
+
+    async def set_created(self, source_event_id: str, room_id: str, chat_id: str,
+                          tx: Transaction) -> None:
+        await self._write(f"created_by:{source_event_id}",
+                          {"room_id": room_id, "chat_id": chat_id}, tx)
+
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from nio import AsyncClient
 
+from adapter.matrix.context import Services
+from adapter.matrix.handlers.commands import create_chat
 from adapter.matrix.homeserver import Homeserver
+from adapter.matrix.room_router import RoomRouter
+from adapter.matrix.store import MatrixStore
+from core.agent import EchoAgent
+from core.chat import ChatManager
+from core.store import SQLiteStore
 
 
 async def test_invite_after_total_loss_reuses_space_and_first_chat(bot, make_user):
@@ -43,3 +50,26 @@ async def test_crash_after_creating_the_space_ends_with_one_space_and_one_first_
     again = await alice.open_lobby(bot.user_id)
     await alice.wait_reply(again, bot.user_id, "Welcome back")
     assert len(bot.logs.named("chat.created")) == 1 and not bot.logs.named("space.created")
+
+
+async def test_replayed_new_command_creates_its_room_once(bot, make_user):
+    """A round replayed after a crash runs ``!new`` again: the same room comes back."""
+    alice = await make_user("alice")
+    _, space, _ = await alice.onboard(bot.user_id)
+    await bot.stop()
+    client = AsyncClient(bot.config.homeserver, bot.config.user_id)
+    await client.login(bot.config.password)
+    store = await SQLiteStore.open(bot.config.db_path)
+    try:
+        mstore = MatrixStore(store)
+        svc = Services(hs=Homeserver(client, "localhost"), store=mstore, chats=ChatManager(store),
+                       agent=EchoAgent(), router=RoomRouter(mstore))
+        rooms_before = len((await client.joined_rooms()).rooms)
+        first = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")
+        again = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")
+        assert first == again
+        assert len((await client.joined_rooms()).rooms) == rooms_before + 1
+    finally:
+        await store.close()
+        await client.logout()
+        await client.close()

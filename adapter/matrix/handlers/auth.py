@@ -35,7 +35,7 @@ async def handle_invite(update: Update, data: EventData) -> None:
         greeting = "Welcome back! Your Space is"
     if await svc.store.get_room(lobby_id) is None:
         await svc.store.set_room(lobby_id, RoomMeta("lobby", owner))
-    first = await _first_chat(svc, owner, user.space_id)
+    first = await _first_chat(svc, owner, user.space_id, update.event_id)
     await svc.reply(update,
                     f"{greeting} “Lambda”: {matrix_to(user.space_id)}\n"
                     f"Start chatting in {matrix_to(first)} — or send !help here.",
@@ -53,7 +53,7 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
             "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err))
 
 
-async def _first_chat(svc: Services, owner: str, space_id: str) -> str:
+async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str) -> str:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat)."""
     rooms = {meta.chat_id: rid for rid, meta in await svc.store.rooms_of(owner, "chat")}
@@ -61,7 +61,6 @@ async def _first_chat(svc: Services, owner: str, space_id: str) -> str:
         if chat.chat_id in rooms:
             await _reinvite(svc, rooms[chat.chat_id], owner)
             return rooms[chat.chat_id]
-    room_id, chat = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE)
-    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner)
+    room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id)
     return room_id
 

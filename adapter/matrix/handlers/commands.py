@@ -78,20 +78,29 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
-    room_id, chat = await create_chat(svc, owner, user.space_id, title)
-    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner)
+    room_id, _ = await create_chat(svc, owner, user.space_id, title, update.event_id)
     await _say(update, data, f"Created “{title}”: {matrix_to(room_id)}",
                f'Created <a href="{matrix_to(room_id)}">{html.escape(title)}</a>.')
 
 
-async def create_chat(svc: Services, owner: str, space_id: str, title: str) -> tuple[str, Chat]:
-    """A chat room in the owner's Space, with its marker, both links and its records."""
-    chat_id = new_chat_id()
-    room_id = await svc.hs.create_chat_room(owner, space_id, chat_id, title)
+async def create_chat(svc: Services, owner: str, space_id: str, title: str,
+                      source_event_id: str) -> tuple[str, Chat]:
+    """A chat room in the owner's Space, with its marker, both links and its records.
+
+    Idempotent per source event: a round replayed after a crash finds the room its first
+    run created (recorded together with the room record) and only completes the rest."""
+    created = await svc.store.get_created(source_event_id)
+    if created is None:
+        chat_id = new_chat_id()
+        room_id = await svc.hs.create_chat_room(owner, space_id, chat_id, title)
+        async with svc.store.db.transaction() as tx:
+            await svc.store.set_room(room_id, RoomMeta("chat", owner, chat_id, space_id), tx)
+            await svc.store.set_created(source_event_id, room_id, chat_id, tx)
+        log.info("chat.created", room_id=room_id, chat_id=chat_id, owner=owner)
+    else:
+        room_id, chat_id = created
     await svc.hs.link_child(space_id, room_id)
-    chat = await svc.chats.get_or_create(owner, chat_id, title)
-    await svc.store.set_room(room_id, RoomMeta("chat", owner, chat_id, space_id))
-    return room_id, chat
+    return room_id, await svc.chats.get_or_create(owner, chat_id, title)
 
 
 async def cmd_rename(cmd: Command, update: Update, data: EventData) -> None:
