@@ -207,8 +207,11 @@ async def server_cleanup(config: Config) -> bool:
                 print(f"  {room_id}: not created by the bot (or no marker); left alone")
                 continue
             ok &= await _clean_room(client, room_id, snap.members(client.user_id))
-        await client.logout()
-        print(f"  logged out device {session.device_id}")
+        if ok:
+            await client.logout()
+            print(f"  logged out device {session.device_id}")
+        else:  # keep the session, so that running the tool again can finish the job
+            print(f"  device {session.device_id} kept logged in, to retry")
     finally:
         await client.close()
     return ok
@@ -300,8 +303,8 @@ def _reset(args: argparse.Namespace, config: Config | None, plan: Plan) -> int:
             return REFUSED
         print("\nServer side:")
         if not asyncio.run(server_cleanup(config)):
-            print("Some server-side steps failed (see above); local state left as it was.",
-                  file=sys.stderr)
+            print("Some server-side steps failed (see above); the local state is left as it "
+                  "was, so running this again retries them.", file=sys.stderr)
             return REFUSED
     moved_to = remove_local(plan, args.backup)
     asyncio.run(write_reset_marker(plan.db_path))
