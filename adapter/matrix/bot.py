@@ -111,6 +111,11 @@ class Bot:
         if history:
             log.info("sync.history_skipped", events=self.history.skipped - skipped_before,
                      rooms=len(resp.rooms.join))
+        else:
+            for room_id, info in resp.rooms.join.items():
+                if info.timeline.limited:  # more arrived than one sync carries: say so
+                    log.warning("sync.timeline_gap", room_id=room_id,
+                                handled=len(info.timeline.events))
         await self.store.set_sync_token(resp.next_batch)
         return resp.next_batch
 
