@@ -80,10 +80,6 @@ class MatrixStore:
     async def rooms_of(self, owner: str, kind: RoomKind) -> list[tuple[str, RoomMeta]]:
         return [(rid, m) for rid, m in await self.rooms() if m.owner == owner and m.kind == kind]
 
-    async def users(self) -> list[tuple[str, UserMeta]]:
-        rows = await self.db.scan("matrix_user:")
-        return [(key.removeprefix("matrix_user:"), UserMeta(**v)) for key, v in rows]
-
     async def get_pending(self, room_id: str) -> Pending | None:
         data = await self.db.get(f"pending:{room_id}")
         return Pending(**data) if data else None
