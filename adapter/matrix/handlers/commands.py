@@ -110,9 +110,10 @@ async def cmd_rename(cmd: Command, update: Update, data: EventData) -> None:
     except InvalidTitle as err:
         await _say(update, data, f"{err} Usage: {cmd.spec.usage}")
         return
-    chat = await svc.chats.rename(route.owner, chat.chat_id, title)
+    # The homeserver first, the local cache after it succeeded (write-through).
     await svc.hs.set_name(route.room_id, title)
     await svc.hs.set_chat_marker(route.room_id, route.owner, chat.chat_id, chat.status)
+    await svc.chats.rename(route.owner, chat.chat_id, title)
     await _say(update, data, f"Renamed to “{title}”.")
 
 
@@ -135,14 +136,17 @@ async def cmd_confirm(cmd: Command, update: Update, data: EventData) -> None:
                                  "locally, so a restart with a reset database clears them.) "
                                  "Send !archive again if you meant to archive this chat.")
         return
-    await svc.store.set_pending(update.room_id, None)
     if pending.expired or pending.chat_id != chat.chat_id:
+        await svc.store.set_pending(update.room_id, None)
         await _say(update, data, "That confirmation has expired. Send !archive again.")
         return
-    chat = await svc.chats.archive(route.owner, chat.chat_id)
+    # The homeserver first, the local cache after it succeeded (write-through); a failure
+    # keeps the confirmation pending, so !confirm can simply be sent again.
     await svc.hs.set_chat_marker(route.room_id, route.owner, chat.chat_id, "archived")
     if route.meta.space_id:
         await svc.hs.unlink_child(route.meta.space_id, route.room_id)
+    chat = await svc.chats.archive(route.owner, chat.chat_id)
+    await svc.store.set_pending(update.room_id, None)
     log.info("chat.archived", room_id=route.room_id, chat_id=chat.chat_id, owner=route.owner)
     await _say(update, data, f"Archived “{chat.title}”. Send !new to start a new chat.")
 
