@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -53,6 +56,24 @@ class BotProcess:
         shutil.rmtree(self.config.store_path, ignore_errors=True)
 
 
+async def cli_start_seconds(config: Config) -> float:
+    """`python -m adapter.matrix` from exec to its `bot.ready` line, then SIGTERM."""
+    env = {**os.environ, "MATRIX_HOMESERVER": config.homeserver,
+           "MATRIX_USER_ID": config.user_id, "MATRIX_PASSWORD": config.password or "",
+           "LAMBDA_MATRIX_DB": str(config.db_path),
+           "MATRIX_STORE_PATH": str(config.store_path), "LOG_FORMAT": "json"}
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.matrix",
+                                                cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE)
+    async for raw in proc.stderr:
+        if json.loads(raw).get("event") == "bot.ready":
+            break
+    seconds = time.perf_counter() - started
+    proc.terminate()
+    await proc.wait()
+    return seconds
+
+
 def ms(values: list[float]) -> str:
     return f"median {statistics.median(values) * 1000:7.1f} ms  (n={len(values)})"
 
@@ -68,6 +89,11 @@ async def bench(chats: int, samples: int) -> None:
                         password=bot_account.password, access_token=None,
                         db_path=work / "bot.db", store_path=work / "matrix_store",
                         log_format="json", log_level="info")
+        cli_config = replace(config, user_id=hs.register("clibot", "clibot-pw").user_id,
+                             password="clibot-pw", db_path=work / "cli.db",
+                             store_path=work / "cli_store")
+        cli = {"first start": await cli_start_seconds(cli_config),
+               "restart": await cli_start_seconds(cli_config)}
         bot = BotProcess(config)
         person = await ScriptedUser.log_in(hs.url, user_account.user_id,
                                            user_account.password, bot_account.user_id)
@@ -107,6 +133,8 @@ async def bench(chats: int, samples: int) -> None:
 
     requests = [e["hs_requests"] for e in healed]
     print(f"Lambda healing benchmark: {chats} chats, {samples} samples, Synapse on {hs.url}")
+    for what, seconds in cli.items():
+        print(f"  python -m adapter.matrix -> ready: {what:14} {seconds * 1000:7.1f} ms")
     for what, seconds in starts.items():
         print(f"  bot start -> ready: {what:27} {seconds * 1000:7.1f} ms")
     print(f"  healthy reply                       {ms(healthy)}")
