@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
-from adapter.matrix.homeserver import Homeserver, reply_txn_id
+import structlog
+
+from adapter.matrix.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
 from core.agent import Agent
@@ -13,6 +15,8 @@ from core.chat import Chat, ChatManager
 
 if TYPE_CHECKING:
     from adapter.matrix.handlers.commands import Command
+
+log = structlog.get_logger()
 
 UpdateKind = Literal["message", "room_name", "invite", "encrypted"]
 
@@ -50,6 +54,14 @@ class Services:
         """Answer ``update`` in its room; the transaction id is derived from its event id."""
         await self.hs.send(update.room_id, body, html=html, notice=notice,
                            txn_id=reply_txn_id(update.event_id, part))
+
+    async def try_reply(self, update: Update, body: str, part: str) -> None:
+        """A notice about a failure or refusal: if even that cannot be sent, log it."""
+        try:
+            await self.reply(update, body, part=part)
+        except HomeserverError as err:
+            log.warning("reply.failed", room_id=update.room_id, event_id=update.event_id,
+                        error=str(err))
 
 
 class EventData(TypedDict, total=False):

@@ -42,10 +42,4 @@ class Dispatcher:
             log.exception("event.handler_crashed", room_id=update.room_id,
                           event_id=update.event_id, kind=update.kind)
             if update.kind == "message" and not update.history:
-                await self._apologise(update)
-
-    async def _apologise(self, update: Update) -> None:
-        try:
-            await self._base["services"].reply(update, CRASHED, part="crashed")
-        except Exception:
-            log.warning("reply.failed", room_id=update.room_id, event_id=update.event_id)
+                await self._base["services"].try_reply(update, CRASHED, part="crashed")

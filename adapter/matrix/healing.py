@@ -101,7 +101,7 @@ class HealingMiddleware:
                      event_id=update.event_id)
             return
         self._refusal_noticed[update.room_id] = time.monotonic()
-        await _try_send(svc, update, refusal.user_message, "refusal")
+        await svc.try_reply(update, refusal.user_message, part="refusal")
 
     async def _defer(self, update: Update, err: HomeserverError, svc: Services) -> None:
         room_id = update.room_id
@@ -110,7 +110,7 @@ class HealingMiddleware:
         log.info("event.deferred", room_id=room_id, event_id=update.event_id, queued=len(queue))
         if room_id not in self._failure_noticed:
             self._failure_noticed.add(room_id)
-            await _try_send(svc, update, FAILURE_NOTICE, "retry-notice")
+            await svc.try_reply(update, FAILURE_NOTICE, part="retry-notice")
         if room_id not in self._retry_tasks:
             delay = (err.retry_after_ms or 15000) / 1000
             self._retry_tasks[room_id] = asyncio.create_task(self._retry_later(room_id, delay))
@@ -128,9 +128,3 @@ class HealingMiddleware:
         while queue and self.replay:
             await self.replay(queue.popleft())
 
-
-async def _try_send(svc: Services, update: Update, body: str, part: str) -> None:
-    try:
-        await svc.reply(update, body, part=part)
-    except HomeserverError as err:
-        log.warning("reply.failed", room_id=update.room_id, error=str(err))

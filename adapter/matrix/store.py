@@ -80,6 +80,10 @@ class MatrixStore:
     async def rooms_of(self, owner: str, kind: RoomKind) -> list[tuple[str, RoomMeta]]:
         return [(rid, m) for rid, m in await self.rooms() if m.owner == owner and m.kind == kind]
 
+    async def chat_rooms_of(self, owner: str) -> dict[str, str]:
+        """chat_id -> room_id of the owner's chat rooms."""
+        return {m.chat_id: rid for rid, m in await self.rooms_of(owner, "chat") if m.chat_id}
+
     async def get_pending(self, room_id: str) -> Pending | None:
         data = await self.db.get(f"pending:{room_id}")
         return Pending(**data) if data else None

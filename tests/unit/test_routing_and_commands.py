@@ -74,7 +74,7 @@ class RecordingServices:
     def __init__(self) -> None:
         self.replies: list[str] = []
 
-    async def reply(self, update, body, **_):
+    async def try_reply(self, update, body, **_):
         self.replies.append(body)
 
 

@@ -32,9 +32,6 @@ async def handle_update(update: Update, data: EventData) -> None:
         log.warning("handler.homeserver_error", room_id=update.room_id, kind=update.kind,
                     event_id=update.event_id, error=str(err))
         if update.kind != "invite":
-            try:
-                text = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
-                        if err.retry_after_ms else FAILED)
-                await data["services"].reply(update, text, part="failed")
-            except HomeserverError:
-                pass
+            text = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
+                    if err.retry_after_ms else FAILED)
+            await data["services"].try_reply(update, text, part="failed")

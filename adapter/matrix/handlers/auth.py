@@ -56,7 +56,7 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
 async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str) -> str:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat)."""
-    rooms = {meta.chat_id: rid for rid, meta in await svc.store.rooms_of(owner, "chat")}
+    rooms = await svc.store.chat_rooms_of(owner)
     for chat in await svc.chats.list_active(owner):
         if chat.chat_id in rooms:
             await _reinvite(svc, rooms[chat.chat_id], owner)

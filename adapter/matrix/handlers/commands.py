@@ -165,7 +165,7 @@ async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
     if data.get("user") is None:
         await _say(update, data, NO_SPACE)
         return
-    rooms = {meta.chat_id: rid for rid, meta in await svc.store.rooms_of(owner, "chat")}
+    rooms = await svc.store.chat_rooms_of(owner)
     chats = [c for c in await svc.chats.list_all(owner) if c.chat_id in rooms]
     active = [c for c in chats if c.status == "active"]
     archived = len(chats) - len(active)
