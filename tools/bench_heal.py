@@ -58,10 +58,7 @@ class BotProcess:
 
 async def cli_start_seconds(config: Config) -> float:
     """`python -m adapter.matrix` from exec to its `bot.ready` line, then SIGTERM."""
-    env = {**os.environ, "MATRIX_HOMESERVER": config.homeserver,
-           "MATRIX_USER_ID": config.user_id, "MATRIX_PASSWORD": config.password or "",
-           "LAMBDA_MATRIX_DB": str(config.db_path),
-           "MATRIX_STORE_PATH": str(config.store_path), "LOG_FORMAT": "json"}
+    env = {**os.environ, **config.to_env()}
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.matrix",
                                                 cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE)

@@ -16,10 +16,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from homeserver import LocalHomeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
+
+from adapter.matrix.config import Config  # noqa: E402
 
 SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
          "state.heal_failed", "sync.history_skipped", "bot.stopped"}
@@ -65,10 +67,11 @@ async def demo() -> None:
     try:
         bot_account = hs.register("lambda", "lambda-demo-pw")
         alice = hs.register("alice", "alice-demo-pw")
-        env = {**os.environ, "MATRIX_HOMESERVER": hs.url, "MATRIX_USER_ID": bot_account.user_id,
-               "MATRIX_PASSWORD": bot_account.password, "LOG_FORMAT": "json",
-               "LAMBDA_MATRIX_DB": str(work / "lambda_matrix.db"),
-               "MATRIX_STORE_PATH": str(work / "matrix_store")}
+        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
+                        password=bot_account.password, access_token=None,
+                        db_path=work / "lambda_matrix.db", store_path=work / "matrix_store",
+                        log_format="json", log_level="info")
+        env = {**os.environ, **config.to_env()}
         bot = Bot(env)
         step(f"Start the bot on {hs.url}")
         await bot.start()

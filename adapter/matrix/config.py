@@ -71,6 +71,17 @@ class Config:
             log_format=log_format, log_level=log_level,
         )
 
+    def to_env(self) -> dict[str, str]:
+        """The SPEC §3 variables that ``from_env`` reads back into this config."""
+        env = {"MATRIX_HOMESERVER": self.homeserver, "MATRIX_USER_ID": self.user_id,
+               "LAMBDA_MATRIX_DB": str(self.db_path), "MATRIX_STORE_PATH": str(self.store_path),
+               "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level}
+        if self.password:
+            env["MATRIX_PASSWORD"] = self.password
+        if self.access_token:
+            env["MATRIX_ACCESS_TOKEN"] = self.access_token
+        return env
+
 
 def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
     """The local state: (SQLite file, Matrix session directory)."""

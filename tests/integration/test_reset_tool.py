@@ -14,9 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def reset(bot, *args: str, stdin: bytes = b"") -> tuple[int, str]:
-    env = {**os.environ, "LAMBDA_MATRIX_DB": str(bot.config.db_path),
-           "MATRIX_STORE_PATH": str(bot.config.store_path),
-           "MATRIX_HOMESERVER": bot.config.homeserver, "MATRIX_USER_ID": bot.config.user_id}
+    env = {**os.environ, **bot.config.to_env()}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "tools/reset_local.py", *args, cwd=ROOT, env=env,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -61,10 +61,7 @@ async def test_start_without_sync_token_skips_history_but_handles_invites(bot, m
 
 
 async def test_python_m_adapter_matrix_logs_json_and_stops_on_sigterm(bot_config, make_user):
-    env = {**os.environ, "MATRIX_HOMESERVER": bot_config.homeserver,
-           "MATRIX_USER_ID": bot_config.user_id, "MATRIX_PASSWORD": bot_config.password,
-           "LAMBDA_MATRIX_DB": str(bot_config.db_path),
-           "MATRIX_STORE_PATH": str(bot_config.store_path), "LOG_FORMAT": "json"}
+    env = {**os.environ, **bot_config.to_env()}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
         stderr=asyncio.subprocess.PIPE)

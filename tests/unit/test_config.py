@@ -39,3 +39,8 @@ def test_every_problem_is_named_at_once():
 def test_homeserver_must_be_a_url():
     with pytest.raises(ConfigError, match="http"):
         Config.from_env({**BASE, "MATRIX_HOMESERVER": "localhost:8008"})
+
+
+def test_to_env_round_trips():
+    config = Config.from_env({**BASE, "LOG_FORMAT": "json", "LAMBDA_MATRIX_DB": "x/y.db"})
+    assert Config.from_env(config.to_env()) == config
