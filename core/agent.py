@@ -1,16 +1,29 @@
-"""The assistant behind a chat. The real Lambda SDK plugs in behind ``Agent``."""
+"""The assistant behind a chat. The real Lambda SDK plugs in behind ``Agent``, chosen with
+``LAMBDA_AGENT=module:factory`` (an import string, in the style of uvicorn's ``app``)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
 from typing import Protocol
 
 from core.chat import Chat
 
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TIMEOUT_S = 300.0
+
 
 class Agent(Protocol):
+    """An agent may also set ``timeout_s``: how long one answer may take (default 300 s)."""
+
     async def reply(self, chat: Chat, text: str) -> str:
         """The assistant's answer to ``text`` in ``chat``."""
         ...
+
+
+class AgentLoadError(Exception):
+    """``LAMBDA_AGENT`` names nothing that can be imported and called; the message says why."""
 
 
 class EchoAgent:
@@ -18,3 +31,32 @@ class EchoAgent:
 
     async def reply(self, chat: Chat, text: str) -> str:
         return f"Echo: {text}"
+
+
+def agent_timeout(agent: Agent) -> float:
+    return float(getattr(agent, "timeout_s", DEFAULT_TIMEOUT_S))
+
+
+def load_agent(import_string: str) -> Agent:
+    """``"module.path:factory"`` -> ``factory()``, imported with the repository root on the path."""
+    module_name, _, attr = import_string.partition(":")
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: cannot import "
+                             f"{module_name!r} ({err})") from err
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: {module_name!r} has no "
+                                 f"attribute {attr!r}")
+    if not callable(factory):
+        raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: {attr!r} is not callable")
+    agent = factory()
+    if not callable(getattr(agent, "reply", None)):
+        raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: the object {attr}() returned "
+                             "has no reply(chat, text) method")
+    return agent

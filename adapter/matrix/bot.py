@@ -1,5 +1,9 @@
-"""Startup, the sync loop and the wiring of the dispatcher. Startup does no reconciliation:
-missing local state is healed lazily, by the healing link of the chain."""
+"""Startup, the sync loop and the wiring. Startup does no reconciliation: missing local state
+is healed lazily, by the healing link of the chain.
+
+An event's way: ``Bot.run`` (sync loop) -> ``ingest`` (a round's updates) -> ``inbox``
+(written with the sync token) -> ``delivery`` (a worker per room) -> ``dispatcher`` (the
+middleware chain) -> ``handlers``."""
 
 from __future__ import annotations
 
@@ -9,28 +13,23 @@ import signal
 
 import structlog
 from aiohttp import ClientError
-from nio import (
-    AsyncClient,
-    AsyncClientConfig,
-    InviteMemberEvent,
-    MegolmEvent,
-    RoomMessageText,
-    RoomNameEvent,
-    SyncResponse,
-)
+from nio import AsyncClient, AsyncClientConfig, SyncResponse
 
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.delivery import Delivery
 from adapter.matrix.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healer import Healer
 from adapter.matrix.healing import HealingMiddleware
-from adapter.matrix.homeserver import Homeserver
-from adapter.matrix.middlewares import SkipHistory, ignore_own_events, owner_only, resolve_route
+from adapter.matrix.homeserver import Homeserver, HomeserverError
+from adapter.matrix.inbox import Inbox
+from adapter.matrix.ingest import Ingest
+from adapter.matrix.middlewares import catchup_in_chats_only, owner_only, resolve_route
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.session import HomeserverUnreachable, LoginFailed, log_in
 from adapter.matrix.store import MatrixStore
-from core.agent import Agent, EchoAgent
+from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager
 from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
 
@@ -49,47 +48,30 @@ def client_config() -> AsyncClientConfig:
                              max_timeout_retry_wait_time=5, encryption_enabled=False)
 
 
-def updates_from_sync(resp: SyncResponse, bot_id: str, history: bool, since: str) -> list[Update]:
-    """Normalise a sync response: invites to the bot, then each room's text, renames and
-    encrypted messages."""
-    updates = []
-    for room_id, info in resp.rooms.invite.items():
-        for ev in info.invite_state:
-            if isinstance(ev, InviteMemberEvent) and ev.state_key == bot_id \
-                    and ev.membership == "invite":
-                updates.append(Update("invite", room_id, ev.sender, f"invite|{room_id}|{since}"))
-    for room_id, info in resp.rooms.join.items():
-        for ev in info.timeline.events:
-            if isinstance(ev, RoomMessageText):
-                updates.append(Update("message", room_id, ev.sender, ev.event_id, ev.body,
-                                      history))
-            elif isinstance(ev, RoomNameEvent):
-                updates.append(Update("room_name", room_id, ev.sender, ev.event_id, ev.name,
-                                      history))
-            elif isinstance(ev, MegolmEvent):  # the bot has no E2EE: say so, never stay silent
-                updates.append(Update("encrypted", room_id, ev.sender, ev.event_id, "", history))
-    return updates
+GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
+           "long. Please send it again.")
 
 
 class Bot:
-    """One dispatcher fed by one sync loop."""
+    """One sync loop that only ingests, and the workers that deliver what it ingested."""
 
     def __init__(self, client: AsyncClient, store: SQLiteStore, agent: Agent,
-                 server_name: str) -> None:
+                 config: Config) -> None:
         self.client = client
+        self.db = store
+        self.config = config
         self.store = MatrixStore(store)
-        self.services = Services(hs=Homeserver(client, server_name), store=self.store,
-                                 chats=ChatManager(store), agent=agent,
-                                 router=RoomRouter(self.store))
-        self.history = SkipHistory()
-        self.healing = HealingMiddleware(Healer(self.services))
+        hs = Homeserver(client, config.server_name)
+        self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
+                                 agent=agent, router=RoomRouter(self.store))
+        self.ingest = Ingest(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
-            [ignore_own_events, self.history, resolve_route, self.healing, owner_only],
+            [resolve_route, HealingMiddleware(Healer(self.services)), owner_only,
+             catchup_in_chats_only],
             handle_update, EventData(services=self.services))
-        self.healing.replay = self.dispatcher.feed
 
     async def fetch(self, since: str | None, long_poll: bool) -> SyncResponse:
-        """One sync request; the only part of a round that a stop may interrupt."""
+        """One sync request; the only part of the loop that a stop may interrupt."""
         if since is None:
             # Synapse answers an initial sync at once, and caches that answer for ~2 min keyed
             # by (timeout, filter, ...): a restart within that window would get a stale one
@@ -102,26 +84,23 @@ class Bot:
             raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
         return resp
 
-    async def handle(self, resp: SyncResponse, since: str | None) -> str:
-        """Handle every update of a sync response, then persist its token and return it."""
-        history = since is None
-        skipped_before = self.history.skipped
-        for update in updates_from_sync(resp, self.client.user_id, history, since or ""):
-            await self.dispatcher.feed(update)
-        if history:
-            log.info("sync.history_skipped", events=self.history.skipped - skipped_before,
-                     rooms=len(resp.rooms.join))
-        else:
-            for room_id, info in resp.rooms.join.items():
-                if info.timeline.limited:  # more arrived than one sync carries: say so
-                    log.warning("sync.timeline_gap", room_id=room_id,
-                                handled=len(info.timeline.events))
-        await self.store.set_sync_token(resp.next_batch)
-        return resp.next_batch
+    async def give_up(self, update: Update) -> None:
+        if update.kind != "invite":
+            await self.services.try_reply(update, GAVE_UP, part="gave-up")
 
     async def run(self, stop: asyncio.Event) -> None:
+        inbox, pending = await Inbox.open(self.db)
+        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency)
+        delivery.push(pending)  # what an earlier run left unfinished goes first
         since = await self.store.get_sync_token()
-        log.info("sync.starting", resume=since is not None)
+        log.info("sync.starting", resume=since is not None, inbox=len(pending))
+        try:
+            await self._sync_loop(stop, since, inbox, delivery)
+        finally:
+            await delivery.close()
+
+    async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
+                         delivery: Delivery) -> None:
         ready, backoff = False, 1.0
         while not stop.is_set():
             fetch = asyncio.ensure_future(self.fetch(since, long_poll=ready))
@@ -129,16 +108,22 @@ class Bot:
             await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             if not fetch.done():
-                fetch.cancel()  # mid-long-poll: nothing of this round was handled yet
+                fetch.cancel()  # mid-long-poll: nothing of this round was ingested yet
                 break
             try:
-                since = await self.handle(fetch.result(), since)
-            except (TimeoutError, HomeserverUnreachable, ClientError, OSError) as err:
+                resp = fetch.result()
+                updates = await self.ingest.updates(resp, since)
+            except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError,
+                    OSError) as err:
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            delivery.push(await inbox.ingest(updates, resp.next_batch))
+            since = resp.next_batch
+            if updates:
+                log.debug("sync.ingested", updates=len(updates), queued=delivery.queued)
             if not ready:
                 ready = True
                 log.info("bot.ready")
@@ -170,7 +155,14 @@ async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asynci
 
 
 async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = None) -> int:
-    """Run until ``stop`` is set. Returns the process exit code."""
+    """Run until ``stop`` is set. Returns the process exit code. ``agent`` overrides
+    ``config.agent`` (tests and the benchmark pass one)."""
+    if agent is None:
+        try:
+            agent = load_agent(config.agent)
+        except AgentLoadError as err:
+            log.error("config.invalid", error=str(err))
+            return 2
     lock = ProcessLock(config.db_path)
     try:
         lock.acquire()
@@ -191,7 +183,7 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                      db=str(config.db_path), db_created=store.created)
             if not await _log_in_with_backoff(client, config, stop):
                 return 0
-            await Bot(client, store, agent or EchoAgent(), config.server_name).run(stop)
+            await Bot(client, store, agent, config).run(stop)
             log.info("bot.stopped")
             return 0
         except LoginFailed as err:

@@ -12,6 +12,8 @@ from pathlib import Path
 from core.log_setup import LEVELS
 
 _USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
+_IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
+ECHO_AGENT = "core.agent:EchoAgent"
 
 
 class ConfigError(Exception):
@@ -28,6 +30,9 @@ class Config:
     store_path: Path
     log_format: str
     log_level: str
+    agent: str = ECHO_AGENT
+    concurrency: int = 32
+    catchup_hours: float = 24.0
 
     @property
     def server_name(self) -> str:
@@ -62,25 +67,49 @@ class Config:
         log_level = (value("LOG_LEVEL") or "info").lower()
         if log_level not in LEVELS:
             problems.append(f"LOG_LEVEL must be one of {', '.join(LEVELS)}, got {log_level!r}")
+        agent = value("LAMBDA_AGENT") or ECHO_AGENT
+        if not _IMPORT_STRING.match(agent):
+            problems.append(f"LAMBDA_AGENT must be an import string module:factory, got {agent!r}")
+        concurrency = _number(value("LAMBDA_CONCURRENCY"), int, 32, "LAMBDA_CONCURRENCY",
+                              problems)
+        catchup_hours = _number(value("LAMBDA_CATCHUP_HOURS"), float, 24.0,
+                                "LAMBDA_CATCHUP_HOURS", problems)
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
         return cls(
             homeserver=homeserver.rstrip("/"), user_id=user_id, password=password,
             access_token=token, db_path=db_path, store_path=store_path,
-            log_format=log_format, log_level=log_level,
+            log_format=log_format, log_level=log_level, agent=agent,
+            concurrency=concurrency, catchup_hours=catchup_hours,
         )
 
     def to_env(self) -> dict[str, str]:
         """The SPEC §3 variables that ``from_env`` reads back into this config."""
         env = {"MATRIX_HOMESERVER": self.homeserver, "MATRIX_USER_ID": self.user_id,
                "LAMBDA_MATRIX_DB": str(self.db_path), "MATRIX_STORE_PATH": str(self.store_path),
-               "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level}
+               "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level,
+               "LAMBDA_AGENT": self.agent, "LAMBDA_CONCURRENCY": str(self.concurrency),
+               "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours)}
         if self.password:
             env["MATRIX_PASSWORD"] = self.password
         if self.access_token:
             env["MATRIX_ACCESS_TOKEN"] = self.access_token
         return env
+
+
+def _number(raw: str | None, kind: type[int] | type[float], default: int | float, name: str,
+            problems: list[str]) -> int | float:
+    """A positive number from the environment (``kind`` is int or float)."""
+    if raw is None:
+        return default
+    try:
+        number = kind(raw)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        problems.append(f"{name} must be a positive {kind.__name__}, got {raw!r}")
+    return number
 
 
 def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:

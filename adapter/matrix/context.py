@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 import structlog
@@ -18,19 +20,21 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-UpdateKind = Literal["message", "room_name", "invite", "encrypted"]
+UpdateKind = Literal["message", "room_name", "invite", "encrypted", "missed"]
 
 
 @dataclass(frozen=True)
 class Update:
-    """One event the bot acts on, normalised from nio's event classes."""
+    """One event the bot acts on, normalised from a sync round (see ``ingest``)."""
 
     kind: UpdateKind
     room_id: str
     sender: str
     event_id: str
     body: str = ""
-    history: bool = False  # timeline of a first sync without a token: never answered
+    ts: int = 0  # origin_server_ts, ms
+    catchup: bool = False  # from the first sync after a start without a token (SPEC §5)
+    attempt: int = 0  # how many times handling it was postponed (the inbox retries it)
 
     @property
     def is_command(self) -> bool:
@@ -44,6 +48,9 @@ class Services:
     chats: ChatManager
     agent: Agent
     router: RoomRouter
+    # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
+    bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock))
 
     @property
     def bot_id(self) -> str:
@@ -53,7 +60,8 @@ class Services:
                     part: str = "reply", notice: bool = True) -> None:
         """Answer ``update`` in its room; the transaction id is derived from its event id."""
         await self.hs.send(update.room_id, body, html=html, notice=notice,
-                           txn_id=reply_txn_id(update.event_id, part))
+                           txn_id=reply_txn_id(update.event_id, part),
+                           source_event_id=update.event_id)
 
     async def try_reply(self, update: Update, body: str, part: str) -> None:
         """A notice about a failure or refusal: if even that cannot be sent, log it."""

@@ -9,6 +9,7 @@ from typing import Protocol
 import structlog
 
 from adapter.matrix.context import EventData, Update
+from adapter.matrix.delivery import RetryLater
 
 log = structlog.get_logger()
 
@@ -35,11 +36,14 @@ class Dispatcher:
 
     async def feed(self, update: Update) -> None:
         """Run one update through the chain. A bug is logged and the sender told, never
-        re-raised: one bad event must not stop the sync loop or be replayed forever."""
+        re-raised: one bad event must not stop delivery or be retried forever. Only
+        ``RetryLater`` goes back to the inbox."""
         try:
             await self._chain(update, EventData(**self._base))
+        except RetryLater:
+            raise
         except Exception:
             log.exception("event.handler_crashed", room_id=update.room_id,
                           event_id=update.event_id, kind=update.kind)
-            if update.kind == "message" and not update.history:
+            if update.kind == "message":
                 await self._base["services"].try_reply(update, CRASHED, part="crashed")

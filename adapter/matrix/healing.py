@@ -4,14 +4,12 @@ deciding is done by ``healer.Healer``."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
 
 import structlog
 
 from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.healer import Healer
 from adapter.matrix.homeserver import HomeserverError
@@ -29,19 +27,13 @@ FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
 class HealingMiddleware:
     """Makes sure the handler sees complete records: route, chat and (when needed) the Space.
 
-    Refused rooms get at most one notice an hour; on homeserver errors the user is told
-    once, and the events are kept and replayed by a background retry.
+    Refused rooms get at most one notice an hour. On a homeserver error the user is told
+    once, and the update stays in the inbox, which retries it with backoff (``RetryLater``).
     """
-
-    MAX_DEFERRED = 50
 
     def __init__(self, healer: Healer) -> None:
         self.healer = healer
-        self.replay: Callable[[Update], Awaitable[None]] | None = None  # set by the bot
         self._refusal_noticed: dict[str, float] = {}
-        self._deferred: dict[str, deque[Update]] = {}
-        self._failure_noticed: set[str] = set()
-        self._retry_tasks: dict[str, asyncio.Task] = {}
 
     async def __call__(self, handler: Handler, update: Update, data: EventData) -> None:
         try:
@@ -50,8 +42,9 @@ class HealingMiddleware:
             await self._notice_refusal(update, refusal, data["services"])
             return
         except HomeserverError as err:
-            await self._defer(update, err, data["services"])
-            return
+            if update.attempt == 0 and update.kind != "invite":
+                await data["services"].try_reply(update, FAILURE_NOTICE, part="retry-notice")
+            raise RetryLater(str(err), err.retry_after_ms) from err
         await handler(update, data)
 
     async def _complete(self, update: Update, data: EventData) -> None:
@@ -69,9 +62,6 @@ class HealingMiddleware:
             data["user"] = await self.healer.user_space(owner)
             if data["user"] is not None and self._lists_space(update, data):
                 await self.healer.heal_space_children(data["user"].space_id)
-        self._failure_noticed.discard(room_id)
-        if room_id in self._deferred:
-            await self._replay(room_id)
 
     async def _chat_of(self, route: ChatRoute, svc: Services) -> Chat:
         try:
@@ -96,35 +86,11 @@ class HealingMiddleware:
 
     async def _notice_refusal(self, update: Update, refusal: HealRefused, svc: Services) -> None:
         last = self._refusal_noticed.get(update.room_id, float("-inf"))
-        if update.kind == "invite" or time.monotonic() - last < REFUSAL_NOTICE_EVERY_S:
+        # Invites and catch-up messages (history that might have been answered) get no notice.
+        if update.kind == "invite" or update.catchup \
+                or time.monotonic() - last < REFUSAL_NOTICE_EVERY_S:
             log.info("event.ignored", reason=refusal.reason, room_id=update.room_id,
                      event_id=update.event_id)
             return
         self._refusal_noticed[update.room_id] = time.monotonic()
         await svc.try_reply(update, refusal.user_message, part="refusal")
-
-    async def _defer(self, update: Update, err: HomeserverError, svc: Services) -> None:
-        room_id = update.room_id
-        queue = self._deferred.setdefault(room_id, deque(maxlen=self.MAX_DEFERRED))
-        queue.append(update)
-        log.info("event.deferred", room_id=room_id, event_id=update.event_id, queued=len(queue))
-        if room_id not in self._failure_noticed:
-            self._failure_noticed.add(room_id)
-            await svc.try_reply(update, FAILURE_NOTICE, part="retry-notice")
-        if room_id not in self._retry_tasks:
-            delay = (err.retry_after_ms or 15000) / 1000
-            self._retry_tasks[room_id] = asyncio.create_task(self._retry_later(room_id, delay))
-
-    async def _retry_later(self, room_id: str, delay: float) -> None:
-        await asyncio.sleep(min(delay, 300))
-        self._retry_tasks.pop(room_id, None)
-        await self._replay(room_id)
-
-    async def _replay(self, room_id: str) -> None:
-        queue = self._deferred.pop(room_id, None)
-        task = self._retry_tasks.pop(room_id, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        while queue and self.replay:
-            await self.replay(queue.popleft())
-

@@ -17,9 +17,11 @@ from nio import (
     RoomGetStateResponse,
     RoomInviteResponse,
     RoomPutStateResponse,
+    RoomMessagesResponse,
     RoomSendResponse,
+    RoomTypingResponse,
 )
-from nio.api import RoomPreset, RoomVisibility
+from nio.api import MessageDirection, RoomPreset, RoomVisibility
 
 from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
 
@@ -29,16 +31,24 @@ SPACE_NAME = "Lambda"
 # here, longer ones surface as HomeserverError with retry_after_ms, never blocking the bot.
 SHORT_RATE_LIMIT_MS = 3000
 MAX_SHORT_RATE_LIMIT_RETRIES = 2
+SOURCE_KEY = "io.lambda.source"  # in every reply: the event it answers (SPEC §3)
 
 
 class HomeserverError(Exception):
     """A homeserver call failed (error status, rate limit or unreachable)."""
 
     def __init__(self, what: str, status: str, message: str,
-                 retry_after_ms: int | None = None) -> None:
+                 retry_after_ms: int | None = None, http_status: int | None = None) -> None:
         super().__init__(f"{what}: {status} {message}".strip())
         self.status = status
         self.retry_after_ms = retry_after_ms
+        self.http_status = http_status
+
+    @property
+    def transient(self) -> bool:
+        """Unreachable, rate-limited or a server error: the same call may succeed later."""
+        return (self.status in ("unreachable", "M_LIMIT_EXCEEDED")
+                or (self.http_status or 0) >= 500)
 
 
 def power_levels(owner: str) -> dict[str, Any]:
@@ -96,8 +106,9 @@ class Homeserver:
                     and attempt < MAX_SHORT_RATE_LIMIT_RETRIES):
                 await asyncio.sleep(retry_after / 1000)  # a short limit is absorbed here
                 continue
+            transport = resp.transport_response
             raise HomeserverError(what, str(resp.status_code or ""), resp.message or "",
-                                  retry_after)
+                                  retry_after, transport.status if transport else None)
         raise AssertionError("unreachable")
 
     async def get_state(self, room_id: str) -> list[dict]:
@@ -161,9 +172,25 @@ class Homeserver:
     async def set_name(self, room_id: str, name: str) -> None:
         await self.put_state(room_id, "m.room.name", {"name": name})
 
+    async def messages(self, room_id: str, start: str, end: str, limit: int,
+                       types: list[str]) -> tuple[list[dict], str | None]:
+        """One page of ``/messages`` backwards from ``start`` towards ``end``: the raw events,
+        newest first, and the token of the next page (None at ``end``)."""
+        resp = await self._call("fetch missed messages", lambda: self.client.room_messages(
+            room_id, start, end, MessageDirection.back, limit, {"types": types}),
+            RoomMessagesResponse)
+        return [ev.source for ev in resp.chunk], resp.end if resp.chunk else None
+
+    async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
+        await self._call("typing", lambda: self.client.room_typing(room_id, on, timeout_ms),
+                         RoomTypingResponse)
+
     async def send(self, room_id: str, body: str, *, txn_id: str | None = None,
-                   html: str | None = None, notice: bool = True) -> None:
+                   html: str | None = None, notice: bool = True,
+                   source_event_id: str | None = None) -> None:
         content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
+        if source_event_id is not None:
+            content[SOURCE_KEY] = source_event_id
         if html is not None:
             content.update(format="org.matrix.custom.html", formatted_body=html)
         await self._call("send message", lambda: self.client.room_send(

@@ -1,4 +1,5 @@
-"""The plain links of the chain: own echo, history, routing, owner check, command parsing."""
+"""The plain links of the chain: routing and command parsing, the owner check, and the
+catch-up scope. (The bot's own events never reach the chain: ``ingest`` drops them.)"""
 
 from __future__ import annotations
 
@@ -10,24 +11,6 @@ from adapter.matrix.handlers.commands import parse_command
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
 
 log = structlog.get_logger()
-
-
-async def ignore_own_events(handler: Handler, update: Update, data: EventData) -> None:
-    if update.sender != data["services"].bot_id:
-        await handler(update, data)
-
-
-class SkipHistory:
-    """Drops the timeline of a first sync without a token; counts what it skipped."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-
-    async def __call__(self, handler: Handler, update: Update, data: EventData) -> None:
-        if update.history:
-            self.skipped += 1
-            return
-        await handler(update, data)
 
 
 async def resolve_route(handler: Handler, update: Update, data: EventData) -> None:
@@ -49,5 +32,15 @@ async def owner_only(handler: Handler, update: Update, data: EventData) -> None:
     if isinstance(route, ChatRoute | LobbyRoute) and update.sender != route.owner:
         log.info("event.ignored", reason="not_owner", room_id=update.room_id,
                  sender=update.sender, owner=route.owner)
+        return
+    await handler(update, data)
+
+
+async def catchup_in_chats_only(handler: Handler, update: Update, data: EventData) -> None:
+    """After a start without a sync token, only chat rooms' unanswered messages are answered;
+    elsewhere they stay history (SPEC §5)."""
+    if update.catchup and not isinstance(data["route"], ChatRoute):
+        log.info("event.ignored", reason="catchup_outside_chat", room_id=update.room_id,
+                 event_id=update.event_id)
         return
     await handler(update, data)

@@ -1,4 +1,4 @@
-"""Restarts: same device, missed messages answered exactly once, history never answered."""
+"""Restarts: same device, missed messages answered exactly once, answered ones never again."""
 
 from __future__ import annotations
 
@@ -44,20 +44,24 @@ async def test_message_sent_while_down_is_answered_exactly_once(bot, make_user):
     assert bodies.count("Echo: while you were away") == 1
 
 
-async def test_start_without_sync_token_skips_history_but_handles_invites(bot, make_user):
+async def test_start_after_total_loss_answers_unanswered_messages_and_handles_invites(
+        bot, make_user):
     alice, bob = await make_user("alice"), await make_user("bob")
     _, _, chat = await alice.onboard(bot.user_id)
+    await alice.ask(chat, bot.user_id, "answered before", "Echo: answered before")
     await bot.stop()
-    await alice.send(chat, "old news")
+    await alice.send(chat, "sent while away")
     bob_lobby = await bob.open_lobby(bot.user_id)  # an invite while the bot is down
-    os.remove(bot.config.db_path)
+    await bot.lose("everything")
     await bot.start()
     await bob.wait_reply(bob_lobby, bot.user_id, "Welcome to Lambda")
-    skipped = bot.logs.named("sync.history_skipped")[-1]
-    assert skipped["events"] >= 1
+    await alice.wait_reply(chat, bot.user_id, "Echo: sent while away")
     await alice.ask(chat, bot.user_id, "new news", "Echo: new news")
     bodies = [ev["content"]["body"] for ev in alice.bot_messages(chat, bot.user_id)]
-    assert "Echo: old news" not in bodies
+    assert bodies.count("Echo: answered before") == 1
+    assert bodies.count("Echo: sent while away") == 1
+    catchup = bot.logs.named("sync.catchup")[-1]
+    assert catchup["answered"] >= 1 and catchup["skipped"] >= 1
 
 
 async def test_python_m_adapter_matrix_logs_json_and_stops_on_sigterm(bot_config, make_user):

@@ -44,3 +44,17 @@ def test_homeserver_must_be_a_url():
 def test_to_env_round_trips():
     config = Config.from_env({**BASE, "LOG_FORMAT": "json", "LAMBDA_MATRIX_DB": "x/y.db"})
     assert Config.from_env(config.to_env()) == config
+
+
+def test_delivery_settings_have_defaults_and_are_validated():
+    config = Config.from_env(BASE)
+    assert (config.agent, config.concurrency, config.catchup_hours) == (
+        "core.agent:EchoAgent", 32, 24.0)
+    tuned = Config.from_env({**BASE, "LAMBDA_AGENT": "my_pkg.agents:make",
+                             "LAMBDA_CONCURRENCY": "4", "LAMBDA_CATCHUP_HOURS": "0.5"})
+    assert (tuned.agent, tuned.concurrency, tuned.catchup_hours) == ("my_pkg.agents:make", 4, 0.5)
+    with pytest.raises(ConfigError) as err:
+        Config.from_env({**BASE, "LAMBDA_AGENT": "no colon", "LAMBDA_CONCURRENCY": "0",
+                         "LAMBDA_CATCHUP_HOURS": "soon"})
+    for name in ("LAMBDA_AGENT", "LAMBDA_CONCURRENCY", "LAMBDA_CATCHUP_HOURS"):
+        assert name in str(err.value)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import structlog
 
 from adapter.matrix.context import EventData, Update
+from adapter.matrix.delivery import RetryLater
 from adapter.matrix.handlers.auth import handle_invite
 from adapter.matrix.handlers.commands import handle_command
-from adapter.matrix.handlers.messages import handle_encrypted, handle_room_name, handle_text
+from adapter.matrix.handlers.messages import (
+    handle_encrypted,
+    handle_missed,
+    handle_room_name,
+    handle_text,
+)
 from adapter.matrix.homeserver import HomeserverError
 
 log = structlog.get_logger()
 
-FAILED = "Sorry, the homeserver refused or did not answer that just now. Please try again."
-RATE_LIMITED = "Sorry, the homeserver is rate-limiting me. Please try again in {s} s."
+FAILED = "Sorry, the homeserver refused that just now. Please try again."
+WILL_RETRY = "The homeserver is not answering me just now. I'll retry and answer you then."
+RATE_LIMITED = "The homeserver is rate-limiting me. I'll retry in {s} s and answer you then."
 
 
 async def handle_update(update: Update, data: EventData) -> None:
@@ -24,14 +31,22 @@ async def handle_update(update: Update, data: EventData) -> None:
             await handle_room_name(update, data)
         elif update.kind == "encrypted":
             await handle_encrypted(update, data)
+        elif update.kind == "missed":
+            await handle_missed(update, data)
         elif data.get("command") is not None:
             await handle_command(update, data)
         else:
             await handle_text(update, data)
     except HomeserverError as err:
         log.warning("handler.homeserver_error", room_id=update.room_id, kind=update.kind,
-                    event_id=update.event_id, error=str(err))
-        if update.kind != "invite":
+                    event_id=update.event_id, error=str(err), will_retry=err.transient)
+        svc = data["services"]
+        if not err.transient:  # refused for good: say so, and the update is done
+            if update.kind != "invite":
+                await svc.try_reply(update, FAILED, part="failed")
+            return
+        if update.attempt == 0 and update.kind != "invite":
             text = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
-                    if err.retry_after_ms else FAILED)
-            await data["services"].try_reply(update, text, part="failed")
+                    if err.retry_after_ms else WILL_RETRY)
+            await svc.try_reply(update, text, part="retry-notice")
+        raise RetryLater(str(err), err.retry_after_ms) from err

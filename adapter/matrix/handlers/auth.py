@@ -16,9 +16,15 @@ FIRST_CHAT_TITLE = "Chat 1"
 
 async def handle_invite(update: Update, data: EventData) -> None:
     """``data["user"]`` is the inviter's Space as healed from the server (None: they have none)."""
+    async with data["services"].bootstrap_locks[update.sender]:
+        await _bootstrap(update, data)
+
+
+async def _bootstrap(update: Update, data: EventData) -> None:
     svc, owner, lobby_id = data["services"], update.sender, update.room_id
     await svc.hs.join(lobby_id)
-    user = data.get("user")
+    # A concurrent invite of the same user may have made the Space while this one waited.
+    user = data.get("user") or await svc.store.get_user(owner)
     if user is None:
         space_id = await svc.hs.create_space(owner)
         user = UserMeta(space_id=space_id, lobby_room_id=lobby_id)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
 import structlog
 
 from adapter.matrix.context import EventData, Update
+from adapter.matrix.homeserver import Homeserver, HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute
+from core.agent import agent_timeout
 from core.chat import InvalidTitle
 
 log = structlog.get_logger()
@@ -13,6 +19,11 @@ log = structlog.get_logger()
 LOBBY_HINT = ("This is your lobby. Chat with me in the rooms of your Lambda Space; "
               "send !chats to list them, !new to start one, or !help.")
 ARCHIVED_HINT = "This chat is archived. Send !new to start a new chat."
+AGENT_FAILED = ("Sorry, I couldn't come up with an answer to that just now (the assistant "
+                "failed). Please try again.")
+MISSED = ("I was away and missed {n} older messages in this room, which I could not answer. "
+          "If one of them still needs an answer, please send it again.")
+TYPING_MS = 30_000
 ENCRYPTED_HINT = ("I can't read encrypted messages. Please write to me in the chat rooms of "
                   "your Lambda Space (they are not encrypted), or in an unencrypted room.")
 
@@ -28,10 +39,43 @@ async def handle_text(update: Update, data: EventData) -> None:
     if chat.status == "archived":
         await svc.reply(update, ARCHIVED_HINT)
         return
-    answer = await svc.agent.reply(chat, update.body)
-    await svc.reply(update, answer, notice=False)
+    async with typing(svc.hs, update.room_id):
+        try:
+            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body),
+                                            agent_timeout(svc.agent))
+        except Exception as err:  # third-party code: any failure is told, never retried
+            log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
+                      error=str(err) or type(err).__name__,
+                      exc_info=not isinstance(err, TimeoutError))
+            await svc.reply(update, AGENT_FAILED)
+            return
+        await svc.reply(update, answer, notice=False)
     log.info("message.answered", room_id=update.room_id, chat_id=chat.chat_id,
-             event_id=update.event_id)
+             event_id=update.event_id, catchup=update.catchup, attempt=update.attempt)
+
+
+@asynccontextmanager
+async def typing(hs: Homeserver, room_id: str) -> AsyncIterator[None]:
+    """Show the bot typing in the room, renewed until the block ends. Best effort: a typing
+    notice that fails is logged, never an error for the reply."""
+
+    async def keep_typing() -> None:
+        while True:
+            try:
+                await hs.typing(room_id, True, TYPING_MS)
+            except HomeserverError as err:
+                log.debug("typing.failed", room_id=room_id, error=str(err))
+            await asyncio.sleep(TYPING_MS / 1000 * 2 / 3)
+
+    task = asyncio.create_task(keep_typing())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        with suppress(HomeserverError):
+            await hs.typing(room_id, False)
 
 
 async def handle_room_name(update: Update, data: EventData) -> None:
@@ -50,3 +94,8 @@ async def handle_room_name(update: Update, data: EventData) -> None:
 async def handle_encrypted(update: Update, data: EventData) -> None:
     log.info("message.encrypted", room_id=update.room_id, event_id=update.event_id)
     await data["services"].reply(update, ENCRYPTED_HINT)
+
+
+async def handle_missed(update: Update, data: EventData) -> None:
+    """More messages arrived while the bot was away than it backfills: tell the owner."""
+    await data["services"].reply(update, MISSED.format(n=update.body))

@@ -1,0 +1,119 @@
+"""Per-room workers over the inbox (SPEC §5, Delivery): the layer between the sync loop and
+the dispatcher, and the only code that knows about concurrency.
+
+Each room is a *lane*, drained in order by one worker; lanes run concurrently, at most
+``concurrency`` updates at a time. An update the chain cannot handle yet (``RetryLater``)
+stays at the head of its lane, and in the inbox, until a retry with backoff succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+
+import structlog
+
+from adapter.matrix.context import Update
+from adapter.matrix.inbox import Entry, Inbox
+from core.store import StoreError
+
+log = structlog.get_logger()
+
+Feed = Callable[[Update], Awaitable[None]]
+MAX_ATTEMPTS = 24  # with the backoff below: about 1.4 hours of retrying
+MAX_BACKOFF_S = 300.0
+
+
+class RetryLater(Exception):
+    """The update cannot be handled now (the homeserver failed); keep it and retry."""
+
+    def __init__(self, reason: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_ms = retry_after_ms
+
+
+def retry_delay(attempt: int, retry_after_ms: int | None) -> float:
+    """Seconds before attempt ``attempt + 1``: the server's ``retry_after_ms`` when it gave
+    one, else 1 s doubling up to 5 minutes."""
+    if retry_after_ms:
+        return retry_after_ms / 1000
+    return min(2.0 ** attempt, MAX_BACKOFF_S)
+
+
+class Delivery:
+    """Drains the inbox through ``feed``: in order per room, concurrently across rooms."""
+
+    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed, concurrency: int) -> None:
+        self._inbox = inbox
+        self._feed = feed
+        self._give_up = give_up
+        self._gate = asyncio.Semaphore(concurrency)
+        self._lanes: dict[str, deque[Entry]] = {}
+        self._workers: dict[str, asyncio.Task] = {}
+        self._stopping = asyncio.Event()
+
+    def push(self, entries: Iterable[Entry]) -> None:
+        """Queue entries already written to the inbox, and wake their lanes' workers."""
+        for entry in entries:
+            lane = entry.update.room_id
+            self._lanes.setdefault(lane, deque()).append(entry)
+            if lane not in self._workers:
+                self._workers[lane] = asyncio.create_task(self._drain(lane))
+
+    @property
+    def queued(self) -> int:
+        return sum(len(queue) for queue in self._lanes.values())
+
+    async def close(self) -> None:
+        """Finish the updates being handled, start no new one; the rest stays in the inbox."""
+        self._stopping.set()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+    async def _drain(self, lane: str) -> None:
+        queue = self._lanes[lane]
+        try:
+            while queue and not self._stopping.is_set():
+                entry = queue[0]
+                if entry.not_before > time.time() and await self._stopped_within(
+                        entry.not_before - time.time()):
+                    break
+                async with self._gate:
+                    if self._stopping.is_set():
+                        break
+                    later = await self._handle(entry)
+                if later is None:
+                    queue.popleft()
+                else:
+                    queue[0] = later
+        except StoreError as err:  # the entry stays in the file: the next start retries it
+            log.error("delivery.store_failed", lane=lane, error=str(err))
+        finally:
+            del self._workers[lane]
+            del self._lanes[lane]
+
+    async def _handle(self, entry: Entry) -> Entry | None:
+        """Feed one entry. Returns None when it is finished, else its postponed self."""
+        update = entry.update
+        try:
+            await self._feed(update)
+        except RetryLater as later:
+            if update.attempt + 1 < MAX_ATTEMPTS:
+                delay = retry_delay(update.attempt, later.retry_after_ms)
+                log.info("delivery.retry_scheduled", room_id=update.room_id,
+                         event_id=update.event_id, attempt=update.attempt + 1,
+                         retry_in_s=delay, reason=str(later))
+                return await self._inbox.postpone(entry, delay)
+            log.error("delivery.gave_up", room_id=update.room_id, event_id=update.event_id,
+                      attempts=update.attempt + 1, reason=str(later))
+            await self._give_up(update)
+        await self._inbox.done(entry)
+        return None
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
