@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
 import shutil
+import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,7 +18,14 @@ from typing import Any
 
 import pytest
 import structlog
-from nio import AsyncClient, LoginResponse, RoomCreateResponse, RoomSendResponse, SyncResponse
+from nio import (
+    AsyncClient,
+    LoginResponse,
+    RoomCreateResponse,
+    RoomSendResponse,
+    SyncResponse,
+    TypingNoticeEvent,
+)
 
 from adapter.matrix.bot import run_bot
 from adapter.matrix.config import Config
@@ -23,6 +34,7 @@ from tests.integration.fault_proxy import FaultProxy
 
 _names = itertools.count()
 TIMEOUT = 30.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def unique(prefix: str) -> str:
@@ -53,9 +65,10 @@ class LogSink:
 class BotRunner:
     """The bot in-process, started and stopped like a real process would be."""
 
-    def __init__(self, config: Config, logs: LogSink) -> None:
+    def __init__(self, config: Config, logs: LogSink, agent: Any = None) -> None:
         self.config = config
         self.logs = logs
+        self.agent = agent  # None: the one config.agent names
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
 
@@ -66,7 +79,7 @@ class BotRunner:
     async def start(self, wait_ready: bool = True) -> None:
         ready_before = len(self.logs.named("bot.ready"))
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(run_bot(self.config, self._stop))
+        self._task = asyncio.create_task(run_bot(self.config, self._stop, self.agent))
         if wait_ready:
             await self.logs.wait_for("bot.ready", count=ready_before + 1)
 
@@ -121,6 +134,54 @@ class BotRunner:
             await client.close()
 
 
+class BotProcess:
+    """The bot as a real process (``python -m adapter.matrix``), for SIGTERM and kill -9."""
+
+    def __init__(self, config: Config, **env: str) -> None:
+        self.env = {**os.environ, **config.to_env(), "LOG_FORMAT": "json", **env}
+        self.lines: list[dict] = []
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=self.env,
+            stderr=asyncio.subprocess.PIPE)
+
+    async def wait_log(self, event: str, timeout: float = TIMEOUT) -> dict:
+        """Read the process's JSON log until a line with ``event``; returns that line."""
+        assert self.proc and self.proc.stderr
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = await asyncio.wait_for(self.proc.stderr.readline(),
+                                         max(0.1, deadline - time.monotonic()))
+            assert raw, f"the bot exited before logging {event}: {self.lines[-5:]}"
+            self.lines.append(json.loads(raw))
+            if self.lines[-1].get("event") == event:
+                return self.lines[-1]
+
+    async def kill(self) -> None:
+        """kill -9: no cleanup of any kind runs."""
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def terminate(self) -> int:
+        assert self.proc
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), TIMEOUT)
+
+
+async def reset_tool(config: Config, *args: str, stdin: bytes = b"") -> tuple[int, str]:
+    """Run ``tools/reset_local.py`` with the bot's environment: (exit code, output)."""
+    env = {**os.environ, **config.to_env()}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "tools/reset_local.py", *args, cwd=ROOT, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate(stdin)
+    return proc.returncode, out.decode()
+
+
 class TestUser:
     """A person with a Matrix client: sends, accepts invites, waits for the bot's answers."""
 
@@ -131,6 +192,7 @@ class TestUser:
         self.user_id = client.user_id
         self.timeline: dict[str, list[dict]] = defaultdict(list)
         self.invites: set[str] = set()
+        self.typing: dict[str, list[str]] = {}  # room -> who is typing, as last synced
         self.next_batch: str | None = None
 
     async def sync(self, timeout_ms: int = 300) -> None:
@@ -138,6 +200,9 @@ class TestUser:
         assert isinstance(resp, SyncResponse), resp
         for room_id, info in resp.rooms.join.items():
             self.timeline[room_id].extend(ev.source for ev in info.timeline.events)
+            for ev in info.ephemeral:
+                if isinstance(ev, TypingNoticeEvent):
+                    self.typing[room_id] = ev.users
             self.invites.discard(room_id)
         self.invites.update(resp.rooms.invite)
         self.next_batch = resp.next_batch

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
 from nio import AsyncClient, WhoamiError
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.conftest import reset_tool
 
 
 async def reset(bot, *args: str, stdin: bytes = b"") -> tuple[int, str]:
-    env = {**os.environ, **bot.config.to_env()}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "tools/reset_local.py", *args, cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate(stdin)
-    return proc.returncode, out.decode()
+    return await reset_tool(bot.config, *args, stdin=stdin)
 
 
 def snapshot(paths: list[Path]) -> dict[str, bytes]:

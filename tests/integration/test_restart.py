@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import stat
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from nio import AsyncClient
 
 from adapter.matrix.session import session_file
-from tests.integration.conftest import BotRunner
+from tests.integration.conftest import ROOT, BotProcess, BotRunner
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_restart_reuses_device_and_session_file_is_private(bot, make_user):
@@ -65,20 +62,11 @@ async def test_start_after_total_loss_answers_unanswered_messages_and_handles_in
 
 
 async def test_python_m_adapter_matrix_logs_json_and_stops_on_sigterm(bot_config, make_user):
-    env = {**os.environ, **bot_config.to_env()}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
-        stderr=asyncio.subprocess.PIPE)
-    lines: list[dict] = []
-    deadline = time.monotonic() + 30
-    while not any(line.get("event") == "bot.ready" for line in lines):
-        assert time.monotonic() < deadline, lines
-        raw = await asyncio.wait_for(proc.stderr.readline(), 30)
-        assert raw, lines
-        lines.append(json.loads(raw))
-    assert all({"event", "level", "timestamp"} <= line.keys() for line in lines)
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    proc = BotProcess(bot_config)
+    await proc.start()
+    await proc.wait_log("bot.ready")
+    assert all({"event", "level", "timestamp"} <= line.keys() for line in proc.lines)
+    assert await proc.terminate() == 0
 
 
 async def test_bad_configuration_exits_2_with_a_clear_json_error():
