@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
+	$(PY) tools/bench_delivery.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py

@@ -30,19 +30,23 @@ from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.bot import run_bot  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
+from core.agent import Agent  # noqa: E402
 
 
 class BotProcess:
-    def __init__(self, config: Config) -> None:
-        self.config, self.task, self.stop_event = config, None, None
+    def __init__(self, config: Config, agent: Agent | None = None) -> None:
+        """``agent`` overrides ``config.agent`` (None: the one the config names)."""
+        self.config, self.agent, self.task, self.stop_event = config, agent, None, None
 
     async def start(self, logs: list[dict]) -> float:
         """Start the bot in-process; returns seconds until it logged ``bot.ready``."""
         started = time.perf_counter()
         seen = sum(e["event"] == "bot.ready" for e in logs)
         self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(run_bot(self.config, self.stop_event))
+        self.task = asyncio.create_task(run_bot(self.config, self.stop_event, self.agent))
         while sum(e["event"] == "bot.ready" for e in logs) <= seen:
+            if self.task.done():
+                raise RuntimeError(f"the bot exited with {self.task.result()} before bot.ready")
             await asyncio.sleep(0.01)
         return time.perf_counter() - started
 

@@ -24,7 +24,7 @@ from scripted_user import ScriptedUser  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
 
 SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
-         "state.heal_failed", "sync.history_skipped", "bot.stopped"}
+         "state.heal_failed", "sync.catchup", "sync.gap_backfilled", "bot.stopped"}
 
 
 class Bot:

@@ -43,7 +43,8 @@ def _strip_none(record: Any) -> dict:
 
 
 class MatrixStore:
-    """Typed accessors over ``matrix_user:*``, ``matrix_room:*``, ``pending:*`` and the sync token.
+    """Typed accessors over ``matrix_user:*``, ``matrix_room:*``, ``pending:*`` and the sync token
+    (written only by the inbox, with the updates of its round).
 
     Writers take an optional transaction: with one they buffer, without one they write now.
     """
@@ -103,9 +104,6 @@ class MatrixStore:
 
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
-
-    async def set_sync_token(self, token: str) -> None:
-        await self.db.set(SYNC_TOKEN_KEY, token)
 
     async def get_reset_marker(self) -> dict | None:
         return await self.db.get(RESET_MARKER_KEY)

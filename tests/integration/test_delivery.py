@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from adapter.matrix import ingest
 from tests.integration.agents import FaultyAgent, GatedAgent
 from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 
@@ -176,3 +177,20 @@ async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make
     await proc.kill()
     await bot.start()
     assert await wait_echoes(alice, chat, bot.user_id, sent) == sent
+
+
+async def test_a_gap_past_the_bound_tells_the_owner_how_many_went_unanswered(
+        bot, make_user, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    sent = [f"flood {i}" for i in range(112)]
+    for body in sent:
+        await alice.send(chat, body)
+    await bot.start()
+    notice = await alice.wait_reply(chat, bot.user_id, "missed 7 older messages")
+    assert await wait_echoes(alice, chat, bot.user_id, sent[7:]) == sent[7:]
+    [gap] = bot.logs.named("sync.timeline_gap", room_id=chat)
+    assert gap["unanswered"] == 7 and gap["log_level"] == "warning"
+    assert notice["content"]["io.lambda.source"]  # a reply like any other

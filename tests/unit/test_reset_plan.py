@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from adapter.matrix.inbox import Inbox
 from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
 from core.chat import ChatManager
 from core.store import SQLiteStore
@@ -23,7 +24,7 @@ async def test_plan_lists_files_counts_and_rooms_per_user_without_changing_them(
     await mstore.set_room("!l:x", RoomMeta("lobby", "@a:x"))
     await mstore.set_room("!c:x", RoomMeta("chat", "@a:x", "c1", "!s:x"))
     await chats.get_or_create("@a:x", "c1", "Recipes")
-    await mstore.set_sync_token("s1")
+    await (await Inbox.open(store))[0].ingest([], "s1")
     (tmp_path / "session").mkdir()
     (tmp_path / "session" / "session.json").write_text("{}")
     await store.close()

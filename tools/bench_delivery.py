@@ -1,0 +1,149 @@
+"""Benchmark: delivery (SPEC §5) against a local Synapse (`make bench`).
+
+Prints, from one run on one machine:
+- concurrency: K users onboarded, then each sends one message in its own chat at the same
+  moment to an agent that takes AGENT_DELAY_S; each reply's latency (the homeserver's
+  timestamps: reply minus message) as a multiple of that delay. Target: median <= 1.1,
+  max <= 1.3 (no user waits for another);
+- a gap: N messages sent by one user in one chat while the bot is stopped (its DB and sync
+  token kept), then the bot started: how many answered, in order, and how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from bench_heal import BotProcess  # noqa: E402
+from homeserver import LocalHomeserver  # noqa: E402
+from scripted_user import SOURCE_KEY, ScriptedUser  # noqa: E402
+
+from adapter.matrix.config import Config  # noqa: E402
+from core.chat import Chat  # noqa: E402
+
+AGENT_DELAY_S = 1.0
+TARGET_MEDIAN, TARGET_MAX = 1.1, 1.3
+
+
+class SlowAgent:
+    """An agent that thinks for AGENT_DELAY_S, then echoes."""
+
+    async def reply(self, chat: Chat, text: str) -> str:
+        await asyncio.sleep(AGENT_DELAY_S)
+        return f"Echo: {text}"
+
+
+async def users(hs: LocalHomeserver, count: int, bot_id: str) -> list[ScriptedUser]:
+    """``count`` fresh users, registered and logged in concurrently."""
+    accounts = await asyncio.gather(*(asyncio.to_thread(hs.register, f"user{i}", "user-pw")
+                                      for i in range(count)))
+    return list(await asyncio.gather(*(ScriptedUser.log_in(hs.url, a.user_id, a.password,
+                                                           bot_id) for a in accounts)))
+
+
+async def burst(group: list[tuple[ScriptedUser, str]], label: str) -> dict:
+    """Every user sends one message in its chat at once; latency per user / agent delay."""
+    sent = await asyncio.gather(*(person.send(chat, f"{label} from {i}")
+                                  for i, (person, chat) in enumerate(group)))
+    replies = await asyncio.gather(*(person.wait_answers(chat, [event_id], timeout=60)
+                                     for (person, chat), event_id in zip(group, sent)))
+    ratios = []
+    for (person, chat), event_id, found in zip(group, sent, replies):
+        if event_id in found:
+            asked = person.event(chat, event_id)["origin_server_ts"]
+            ratios.append((found[event_id]["origin_server_ts"] - asked) / 1000 / AGENT_DELAY_S)
+    return {"k": len(group), "answered": len(ratios), "ratios": ratios}
+
+
+async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str,
+              n: int) -> dict:
+    """``n`` messages while the bot is stopped; then start it and wait for the answers."""
+    await bot.stop()
+    await person._drain(0)
+    started = time.perf_counter()
+    sent = [await person.send(chat, f"gap{n} {i}") for i in range(n)]
+    sending = time.perf_counter() - started
+    started, mark = time.perf_counter(), len(logs)
+    await bot.start(logs)
+    found = await person.wait_answers(chat, sent, timeout=max(60, n * 0.5))
+    last_seen = time.perf_counter() - started
+    wanted = set(sent)
+    order = [ev["content"][SOURCE_KEY] for ev in person.answers(chat)
+             if ev["content"][SOURCE_KEY] in wanted]
+    echoes_ok = all(found[e]["content"].get("body") == f"Echo: gap{n} {i}"
+                    for i, e in enumerate(sent) if e in found)
+    return {"n": n, "answered": len(found), "duplicates": len(order) - len(set(order)),
+            "in_order": order == [e for e in sent if e in found] and echoes_ok,
+            "sending": sending, "last_seen": last_seen,
+            "backfilled": sum(e["events"] for e in logs[mark:] if e["event"] == "sync.gap_backfilled"
+                              and e.get("room_id") == chat)}
+
+
+async def bench(sizes: list[int], gaps: list[int]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="lambda-bench-delivery-"))
+    hs = LocalHomeserver(work / "synapse")
+    hs.start()
+    people: list[ScriptedUser] = []
+    try:
+        bot_account = hs.register("deliverybot", "deliverybot-pw")
+        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
+                        password=bot_account.password, access_token=None,
+                        db_path=work / "bot.db", store_path=work / "matrix_store",
+                        log_format="json", log_level="info")
+        bot = BotProcess(config, SlowAgent())
+        with structlog.testing.capture_logs() as logs:
+            await bot.start(logs)
+            started = time.perf_counter()
+            people = await users(hs, max(sizes) + 1, bot_account.user_id)
+            rooms = await asyncio.gather(*(person.onboard() for person in people))
+            onboarding = time.perf_counter() - started
+            chats = [(person, chat) for person, (_, _, chat) in zip(people, rooms)]
+            loner, loner_chat = chats.pop()
+            bursts = [await burst(chats[:k], f"burst{k}") for k in sizes]
+            bot.agent = None  # from here on: config.agent, the echo agent
+            gaps_seen = [await gap(bot, logs, loner, loner_chat, n) for n in gaps]
+            await bot.stop()
+    finally:
+        for person in people:
+            await person.close()
+        hs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"Lambda delivery benchmark: Synapse on {hs.url}, agent delay {AGENT_DELAY_S:.1f} s")
+    print(f"  onboarding {len(people)} users at once           {onboarding:7.1f} s")
+    for b in bursts:
+        r = b["ratios"] or [float("nan")]
+        med, top = statistics.median(r), max(r)
+        verdict = "ok" if (b["answered"] == b["k"] and med <= TARGET_MEDIAN
+                           and top <= TARGET_MAX) else "MISSED"
+        print(f"  K={b['k']:3} users at once: latency / delay  median {med:5.2f}  max {top:5.2f}"
+              f"  answered {b['answered']}/{b['k']}  (target <= {TARGET_MEDIAN} / <= "
+              f"{TARGET_MAX}: {verdict})")
+    for g in gaps_seen:
+        print(f"  gap N={g['n']:4} sent while stopped ({g['sending']:4.1f} s to send): answered "
+              f"{g['answered']}/{g['n']}, duplicates {g['duplicates']}, in order "
+              f"{'yes' if g['in_order'] else 'NO'}, last answer seen "
+              f"{g['last_seen']:5.1f} s after bot start ({g['backfilled']} via /messages)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--gaps", type=int, nargs="+", default=[120, 500])
+    args = parser.parse_args()
+    asyncio.run(bench(sorted(args.users), args.gaps))
+
+
+if __name__ == "__main__":
+    main()
