@@ -37,10 +37,16 @@ TARGET_MEDIAN, TARGET_MAX = 1.1, 1.3
 
 
 class SlowAgent:
-    """An agent that thinks for AGENT_DELAY_S, then echoes."""
+    """An agent that thinks for AGENT_DELAY_S, then echoes; it notes when (epoch ms) each
+    text's call began and ended, to split a latency into homeserver and bot time."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, tuple[float, float]] = {}
 
     async def reply(self, chat: Chat, text: str) -> str:
+        began = time.time() * 1000
         await asyncio.sleep(AGENT_DELAY_S)
+        self.calls[text] = (began, time.time() * 1000)
         return f"Echo: {text}"
 
 
@@ -52,42 +58,66 @@ async def users(hs: LocalHomeserver, count: int, bot_id: str) -> list[ScriptedUs
                                                            bot_id) for a in accounts)))
 
 
-async def burst(group: list[tuple[ScriptedUser, str]], label: str) -> dict:
-    """Every user sends one message in its chat at once; latency per user / agent delay."""
-    sent = await asyncio.gather(*(person.send(chat, f"{label} from {i}")
-                                  for i, (person, chat) in enumerate(group)))
-    replies = await asyncio.gather(*(person.wait_answers(chat, [event_id], timeout=60)
+async def answered(logs: list[dict], event_ids: list[str], timeout: float) -> None:
+    """Wait until the bot logged ``message.answered`` for each of ``event_ids``."""
+    wanted, deadline = set(event_ids), time.monotonic() + timeout
+    while not wanted <= {e.get("event_id") for e in logs if e["event"] == "message.answered"}:
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def burst(logs: list[dict], agent: SlowAgent, group: list[tuple[ScriptedUser, str]],
+                label: str) -> dict:
+    """Every user sends one message in its chat at once; latency per user / agent delay.
+    The users do not sync until the bot is done: the observers must not load the
+    homeserver (nor this event loop) while they are being measured."""
+    texts = [f"{label} from {i}" for i in range(len(group))]
+    sent = await asyncio.gather(*(person.send(chat, text)
+                                  for (person, chat), text in zip(group, texts)))
+    await answered(logs, sent, timeout=60)
+    replies = await asyncio.gather(*(person.wait_answers(chat, [event_id], timeout=10)
                                      for (person, chat), event_id in zip(group, sent)))
-    ratios = []
-    for (person, chat), event_id, found in zip(group, sent, replies):
+    ratios, to_agent, to_reply = [], [], []
+    for (person, chat), event_id, found, text in zip(group, sent, replies, texts):
         if event_id in found:
-            asked = person.event(chat, event_id)["origin_server_ts"]
-            ratios.append((found[event_id]["origin_server_ts"] - asked) / 1000 / AGENT_DELAY_S)
-    return {"k": len(group), "answered": len(ratios), "ratios": ratios}
+            asked, stamped = await person.origin_ts(chat, event_id), \
+                found[event_id]["origin_server_ts"]
+            ratios.append((stamped - asked) / 1000 / AGENT_DELAY_S)
+            began, ended = agent.calls[text]
+            to_agent.append(began - asked)
+            to_reply.append(stamped - ended)
+    began = [agent.calls[text][0] for text in texts if text in agent.calls]
+    return {"k": len(group), "answered": len(ratios), "ratios": ratios,
+            "to_agent": to_agent, "to_reply": to_reply,
+            "spread": max(began) - min(began) if began else float("nan")}
 
 
 async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str,
               n: int) -> dict:
-    """``n`` messages while the bot is stopped; then start it and wait for the answers."""
+    """``n`` messages while the bot is stopped; then start it and wait for the answers
+    (seen by the user's sync); then check them against the room's own timeline."""
     await bot.stop()
-    await person._drain(0)
     started = time.perf_counter()
     sent = [await person.send(chat, f"gap{n} {i}") for i in range(n)]
     sending = time.perf_counter() - started
+    await person._drain(0)  # the user's own messages: not to be counted as waiting time
     started, mark = time.perf_counter(), len(logs)
     await bot.start(logs)
-    found = await person.wait_answers(chat, sent, timeout=max(60, n * 0.5))
+    await person.wait_answers(chat, sent, timeout=max(60, n * 0.5))
     last_seen = time.perf_counter() - started
     wanted = set(sent)
-    order = [ev["content"][SOURCE_KEY] for ev in person.answers(chat)
-             if ev["content"][SOURCE_KEY] in wanted]
-    echoes_ok = all(found[e]["content"].get("body") == f"Echo: gap{n} {i}"
-                    for i, e in enumerate(sent) if e in found)
-    return {"n": n, "answered": len(found), "duplicates": len(order) - len(set(order)),
-            "in_order": order == [e for e in sent if e in found] and echoes_ok,
+    replies = [ev for ev in await person.history(chat, 2 * n + 10)
+               if ev.get("sender") == person.bot_id
+               and (ev.get("content") or {}).get(SOURCE_KEY) in wanted]
+    order = [ev["content"][SOURCE_KEY] for ev in replies]
+    bodies = {ev["content"][SOURCE_KEY]: ev["content"].get("body") for ev in replies}
+    echoes_ok = all(bodies[e] == f"Echo: gap{n} {i}" for i, e in enumerate(sent) if e in bodies)
+    return {"n": n, "answered": len(set(order)), "duplicates": len(order) - len(set(order)),
+            "in_order": order == [e for e in sent if e in bodies] and echoes_ok,
             "sending": sending, "last_seen": last_seen,
-            "backfilled": sum(e["events"] for e in logs[mark:] if e["event"] == "sync.gap_backfilled"
-                              and e.get("room_id") == chat)}
+            "backfilled": sum(e["events"] for e in logs[mark:] if e["event"] ==
+                              "sync.gap_backfilled" and e.get("room_id") == chat)}
 
 
 async def bench(sizes: list[int], gaps: list[int]) -> None:
@@ -101,7 +131,8 @@ async def bench(sizes: list[int], gaps: list[int]) -> None:
                         password=bot_account.password, access_token=None,
                         db_path=work / "bot.db", store_path=work / "matrix_store",
                         log_format="json", log_level="info")
-        bot = BotProcess(config, SlowAgent())
+        slow = SlowAgent()
+        bot = BotProcess(config, slow)
         with structlog.testing.capture_logs() as logs:
             await bot.start(logs)
             started = time.perf_counter()
@@ -110,7 +141,7 @@ async def bench(sizes: list[int], gaps: list[int]) -> None:
             onboarding = time.perf_counter() - started
             chats = [(person, chat) for person, (_, _, chat) in zip(people, rooms)]
             loner, loner_chat = chats.pop()
-            bursts = [await burst(chats[:k], f"burst{k}") for k in sizes]
+            bursts = [await burst(logs, slow, chats[:k], f"burst{k}") for k in sizes]
             bot.agent = None  # from here on: config.agent, the echo agent
             gaps_seen = [await gap(bot, logs, loner, loner_chat, n) for n in gaps]
             await bot.stop()
@@ -130,11 +161,19 @@ async def bench(sizes: list[int], gaps: list[int]) -> None:
         print(f"  K={b['k']:3} users at once: latency / delay  median {med:5.2f}  max {top:5.2f}"
               f"  answered {b['answered']}/{b['k']}  (target <= {TARGET_MEDIAN} / <= "
               f"{TARGET_MAX}: {verdict})")
+        if b["to_agent"]:
+            print(f"         message stamped -> agent called {ms_spread(b['to_agent'])}, "
+                  f"all {b['k']} calls within {b['spread']:.0f} ms; agent returned -> reply "
+                  f"stamped {ms_spread(b['to_reply'])}")
     for g in gaps_seen:
         print(f"  gap N={g['n']:4} sent while stopped ({g['sending']:4.1f} s to send): answered "
               f"{g['answered']}/{g['n']}, duplicates {g['duplicates']}, in order "
               f"{'yes' if g['in_order'] else 'NO'}, last answer seen "
               f"{g['last_seen']:5.1f} s after bot start ({g['backfilled']} via /messages)")
+
+
+def ms_spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.0f} ms (max {max(values):.0f})"
 
 
 def main() -> None:

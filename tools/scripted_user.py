@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from nio import AsyncClient, RoomCreateResponse, RoomSendResponse, SyncResponse
+from nio import (
+    AsyncClient,
+    RoomCreateResponse,
+    RoomGetEventResponse,
+    RoomMessagesResponse,
+    RoomSendResponse,
+    SyncResponse,
+)
 
 SOURCE_KEY = "io.lambda.source"  # in every bot reply: the event it answers (SPEC §3)
 # Synapse's default timeline limit is 10: a round with more events would hide some of them.
@@ -60,8 +67,14 @@ class ScriptedUser:
         assert isinstance(resp, RoomSendResponse), resp
         return resp.event_id
 
-    def event(self, room_id: str, event_id: str) -> dict | None:
-        return next((ev for ev in self.timeline[room_id] if ev.get("event_id") == event_id), None)
+    async def origin_ts(self, room_id: str, event_id: str) -> int:
+        """The homeserver's timestamp of an event (from the synced timeline, else fetched)."""
+        ev = next((ev for ev in self.timeline[room_id] if ev.get("event_id") == event_id), None)
+        if ev is None:
+            resp = await self.client.room_get_event(room_id, event_id)
+            assert isinstance(resp, RoomGetEventResponse), resp
+            ev = resp.event.source
+        return ev["origin_server_ts"]
 
     def answers(self, room_id: str) -> list[dict]:
         """The bot's replies in ``room_id`` that name their source event, in timeline order."""
@@ -70,17 +83,30 @@ class ScriptedUser:
 
     async def wait_answers(self, room_id: str, sources: list[str],
                            timeout: float = 60) -> dict[str, dict]:
-        """The bot's reply to each of ``sources`` (event ids), and each source event itself
-        synced; on timeout, what was found so far."""
+        """The bot's reply to each of ``sources`` (event ids), as synced; on timeout, what
+        was found so far."""
         wanted = set(sources)
         deadline = time.monotonic() + timeout
         while True:
             found = {ev["content"][SOURCE_KEY]: ev for ev in self.answers(room_id)
                      if ev["content"][SOURCE_KEY] in wanted}
-            seen = {ev.get("event_id") for ev in self.timeline[room_id]}
-            if (len(found) == len(wanted) and wanted <= seen) or time.monotonic() > deadline:
+            if len(found) == len(wanted) or time.monotonic() > deadline:
                 return found
             await self._drain(2_000)
+
+    async def history(self, room_id: str, count: int) -> list[dict]:
+        """The room's last ``count`` messages, oldest first, as /messages pages them (the
+        room's own order, whatever the syncs showed)."""
+        events: list[dict] = []
+        token = self.since
+        while token and len(events) < count:
+            resp = await self.client.room_messages(
+                room_id, token, limit=min(100, count - len(events)),
+                message_filter={"types": ["m.room.message"]})
+            assert isinstance(resp, RoomMessagesResponse), resp
+            events += [ev.source for ev in resp.chunk]
+            token = resp.end if resp.chunk else None
+        return events[::-1]
 
     async def wait_for_bot(self, room_id: str, expect: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
