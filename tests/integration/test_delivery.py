@@ -13,9 +13,6 @@ from adapter.matrix import ingest
 from tests.integration.agents import FaultyAgent, GatedAgent
 from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 
-STATE = r"/rooms/[^/]+/state$"
-
-
 def echoes(user, room_id: str, bot_id: str, prefix: str) -> list[str]:
     """The bot's echoes in the room of messages starting with ``prefix``, in timeline order."""
     return [ev["content"]["body"].removeprefix("Echo: ")
@@ -72,27 +69,6 @@ async def test_long_gap_is_backfilled_and_answered_in_order_exactly_once(bot, ma
     assert not bot.logs.named("sync.timeline_gap")
 
 
-async def test_failed_heal_is_kept_across_a_restart_during_the_outage(
-        proxied_bot, proxy, make_user):
-    bot = proxied_bot
-    alice = await make_user("alice")
-    _, _, chat = await alice.onboard(bot.user_id)
-    await bot.restart_losing("everything")
-    proxy.fail(STATE, 502, {"errcode": "M_UNKNOWN", "error": "bad gateway"})
-    await alice.send(chat, "during the outage")
-    await alice.wait_reply(chat, bot.user_id, "I'll retry")
-    await bot.logs.wait_for("delivery.retry_scheduled", room_id=chat)
-    await bot.stop()
-    proxy.heal()
-    await bot.start()
-    await alice.wait_reply(chat, bot.user_id, "Echo: during the outage")
-    await alice.ask(chat, bot.user_id, "after", "Echo: after")
-    notices = [e for e in alice.bot_messages(chat, bot.user_id)
-               if "I'll retry" in e["content"]["body"]]
-    assert len(notices) == 1
-    assert echoes(alice, chat, bot.user_id, "") == ["during the outage", "after"]
-
-
 async def test_a_slow_answer_in_one_room_delays_no_other_room(bot_config, logs, make_user):
     agent = GatedAgent()
     runner = BotRunner(bot_config, logs, agent)
@@ -132,36 +108,25 @@ async def test_agent_failure_and_timeout_are_told_once_and_not_retried(
     await runner.stop()
 
 
-async def test_kill_9_while_the_agent_thinks_answers_once_after_restart(bot, make_user):
+@pytest.mark.parametrize("agent, kill_on", [
+    ("tests.integration.agents:SlowAgent", "test_agent.thinking"),
+    ("core.agent:EchoAgent", "message.answered"),
+], ids=["while_the_agent_thinks", "right_after_the_reply"])
+async def test_kill_9_mid_message_answers_it_exactly_once(bot, make_user, agent, kill_on):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await bot.stop()
-    proc = BotProcess(bot.config, LAMBDA_AGENT="tests.integration.agents:SlowAgent")
-    await proc.start()
-    await proc.wait_log("bot.ready")
-    await alice.send(chat, "think hard")
-    await proc.wait_log("test_agent.thinking")
-    await proc.kill()
-    await bot.start()
-    await alice.wait_reply(chat, bot.user_id, "Echo: think hard")
-    await bot.restart()
-    await alice.ask(chat, bot.user_id, "next", "Echo: next")
-    assert echoes(alice, chat, bot.user_id, "") == ["think hard", "next"]
-
-
-async def test_kill_9_right_after_a_reply_never_answers_twice(bot, make_user):
-    alice = await make_user("alice")
-    _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    proc = BotProcess(bot.config)
+    proc = BotProcess(bot.config, LAMBDA_AGENT=agent)
     await proc.start()
     await proc.wait_log("bot.ready")
     await alice.send(chat, "once")
-    await proc.wait_log("message.answered")
+    await proc.wait_log(kill_on)
     await proc.kill()
     await bot.start()
-    await alice.ask(chat, bot.user_id, "twice?", "Echo: twice?")
-    assert echoes(alice, chat, bot.user_id, "") == ["once", "twice?"]
+    await alice.wait_reply(chat, bot.user_id, "Echo: once")
+    await bot.restart()
+    await alice.ask(chat, bot.user_id, "next", "Echo: next")
+    assert echoes(alice, chat, bot.user_id, "") == ["once", "next"]
 
 
 async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make_user):
