@@ -143,14 +143,14 @@ class Ingest:
         while token and dropped < MAX_COUNTED:
             page, token = await self.hs.messages(room_id, token, since, PAGE,
                                                  [*HANDLED_TYPES, "m.room.member"])
-            for ev in page:
+            for ev in ({**raw, "room_id": room_id} for raw in page):
                 if _is_own_join(ev, bot_id):
                     token = None
                     break
-                if to_update({**ev, "room_id": room_id}, bot_id) is None:
+                if to_update(ev, bot_id) is None:
                     continue
                 if len(kept) < MAX_BACKFILL:
-                    kept.append({**ev, "room_id": room_id})
+                    kept.append(ev)
                 else:
                     dropped += 1
                     dropped_sender = dropped_sender or ev.get("sender")
