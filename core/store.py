@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
 RESET_HINT = "run `python tools/reset_local.py` to start from a clean local state"
+BIRTH_KEY = "birth"
+LEGACY_RESET_MARKER_KEY = "reset_marker"  # what the reset tool wrote before birth records
+
+BirthCause = Literal["store_missing", "local_reset"]
+
+
+@dataclass(frozen=True)
+class Birth:
+    """When and why the DB file was created (SPEC §4): by the bot because it was missing
+    (``store_missing``), or by the reset tool (``local_reset``). ``at`` is Unix seconds."""
+
+    at: float
+    cause: BirthCause
 
 
 class StoreError(Exception):
@@ -87,16 +103,21 @@ class Transaction:
 
 
 class SQLiteStore:
-    """Key/value store with JSON values. ``created`` tells if the file was new at open."""
+    """Key/value store with JSON values. ``created`` tells if the file was new at open;
+    ``birth`` when and why it was created (None for a file older than birth records)."""
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection, created: bool) -> None:
+    def __init__(self, path: Path, conn: aiosqlite.Connection, created: bool,
+                 birth: Birth | None) -> None:
         self.path = path
         self.created = created
+        self.birth = birth
         self._conn = conn
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | Path) -> SQLiteStore:
+    async def open(cls, path: str | Path, birth_cause: BirthCause = "store_missing"
+                   ) -> SQLiteStore:
+        """Open the file, creating it (with its birth record, ``birth_cause``) if missing."""
         path = Path(path)
         created = not path.exists()
         if not created and not os.access(path, os.R_OK | os.W_OK):
@@ -115,13 +136,17 @@ class SQLiteStore:
                 verdict = (await cur.fetchone() or ("?",))[0]
             if verdict != "ok":
                 raise StoreUnreadable(path, f"integrity check: {verdict}")
+            if created:
+                await conn.execute("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)",
+                                   (BIRTH_KEY, json.dumps(asdict(Birth(time.time(), birth_cause)))))
+            birth = await _read_birth(conn)
         except sqlite3.Error as err:
             await conn.close()
             raise StoreUnreadable(path, str(err)) from err
         except StoreUnreadable:
             await conn.close()
             raise
-        return cls(path, conn, created)
+        return cls(path, conn, created, birth)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -176,3 +201,18 @@ class SQLiteStore:
             return json.loads(raw)
         except json.JSONDecodeError as err:
             raise StoreUnreadable(self.path, f"record {key!r} is not JSON") from err
+
+
+async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:
+    async with conn.execute("SELECT key, value FROM kv WHERE key IN (?, ?)",
+                            (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)) as cur:
+        rows = dict(await cur.fetchall())
+    try:
+        if BIRTH_KEY in rows:
+            return Birth(**json.loads(rows[BIRTH_KEY]))
+        if LEGACY_RESET_MARKER_KEY in rows:  # {"at": "2026-…Z", "by": "reset_local"}
+            at = json.loads(rows[LEGACY_RESET_MARKER_KEY])["at"]
+            return Birth(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")), "local_reset")
+    except (ValueError, TypeError, KeyError) as err:
+        raise sqlite3.DatabaseError(f"unreadable birth record: {err}") from err
+    return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
+from core.store import Birth, ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
 
 
 async def test_get_set_delete_round_trip_json(store):
@@ -62,3 +64,23 @@ def test_process_lock_is_exclusive(tmp_path):
     first.release()
     second.acquire()
     second.release()
+
+
+async def test_a_new_file_records_its_birth_and_keeps_it_across_reopens(tmp_path):
+    s = await SQLiteStore.open(tmp_path / "t.db", birth_cause="local_reset")
+    born = s.birth
+    assert born is not None and born.cause == "local_reset" and born.at <= time.time()
+    await s.close()
+    s = await SQLiteStore.open(tmp_path / "t.db")  # reopened by the bot: still the reset's
+    assert not s.created and s.birth == born
+    await s.close()
+
+
+async def test_a_legacy_reset_marker_reads_as_a_local_reset_birth(tmp_path):
+    s = await SQLiteStore.open(tmp_path / "t.db")
+    await s.delete("birth")
+    await s.set("reset_marker", {"at": "2026-01-02T03:04:05Z", "by": "reset_local"})
+    await s.close()
+    s = await SQLiteStore.open(tmp_path / "t.db")
+    assert s.birth == Birth(1767323045, "local_reset")
+    await s.close()
