@@ -44,11 +44,17 @@ class Account:
 
 
 class LocalHomeserver:
-    """Generate, configure, start and stop one Synapse in ``data_dir``."""
+    """Generate, configure, start and stop one Synapse in ``data_dir``.
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    ``default_room_version`` (e.g. ``"10"``) sets the version Synapse creates rooms at when
+    a client does not name one; None keeps Synapse's own default (12 for Synapse 1.163).
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None,
+                 default_room_version: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
+        self.default_room_version = default_room_version
         self.config_path = self.data_dir / "homeserver.yaml"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -136,6 +142,10 @@ class LocalHomeserver:
             "rc_joins": {k: _RELAXED for k in ("local", "remote")},
             "rc_invites": {k: _RELAXED for k in ("per_room", "per_user", "per_issuer")},
         })
+        # Set or cleared on every start: a reused data_dir keeps no version from an earlier run.
+        config.pop("default_room_version", None)
+        if self.default_room_version is not None:
+            config["default_room_version"] = self.default_room_version
         self.config_path.write_text(yaml.safe_dump(config))
 
     def _wait_ready(self, timeout: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import ClientError
@@ -13,15 +14,16 @@ from nio import (
     ErrorResponse,
     JoinedRoomsResponse,
     JoinResponse,
+    Response,
     RoomCreateResponse,
     RoomGetStateResponse,
     RoomInviteResponse,
-    RoomPutStateResponse,
     RoomMessagesResponse,
+    RoomPutStateResponse,
     RoomSendResponse,
     RoomTypingResponse,
 )
-from nio.api import MessageDirection, RoomPreset, RoomVisibility
+from nio.api import Api, MessageDirection, RoomPreset, RoomVisibility
 
 from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
 
@@ -51,14 +53,33 @@ class HomeserverError(Exception):
                 or (self.http_status or 0) >= 500)
 
 
-def power_levels(owner: str) -> dict[str, Any]:
-    """Owner 50; name/topic/avatar 50; every other state event 100.
+# Unstable room versions that already follow version 12's rule for creators (MSC4289).
+PRIVILEGED_CREATOR_VERSIONS = frozenset({"org.matrix.hydra.11"})
 
-    Room v12: the creator (the bot) has unlimited power and must not be listed in ``users``,
-    and an ``events`` map replaces the whole default map, so ``state_default`` is 100 too.
+
+def creators_privileged(room_version: str | None) -> bool:
+    """True when the room version gives its creator unlimited power (version 12 and later).
+
+    An unknown or unreported version is treated like one before 12. A wrong guess fails
+    closed either way: createRoom refuses a ``users`` map of the wrong shape with a 400.
     """
+    if room_version is None:
+        return False
+    if room_version in PRIVILEGED_CREATOR_VERSIONS:
+        return True
+    return room_version.isdigit() and int(room_version) >= 12
+
+
+def power_levels(owner: str, bot_id: str, room_version: str | None) -> dict[str, Any]:
+    """Owner 50; name/topic/avatar 50; every other state event 100, in ``room_version``.
+
+    From version 12 the creator (the bot) has unlimited power and must not be listed in
+    ``users``; before 12 it must be listed, at 100. An ``events`` map replaces the whole
+    default map, so ``state_default`` is 100 too.
+    """
+    users = {owner: 50} if creators_privileged(room_version) else {bot_id: 100, owner: 50}
     return {
-        "users": {owner: 50},
+        "users": users,
         "users_default": 0,
         "events_default": 0,
         "state_default": 100,
@@ -74,6 +95,22 @@ def power_levels(owner: str) -> dict[str, Any]:
     }
 
 
+@dataclass
+class CapabilitiesResponse(Response):
+    """``GET /capabilities`` (nio has no call for it): the default room version, if told."""
+
+    default_room_version: str | None = None
+
+    @classmethod
+    def from_dict(cls, parsed: dict[str, Any]) -> CapabilitiesResponse | ErrorResponse:
+        capabilities = parsed.get("capabilities")
+        if "errcode" in parsed or not isinstance(capabilities, dict):
+            return ErrorResponse.from_dict(parsed)
+        versions = capabilities.get("m.room_versions")
+        default = versions.get("default") if isinstance(versions, dict) else None
+        return cls(str(default) if default is not None else None)
+
+
 def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
     """Derived from the source event so a replay after a crash is deduplicated by the server."""
     return f"lambda-{part}-{hashlib.sha256(source_event_id.encode()).hexdigest()[:32]}"
@@ -85,6 +122,9 @@ class Homeserver:
     def __init__(self, client: AsyncClient, server_name: str) -> None:
         self.client = client
         self.server_name = server_name
+        self._room_version: str | None = None
+        self._room_version_known = False
+        self._room_version_lock = asyncio.Lock()
 
     @property
     def bot_id(self) -> str:
@@ -135,29 +175,55 @@ class Homeserver:
                                                             state_key),
                          RoomPutStateResponse)
 
+    async def default_room_version(self) -> str | None:
+        """The version the server creates rooms at by default (None: it does not say)."""
+        resp = await self._call("get capabilities", lambda: self.client._send(
+            CapabilitiesResponse, "GET", Api._build_path(["capabilities"])),
+            CapabilitiesResponse)
+        return resp.default_room_version
+
+    async def room_version(self) -> str | None:
+        """The version the bot creates rooms at: the server's default, asked on first use
+        (never at startup) and kept for the life of the process."""
+        async with self._room_version_lock:
+            if not self._room_version_known:
+                self._room_version = await self.default_room_version()
+                self._room_version_known = True
+            return self._room_version
+
+    async def _create_room(self, what: str, owner: str, **options: Any) -> str:
+        # The version is named in the request, so the power levels always match the room,
+        # even if the server's default changes while the bot runs.
+        version = await self.room_version()
+        try:
+            resp = await self._call(what, lambda: self.client.room_create(
+                visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
+                room_version=version, invite=[owner],
+                power_level_override=power_levels(owner, self.bot_id, version), **options),
+                RoomCreateResponse)
+        except HomeserverError as err:
+            if err.status == "M_UNSUPPORTED_ROOM_VERSION":  # ask the server again next time
+                self._room_version_known = False
+            raise
+        return resp.room_id
+
     async def create_space(self, owner: str) -> str:
         """A Space owned by ``owner``, carrying its marker from the first event; owner invited."""
-        resp = await self._call("create space", lambda: self.client.room_create(
-            visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
-            name=SPACE_NAME, space=True, invite=[owner],
+        return await self._create_room(
+            "create space", owner, name=SPACE_NAME, space=True,
             initial_state=[{"type": SPACE_MARKER, "state_key": "",
-                            "content": {"owner": owner, "v": 1}}],
-            power_level_override=power_levels(owner)), RoomCreateResponse)
-        return resp.room_id
+                            "content": {"owner": owner, "v": 1}}])
 
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         """A chat room with its marker and ``m.space.parent`` set at creation; owner invited."""
-        resp = await self._call("create chat room", lambda: self.client.room_create(
-            visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
-            name=title, invite=[owner],
+        return await self._create_room(
+            "create chat room", owner, name=title,
             initial_state=[
                 {"type": CHAT_MARKER, "state_key": "",
                  "content": {"owner": owner, "chat_id": chat_id, "status": "active", "v": 1}},
                 {"type": "m.space.parent", "state_key": space_id,
                  "content": {"via": [self.server_name], "canonical": True}},
-            ],
-            power_level_override=power_levels(owner)), RoomCreateResponse)
-        return resp.room_id
+            ])
 
     async def link_child(self, space_id: str, room_id: str) -> None:
         await self.put_state(space_id, "m.space.child", {"via": [self.server_name]}, room_id)
