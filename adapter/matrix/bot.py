@@ -24,10 +24,10 @@ from adapter.matrix.healer import Healer
 from adapter.matrix.healing import HealingMiddleware
 from adapter.matrix.homeserver import Homeserver, HomeserverError
 from adapter.matrix.inbox import Inbox
-from adapter.matrix.ingest import Ingest
+from adapter.matrix.ingest import Ingest, sync_token_refused
 from adapter.matrix.middlewares import catchup_in_chats_only, owner_only, resolve_route
 from adapter.matrix.room_router import RoomRouter
-from adapter.matrix.session import HomeserverUnreachable, LoginFailed, log_in
+from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
 from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager
@@ -46,6 +46,10 @@ def client_config() -> AsyncClientConfig:
     # timeouts are bounded, so a heal or a reply fails visibly rather than stalling the bot.
     return AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30,
                              max_timeout_retry_wait_time=5, encryption_enabled=False)
+
+
+class SyncTokenRefused(Exception):
+    """The homeserver no longer accepts the stored sync token."""
 
 
 GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
@@ -80,9 +84,13 @@ class Bot:
         else:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
-        if not isinstance(resp, SyncResponse):
-            raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
-        return resp
+        if isinstance(resp, SyncResponse):
+            return resp
+        transport = resp.transport_response
+        if since is not None and sync_token_refused(transport.status if transport else None,
+                                                    resp.status_code, resp.message):
+            raise SyncTokenRefused(f"{resp.status_code} {resp.message}")
+        raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
 
     async def give_up(self, update: Update) -> None:
         if update.kind != "invite":
@@ -113,6 +121,11 @@ class Bot:
             try:
                 resp = fetch.result()
                 updates = await self.ingest.updates(resp, since)
+            except SyncTokenRefused as err:
+                # Start over without a token: the catch-up rules answer what was missed.
+                log.warning("sync.token_refused", since=since, error=str(err))
+                since = None
+                continue
             except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError,
                     OSError) as err:
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
@@ -155,8 +168,8 @@ async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asynci
 
 
 async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = None) -> int:
-    """Run until ``stop`` is set. Returns the process exit code. ``agent`` overrides
-    ``config.agent`` (tests and the benchmark pass one)."""
+    """Run until ``stop`` is set (or the session is lost for good, which sets it). Returns the
+    process exit code. ``agent`` overrides ``config.agent`` (tests and the benchmark pass one)."""
     if agent is None:
         try:
             agent = load_agent(config.agent)
@@ -177,13 +190,16 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             log.error("store.unreadable", db=str(config.db_path), error=str(err),
                       remedy="python tools/reset_local.py")
             return 1
-        client = AsyncClient(config.homeserver, config.user_id, config=client_config())
+        client = SessionClient(config, client_config())
         try:
             log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
                      db=str(config.db_path), db_created=store.created)
             if not await _log_in_with_backoff(client, config, stop):
                 return 0
+            client.renew_when_refused(on_lost=stop.set)
             await Bot(client, store, agent, config).run(stop)
+            if client.lost is not None:
+                raise client.lost
             log.info("bot.stopped")
             return 0
         except LoginFailed as err:

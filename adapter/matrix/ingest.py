@@ -3,7 +3,8 @@
 - A resumed sync: every new event; a room whose timeline is ``limited`` first gets the
   events it missed, fetched with ``/messages`` back to the previous sync token.
 - A start without a sync token: the timelines are history, except the catch-up rule
-  (``catch_up``): an unanswered, recent message is answered.
+  (``catch_up``): an unanswered, recent message is answered. A sync token the server no
+  longer accepts (``sync_token_refused``) leads to the same start.
 
 The rules over raw events are pure functions; ``Ingest`` is their thin I/O shell.
 """
@@ -71,6 +72,18 @@ def catch_up(events: list[dict], bot_id: str, not_before_ms: int) -> tuple[list[
         else:
             skipped += 1
     return answer[::-1], skipped
+
+
+def sync_token_refused(http_status: int | None, errcode: str | None, message: str | None
+                       ) -> bool:
+    """Whether a failed ``/sync?since=`` means the server does not accept the token itself.
+
+    Synapse (``StreamToken.from_string``) answers any token it cannot parse with exactly
+    ``400 M_UNKNOWN "Invalid stream token"``, and accepts one from the future (bounded to its
+    current position). Nothing transient (a 5xx, a 429, no answer) is ever that.
+    """
+    return http_status == 400 and errcode == "M_UNKNOWN" \
+        and (message or "").startswith("Invalid stream token")
 
 
 def _own_join_index(events: list[dict], bot_id: str) -> int | None:

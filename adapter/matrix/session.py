@@ -1,16 +1,20 @@
 """The bot's Matrix session (access token, device id), saved with mode 0600 and reused,
-so that restarts do not create new devices."""
+so that restarts do not create new devices; renewed with the password when the homeserver
+revokes the token (SPEC §5, Chatting)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 from aiohttp import ClientError
-from nio import AsyncClient, LoginResponse, WhoamiResponse
+from nio import AsyncClient, AsyncClientConfig, ErrorResponse, LoginResponse, WhoamiResponse
 
 from adapter.matrix.config import Config
 
@@ -24,6 +28,12 @@ class LoginFailed(Exception):
 
 class HomeserverUnreachable(Exception):
     """The homeserver did not answer; retrying later may help."""
+
+
+class TokenRefused(ClientError):
+    """The homeserver refused the access token and no new one can be had now (or ever: see
+    ``SessionClient.lost``). A ClientError, so a caller treats it like an unreachable
+    homeserver: its update stays in the inbox for a later attempt or the next start."""
 
 
 @dataclass(frozen=True)
@@ -64,32 +74,64 @@ def save_session(config: Config, session: Session) -> None:
     os.replace(tmp, path)
 
 
-async def _whoami(client: AsyncClient) -> WhoamiResponse | None:
-    """None when the token is refused; raises HomeserverUnreachable when there is no answer."""
+def token_refused(resp: Any) -> bool:
+    """The homeserver no longer knows the token: revoked, logged out, or expired (then the
+    answer carries ``soft_logout``)."""
+    return isinstance(resp, ErrorResponse) and resp.status_code == "M_UNKNOWN_TOKEN"
+
+
+def relogin_device(soft_logout: bool, device_id: str | None) -> str | None:
+    """The device to log in on after a refused token: the same one after a soft logout (the
+    server keeps that device), else None, a new device (the old one was signed out)."""
+    return device_id if soft_logout else None
+
+
+async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
+    """The token's owner, or the refusal; raises HomeserverUnreachable when there is no answer."""
     try:
         resp = await client.whoami()
     except (ClientError, OSError, TimeoutError) as err:
         raise HomeserverUnreachable(str(err)) from err
-    if isinstance(resp, WhoamiResponse):
+    if isinstance(resp, WhoamiResponse) or resp.status_code in (
+            "M_UNKNOWN_TOKEN", "M_MISSING_TOKEN", "M_FORBIDDEN"):
         return resp
-    if resp.status_code in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN", "M_FORBIDDEN"):
-        return None
     raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
+
+
+async def password_login(client: AsyncClient, config: Config, device_id: str | None) -> Session:
+    """A password login on ``device_id`` (None: a new device), saved to ``MATRIX_STORE_PATH``."""
+    previous, client.device_id = client.device_id, device_id  # nio logs in on this device
+    try:
+        resp = await client.login(config.password, device_name=DEVICE_NAME)
+    except (ClientError, OSError, TimeoutError) as err:
+        client.device_id = previous
+        raise HomeserverUnreachable(str(err)) from err
+    if not isinstance(resp, LoginResponse):
+        client.device_id = previous
+        if resp.status_code in ("M_FORBIDDEN", "M_USER_DEACTIVATED", "M_INVALID_USERNAME"):
+            raise LoginFailed(f"login refused: {resp.status_code} {resp.message}")
+        raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
+    session = Session(config.homeserver, config.user_id, resp.device_id, resp.access_token)
+    save_session(config, session)
+    return session
 
 
 async def log_in(client: AsyncClient, config: Config) -> Session:
     """Reuse the saved session; else the configured token; else a password login (saved)."""
     saved = load_session(config)
+    device_id = None
     if saved is not None:
         client.restore_login(saved.user_id, saved.device_id, saved.access_token)
-        if await _whoami(client) is not None:
+        who = await _whoami(client)
+        if isinstance(who, WhoamiResponse):
             log.info("session.restored", device_id=saved.device_id)
             return saved
-        log.warning("session.expired", device_id=saved.device_id)
+        log.warning("session.expired", device_id=saved.device_id, soft_logout=who.soft_logout)
+        device_id = relogin_device(who.soft_logout, saved.device_id)
     if config.access_token:
         client.access_token = config.access_token
         who = await _whoami(client)
-        if who is None:
+        if not isinstance(who, WhoamiResponse):
             raise LoginFailed("MATRIX_ACCESS_TOKEN was refused by the homeserver")
         if who.user_id != config.user_id:
             raise LoginFailed(f"MATRIX_ACCESS_TOKEN belongs to {who.user_id}, "
@@ -97,18 +139,85 @@ async def log_in(client: AsyncClient, config: Config) -> Session:
         session = Session(config.homeserver, config.user_id, who.device_id or "",
                           config.access_token)
         client.restore_login(session.user_id, session.device_id, session.access_token)
-    else:
-        if not config.password:
-            raise LoginFailed("the saved session is gone and MATRIX_PASSWORD is not set")
-        try:
-            resp = await client.login(config.password, device_name=DEVICE_NAME)
-        except (ClientError, OSError, TimeoutError) as err:
-            raise HomeserverUnreachable(str(err)) from err
-        if not isinstance(resp, LoginResponse):
-            if resp.status_code in ("M_FORBIDDEN", "M_USER_DEACTIVATED", "M_INVALID_USERNAME"):
-                raise LoginFailed(f"login refused: {resp.status_code} {resp.message}")
-            raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
-        session = Session(config.homeserver, config.user_id, resp.device_id, resp.access_token)
-        log.info("session.created", device_id=session.device_id)
-    save_session(config, session)
+        save_session(config, session)
+        return session
+    if not config.password:
+        raise LoginFailed("the saved session is gone and MATRIX_PASSWORD is not set")
+    session = await password_login(client, config, device_id)
+    log.info("session.created", device_id=session.device_id)
     return session
+
+
+class SessionClient(AsyncClient):
+    """An AsyncClient whose session outlives a revoked token.
+
+    Every request passes through ``_send``, so a refused token (``M_UNKNOWN_TOKEN``) is met
+    here, whichever request meets it first: the sync loop or a handler. One password login
+    renews the session for all of them, and each refused request is sent again (the server
+    did not act on it). Without a password, or when even a fresh token is refused, the
+    session is lost: ``on_lost`` is called and every request fails at once with
+    ``TokenRefused``, so a dead token is never retried.
+    """
+
+    def __init__(self, settings: Config, config: AsyncClientConfig) -> None:
+        super().__init__(settings.homeserver, settings.user_id, config=config)
+        self.settings = settings
+        self.lost: LoginFailed | None = None
+        self._on_lost: Callable[[], object] | None = None  # None: not renewing (at startup)
+        self._renewal = asyncio.Lock()
+        self._untried: str | None = None  # a renewed token that no request has succeeded with
+
+    def renew_when_refused(self, on_lost: Callable[[], object]) -> None:
+        """From now on, renew a refused token; call ``on_lost`` when that is impossible."""
+        self._on_lost = on_lost
+
+    async def _send(self, response_class: type, method: str, path: str,
+                    *args: Any, **kwargs: Any) -> Any:
+        while True:
+            if self.lost is not None:
+                raise TokenRefused(str(self.lost))
+            token = self.access_token
+            resp = await super()._send(response_class, method, path, *args, **kwargs)
+            if (self._on_lost is None or response_class is LoginResponse
+                    or not token_refused(resp)):
+                if token == self._untried:
+                    self._untried = None
+                return resp
+            await self._renew(token, resp.soft_logout, f"{method} {path.split('?')[0]}")
+
+    async def receive_response(self, response: Any) -> None:
+        # nio drops the token on a soft logout, whichever token is current by then: a token
+        # just renewed by another request would go too. The session is renewed in _send.
+        if not (isinstance(response, ErrorResponse) and response.soft_logout):
+            await super().receive_response(response)
+
+    async def _renew(self, refused: str, soft_logout: bool, request: str) -> None:
+        """Replace the refused token, once for every request that met it; or lose the session."""
+        async with self._renewal:
+            if self.lost is not None:
+                raise TokenRefused(str(self.lost))
+            if self.access_token != refused:
+                return  # another request renewed the session meanwhile
+            if refused == self._untried:
+                self._lose("the homeserver refused the token it had just issued")
+            if not self.settings.password:
+                self._lose("the homeserver revoked the access token (M_UNKNOWN_TOKEN) and "
+                           "MATRIX_PASSWORD is not set")
+            old_device = self.device_id
+            try:
+                session = await password_login(self, self.settings,
+                                               relogin_device(soft_logout, old_device))
+            except LoginFailed as err:
+                self._lose(f"the access token was revoked and a new login failed: {err}")
+            except HomeserverUnreachable as err:
+                raise TokenRefused(f"the access token was revoked; a new login will be "
+                                   f"tried again: {err}") from err
+            self._untried = session.access_token
+        log.warning("session.relogin", old_device_id=old_device, device_id=session.device_id,
+                    soft_logout=soft_logout, request=request)
+
+    def _lose(self, reason: str) -> NoReturn:
+        self.lost = LoginFailed(reason)
+        assert self._on_lost is not None
+        self._on_lost()
+        raise TokenRefused(reason)
