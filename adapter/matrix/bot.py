@@ -128,6 +128,8 @@ class Bot:
                 continue
             except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError,
                     OSError) as err:
+                if stop.is_set():
+                    break  # stopping; or the session was lost for good (run_bot says so)
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
