@@ -117,7 +117,8 @@ def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
 
 
 class Homeserver:
-    """The bot's calls to the homeserver. Every method does exactly one request."""
+    """The bot's calls to the homeserver. Every method does exactly one request, except that
+    the first room creation of a process asks for the room version first."""
 
     def __init__(self, client: AsyncClient, server_name: str) -> None:
         self.client = client
