@@ -39,10 +39,26 @@ class Healer:
         self._inflight: dict[str, asyncio.Task] = {}
         self._refused: dict[str, tuple[HealRefused, float]] = {}
 
-    async def cause(self) -> HealCause:
-        if await self.svc.store.get_reset_marker() is not None:
-            return "local_reset"
-        return "store_missing" if self.svc.store.db.created else "inconsistent"
+    def cause(self, created_at: float = 0.0, held: bool = False) -> HealCause:
+        """SPEC §6: the DB's birth cause for a room older than the DB that it holds nothing
+        of; else ``inconsistent`` (the DB should have known the room). Before the room's state
+        is read, ``created_at`` is unknown (0): the room is taken as older."""
+        birth = self.svc.store.db.birth
+        if held or birth is None or created_at >= birth.at:
+            return "inconsistent"
+        return birth.cause
+
+    async def _held(self, room_id: str, plan: HealPlan | None = None) -> bool:
+        """Whether the DB still holds part of the room's own records (room, chat)."""
+        if await self.svc.store.get_room(room_id) is not None:
+            return True
+        if plan is None or plan.chat is None:
+            return False
+        try:
+            await self.svc.chats.get(plan.chat.user_id, plan.chat.chat_id)
+            return True
+        except ChatNotFound:
+            return False
 
     def _single_flight(self, key: str, work: Callable[[], Awaitable]) -> Awaitable:
         task = self._inflight.get(key)
@@ -62,21 +78,23 @@ class Healer:
         return await self._single_flight(room_id, lambda: self._heal_room(room_id))
 
     async def _heal_room(self, room_id: str) -> HealPlan:
-        started, cause = time.monotonic(), await self.cause()
-        bot = self.svc.bot_id
-        snap = await self._snapshot(room_id, cause)
+        started, bot = time.monotonic(), self.svc.bot_id
+        held = await self._held(room_id)
+        snap = await self._snapshot(room_id, self.cause(held=held))
         requests = 1
         parent = None
         if parent_id := parent_to_verify(snap, bot):
-            parent = await self._snapshot(parent_id, cause, for_room=room_id)
+            parent = await self._snapshot(parent_id, self.cause(snap.created_at, held),
+                                          for_room=room_id)
             requests += 1
         try:
             plan = assess_room(snap, bot, parent)
         except HealRefused as refusal:
-            log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason, cause=cause,
-                        hs_requests=requests)
+            log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason,
+                        cause=self.cause(snap.created_at, held), hs_requests=requests)
             self._refused[room_id] = (refusal, time.monotonic() + REFUSAL_MEMORY_S)
             raise
+        cause = self.cause(snap.created_at, held or await self._held(room_id, plan))
         restored = await self._write(plan)
         (log.warning if cause == "inconsistent" else log.info)(
             "state.healed", room_id=room_id, restored=restored, source=plan.source, cause=cause,
@@ -149,7 +167,7 @@ class Healer:
             joined = await self.svc.hs.joined_rooms()
         except HomeserverError as err:
             log.warning("state.heal_failed", room_id=None, user_id=user_id, error=str(err),
-                        will_retry=True, cause=await self.cause())
+                        will_retry=True, cause=self.cause())
             raise
         spaces, unknown = [], []
         for room_id in joined:
@@ -166,9 +184,11 @@ class Healer:
         return spaces + unknown
 
     async def heal_space_children(self, space_id: str) -> None:
-        """Heal every child of the Space that has no complete local record (for ``!chats``)."""
-        snap = await self._snapshot(space_id, await self.cause())
-        missing = [rid for rid in snap.children(self.svc.bot_id) if not await self._complete(rid)]
+        """Heal every current and former child of the Space that has no complete local record
+        (for ``!chats``, whose archived count includes the unlinked children)."""
+        snap = await self._snapshot(space_id, self.cause())
+        missing = [rid for rid in snap.children(self.svc.bot_id, former=True)
+                   if not await self._complete(rid)]
         if not missing:
             return
         gate = asyncio.Semaphore(SPACE_HEAL_CONCURRENCY)

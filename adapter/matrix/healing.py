@@ -13,7 +13,7 @@ from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.healer import Healer
 from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.room_router import ChatRoute, Unregistered
+from adapter.matrix.room_router import ChatRoute, LobbyRoute, Unregistered
 from adapter.matrix.room_state import HealRefused
 from core.chat import Chat, ChatNotFound
 
@@ -60,7 +60,7 @@ class HealingMiddleware:
         # Heal the Space only for its owner: a non-owner's event is dropped by the next link.
         if owner == update.sender and self._needs_space(update, data):
             data["user"] = await self.healer.user_space(owner)
-            if data["user"] is not None and self._lists_space(update, data):
+            if data["user"] is not None and await self._lists_space(update, data):
                 await self.healer.heal_space_children(data["user"].space_id)
 
     async def _chat_of(self, route: ChatRoute, svc: Services) -> Chat:
@@ -74,15 +74,24 @@ class HealingMiddleware:
             return plan.chat
 
     @staticmethod
-    def _needs_space(update: Update, data: EventData) -> bool:
-        command = data.get("command")
-        return update.kind == "invite" or (command is not None and command.spec.needs_space)
+    def _onboarding(update: Update, data: EventData) -> bool:
+        """An invite, or a message in the lobby (which completes an onboarding cut short)."""
+        return update.kind == "invite" or (
+            update.kind == "message" and isinstance(data["route"], LobbyRoute))
 
-    @staticmethod
-    def _lists_space(update: Update, data: EventData) -> bool:
-        """``!chats`` lists, and a returning user's invite looks for, every chat of the Space."""
+    def _needs_space(self, update: Update, data: EventData) -> bool:
         command = data.get("command")
-        return update.kind == "invite" or (command is not None and command.spec.lists_space)
+        return self._onboarding(update, data) or (
+            command is not None and command.spec.needs_space)
+
+    async def _lists_space(self, update: Update, data: EventData) -> bool:
+        """``!chats`` lists, and onboarding looks for, every chat of the Space: an invite
+        always; a lobby message only when the DB knows no chat of the user (a loss or a crash)."""
+        command = data.get("command")
+        if command is not None and command.spec.lists_space or update.kind == "invite":
+            return True
+        return self._onboarding(update, data) and not await data["services"].store.chat_rooms_of(
+            update.sender)
 
     async def _notice_refusal(self, update: Update, refusal: HealRefused, svc: Services) -> None:
         last = self._refusal_noticed.get(update.room_id, float("-inf"))

@@ -117,9 +117,11 @@ class RoomSnapshot:
         return sorted(ev.state_key for ev in self.of_type("m.space.parent")
                       if ev.sender == bot_id and ev.content)
 
-    def children(self, bot_id: str) -> list[str]:
+    def children(self, bot_id: str, former: bool = False) -> list[str]:
+        """The Space's children linked by the bot; with ``former``, also those it unlinked
+        (archived chats: an unlinked child keeps an ``m.space.child`` with empty content)."""
         return sorted(ev.state_key for ev in self.of_type("m.space.child")
-                      if ev.sender == bot_id and ev.content)
+                      if ev.sender == bot_id and (former or ev.content))
 
 
 @dataclass(frozen=True)

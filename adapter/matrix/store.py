@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -10,7 +11,6 @@ from core.store import SQLiteStore, Transaction
 
 RoomKind = Literal["space", "chat", "lobby"]
 SYNC_TOKEN_KEY = "sync_token"
-RESET_MARKER_KEY = "reset_marker"
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,16 @@ class RoomMeta:
     owner: str
     chat_id: str | None = None
     space_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Creation:
+    """A chat room an event creates: its id and title are chosen (and recorded) before the
+    room exists, so a replay after a crash finds the room instead of making a second one."""
+
+    chat_id: str
+    title: str
+    room_id: str | None = None  # None until the room is created, linked and recorded
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,10 @@ class MatrixStore:
         else:
             await self.db.set(key, value)
 
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Several records written at once (the writers below take it as ``tx``)."""
+        return self.db.transaction()
+
     async def get_user(self, user_id: str) -> UserMeta | None:
         data = await self.db.get(f"matrix_user:{user_id}")
         return UserMeta(**data) if data else None
@@ -92,21 +106,15 @@ class MatrixStore:
     async def set_pending(self, room_id: str, pending: Pending | None) -> None:
         await self._write(f"pending:{room_id}", asdict(pending) if pending else None, None)
 
-    async def get_created(self, source_event_id: str) -> tuple[str, str] | None:
-        """(room_id, chat_id) of the chat room an event already created, if it did."""
+    async def get_created(self, source_event_id: str) -> Creation | None:
+        """What the chat room that an event creates is (to be): see ``chat_rooms``."""
         data = await self.db.get(f"created_by:{source_event_id}")
-        return (data["room_id"], data["chat_id"]) if data else None
+        return Creation(data["chat_id"], data.get("title", "Chat"), data.get("room_id")
+                        ) if data else None
 
-    async def set_created(self, source_event_id: str, room_id: str, chat_id: str,
-                          tx: Transaction) -> None:
-        await self._write(f"created_by:{source_event_id}",
-                          {"room_id": room_id, "chat_id": chat_id}, tx)
+    async def set_created(self, source_event_id: str, creation: Creation,
+                          tx: Transaction | None = None) -> None:
+        await self._write(f"created_by:{source_event_id}", _strip_none(creation), tx)
 
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
-
-    async def get_reset_marker(self) -> dict | None:
-        return await self.db.get(RESET_MARKER_KEY)
-
-    async def set_reset_marker(self, info: dict) -> None:
-        await self.db.set(RESET_MARKER_KEY, info)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from nio import AsyncClient
 
+from adapter.matrix.chat_rooms import create_chat
 from adapter.matrix.context import Services
-from adapter.matrix.handlers.commands import create_chat
 from adapter.matrix.homeserver import Homeserver
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.store import MatrixStore

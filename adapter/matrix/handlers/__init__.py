@@ -6,7 +6,7 @@ import structlog
 
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.delivery import RetryLater
-from adapter.matrix.handlers.auth import handle_invite
+from adapter.matrix.handlers.auth import complete_onboarding, handle_invite, onboarded
 from adapter.matrix.handlers.commands import handle_command
 from adapter.matrix.handlers.messages import (
     handle_encrypted,
@@ -15,6 +15,7 @@ from adapter.matrix.handlers.messages import (
     handle_text,
 )
 from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.room_router import LobbyRoute
 
 log = structlog.get_logger()
 
@@ -33,6 +34,10 @@ async def handle_update(update: Update, data: EventData) -> None:
             await handle_encrypted(update, data)
         elif update.kind == "missed":
             await handle_missed(update, data)
+        elif isinstance(data["route"], LobbyRoute) and not await onboarded(update, data):
+            await complete_onboarding(update, data)  # its welcome answers a plain message
+            if data.get("command") is not None:
+                await handle_command(update, data)
         elif data.get("command") is not None:
             await handle_command(update, data)
         else:

@@ -1,11 +1,14 @@
-"""Invite bootstrap (SPEC §5): join, then one Space per user, never two."""
+"""Onboarding (SPEC §5): join on invite, then one Space per user, never two, with a usable
+first chat. Every step is safe to run again, so a crash at any point is completed by the
+replayed invite (it stays in the inbox until handled), or by the user's next message in
+the lobby."""
 
 from __future__ import annotations
 
 import structlog
 
+from adapter.matrix.chat_rooms import active_chat_rooms, create_chat, matrix_to
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.handlers.commands import create_chat, matrix_to
 from adapter.matrix.homeserver import HomeserverError
 from adapter.matrix.store import RoomMeta, UserMeta
 
@@ -17,18 +20,33 @@ FIRST_CHAT_TITLE = "Chat 1"
 async def handle_invite(update: Update, data: EventData) -> None:
     """``data["user"]`` is the inviter's Space as healed from the server (None: they have none)."""
     async with data["services"].bootstrap_locks[update.sender]:
-        await _bootstrap(update, data)
+        await data["services"].hs.join(update.room_id)
+        await _onboard(update, data)
 
 
-async def _bootstrap(update: Update, data: EventData) -> None:
+async def onboarded(update: Update, data: EventData) -> bool:
+    """Whether the sender has a Space with a chat room, active or archived (the healing link
+    has looked on the server when the DB knew none)."""
+    return data.get("user") is not None and bool(
+        await data["services"].store.chat_rooms_of(update.sender))
+
+
+async def complete_onboarding(update: Update, data: EventData) -> None:
+    """A message in the lobby from a user whose onboarding was cut short: finish it."""
+    log.info("onboarding.resumed", room_id=update.room_id, owner=update.sender,
+             has_space=data.get("user") is not None)
+    async with data["services"].bootstrap_locks[update.sender]:
+        await _onboard(update, data)
+
+
+async def _onboard(update: Update, data: EventData) -> None:
     svc, owner, lobby_id = data["services"], update.sender, update.room_id
-    await svc.hs.join(lobby_id)
     # A concurrent invite of the same user may have made the Space while this one waited.
     user = data.get("user") or await svc.store.get_user(owner)
     if user is None:
         space_id = await svc.hs.create_space(owner)
         user = UserMeta(space_id=space_id, lobby_room_id=lobby_id)
-        async with svc.store.db.transaction() as tx:
+        async with svc.store.transaction() as tx:
             await svc.store.set_room(space_id, RoomMeta("space", owner), tx)
             await svc.store.set_user(owner, user, tx)
         log.info("space.created", room_id=space_id, owner=owner)
@@ -39,15 +57,17 @@ async def _bootstrap(update: Update, data: EventData) -> None:
             user = UserMeta(user.space_id, lobby_id)
             await svc.store.set_user(owner, user)
         greeting = "Welcome back! Your Space is"
+    data["user"] = user
     if await svc.store.get_room(lobby_id) is None:
         await svc.store.set_room(lobby_id, RoomMeta("lobby", owner))
     first = await _first_chat(svc, owner, user.space_id, update.event_id)
+    space_link, chat_link = (matrix_to(room, svc.hs.server_name) for room in (user.space_id, first))
     await svc.reply(update,
-                    f"{greeting} “Lambda”: {matrix_to(user.space_id)}\n"
-                    f"Start chatting in {matrix_to(first)} — or send !help here.",
-                    html=f'{greeting} <a href="{matrix_to(user.space_id)}">Lambda</a>. '
-                         f'Start chatting in <a href="{matrix_to(first)}">your chat</a>, '
-                         "or send <code>!help</code> here.")
+                    f"{greeting} “Lambda”: {space_link}\n"
+                    f"Start chatting in {chat_link} — or send !help here.",
+                    html=f'{greeting} <a href="{space_link}">Lambda</a>. '
+                         f'Start chatting in <a href="{chat_link}">your chat</a>, '
+                         "or send <code>!help</code> here.", part="welcome")
 
 
 async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
@@ -62,11 +82,9 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
 async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str) -> str:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat)."""
-    rooms = await svc.store.chat_rooms_of(owner)
-    for chat in await svc.chats.list_active(owner):
-        if chat.chat_id in rooms:
-            await _reinvite(svc, rooms[chat.chat_id], owner)
-            return rooms[chat.chat_id]
+    room_id = next(iter((await active_chat_rooms(svc, owner)).values()), None)
+    if room_id is not None:
+        await _reinvite(svc, room_id, owner)
+        return room_id
     room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id)
     return room_id
-

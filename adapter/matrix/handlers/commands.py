@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from adapter.matrix.chat_rooms import create_chat, matrix_to
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.room_router import ChatRoute
-from adapter.matrix.store import Pending, RoomMeta
-from core.chat import Chat, InvalidTitle, new_chat_id, validate_title
+from adapter.matrix.store import Pending
+from core.chat import Chat, InvalidTitle, validate_title
 
 log = structlog.get_logger()
 
@@ -39,10 +40,6 @@ class Command:
     name: str
     args: str
     spec: CommandSpec = field(repr=False)
-
-
-def matrix_to(room_id: str) -> str:
-    return f"https://matrix.to/#/{room_id}"
 
 
 async def _say(update: Update, data: EventData, body: str, html_body: str | None = None) -> None:
@@ -78,29 +75,10 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
-    room_id, _ = await create_chat(svc, owner, user.space_id, title, update.event_id)
-    await _say(update, data, f"Created “{title}”: {matrix_to(room_id)}",
-               f'Created <a href="{matrix_to(room_id)}">{html.escape(title)}</a>.')
-
-
-async def create_chat(svc: Services, owner: str, space_id: str, title: str,
-                      source_event_id: str) -> tuple[str, Chat]:
-    """A chat room in the owner's Space, with its marker, both links and its records.
-
-    Idempotent per source event: a round replayed after a crash finds the room its first
-    run created (recorded together with the room record) and only completes the rest."""
-    created = await svc.store.get_created(source_event_id)
-    if created is None:
-        chat_id = new_chat_id()
-        room_id = await svc.hs.create_chat_room(owner, space_id, chat_id, title)
-        async with svc.store.db.transaction() as tx:
-            await svc.store.set_room(room_id, RoomMeta("chat", owner, chat_id, space_id), tx)
-            await svc.store.set_created(source_event_id, room_id, chat_id, tx)
-        log.info("chat.created", room_id=room_id, chat_id=chat_id, owner=owner)
-    else:
-        room_id, chat_id = created
-    await svc.hs.link_child(space_id, room_id)
-    return room_id, await svc.chats.get_or_create(owner, chat_id, title)
+    room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
+    link = matrix_to(room_id, svc.hs.server_name)
+    await _say(update, data, f"Created “{chat.title}”: {link}",
+               f'Created <a href="{link}">{html.escape(chat.title)}</a>.')
 
 
 async def cmd_rename(cmd: Command, update: Update, data: EventData) -> None:
@@ -175,7 +153,7 @@ async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
         return
     plain, items = [], []
     for chat in active:
-        link = matrix_to(rooms[chat.chat_id])
+        link = matrix_to(rooms[chat.chat_id], svc.hs.server_name)
         here = rooms[chat.chat_id] == update.room_id
         plain.append(f"• {chat.title} — {link}{' (this chat)' if here else ''}")
         items.append(f'<li><a href="{link}">{html.escape(chat.title)}</a>'

@@ -1,0 +1,75 @@
+"""Chat rooms in a user's Space (SPEC §5), for ``!new`` and the invite bootstrap.
+
+Creating one is idempotent per source event, across crashes: its chat id and title are
+recorded first (``Creation``); the room is created, linked into the Space, and recorded
+with its chat in one transaction. A replay that finds the creation unfinished looks for
+the room among the bot's rooms the DB does not know (by its marker) before making one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import structlog
+
+from adapter.matrix.context import Services
+from adapter.matrix.room_state import CHAT_MARKER, RoomSnapshot
+from adapter.matrix.store import Creation, RoomMeta
+from core.chat import Chat, new_chat_id
+
+log = structlog.get_logger()
+
+
+def matrix_to(room_id: str, via: str) -> str:
+    """A matrix.to link that works for people not yet in the room (``via`` its server)."""
+    return f"https://matrix.to/#/{room_id}"  # TEMP until the parsers in tests/tools follow
+
+
+async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:
+    """chat_id -> room_id of the owner's active chats that have a room, oldest first."""
+    rooms = await svc.store.chat_rooms_of(owner)
+    return {c.chat_id: rooms[c.chat_id] for c in await svc.chats.list_active(owner)
+            if c.chat_id in rooms}
+
+
+async def create_chat(svc: Services, owner: str, space_id: str, title: str,
+                      source_event_id: str) -> tuple[str, Chat]:
+    """The chat room that ``source_event_id`` creates in the owner's Space: made once."""
+    creation = await svc.store.get_created(source_event_id)
+    room_id = None
+    if creation is None:
+        creation = Creation(new_chat_id(), title)
+        await svc.store.set_created(source_event_id, creation)
+    elif creation.room_id is not None:
+        return creation.room_id, await svc.chats.get_or_create(owner, creation.chat_id,
+                                                                creation.title)
+    else:
+        room_id = await _find_created(svc, creation.chat_id)
+    if room_id is None:
+        room_id = await svc.hs.create_chat_room(owner, space_id, creation.chat_id,
+                                                creation.title)
+    await svc.hs.link_child(space_id, room_id)
+    chat = Chat(creation.chat_id, owner, creation.title, "active", time.time())
+    async with svc.store.transaction() as tx:
+        await svc.store.set_room(room_id, RoomMeta("chat", owner, chat.chat_id, space_id), tx)
+        svc.chats.restore(chat, tx)
+        await svc.store.set_created(source_event_id, replace(creation, room_id=room_id), tx)
+    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner)
+    return room_id, chat
+
+
+async def _find_created(svc: Services, chat_id: str) -> str | None:
+    """The room of an unfinished creation, if the homeserver made it (a crash right after
+    ``createRoom``, or an answer lost on the way): a room the bot is in, that the DB does
+    not know, whose marker names ``chat_id``. Runs only when resuming a creation."""
+    known = {room_id for room_id, _ in await svc.store.rooms()}
+    for room_id in await svc.hs.joined_rooms():
+        if room_id in known:
+            continue
+        marker = RoomSnapshot.from_events(room_id, await svc.hs.get_state(room_id)).get(
+            CHAT_MARKER)
+        if marker and marker.sender == svc.bot_id and marker.content.get("chat_id") == chat_id:
+            log.info("chat.creation_resumed", room_id=room_id, chat_id=chat_id)
+            return room_id
+    return None
