@@ -173,7 +173,7 @@ class SessionClient(AsyncClient):
 
     async def _send(self, response_class: type, method: str, path: str,
                     *args: Any, **kwargs: Any) -> Any:
-        while True:
+        for _ in range(2):  # a request is sent again at most once
             if self.lost is not None:
                 raise TokenRefused(str(self.lost))
             token = self.access_token
@@ -184,6 +184,9 @@ class SessionClient(AsyncClient):
                     self._untried = None
                 return resp
             await self._renew(token, resp.soft_logout, f"{method} {path.split('?')[0]}")
+        # Refused again after a renewal (revoked again meanwhile), and renewed once more: the
+        # caller retries later, so no request loops here.
+        raise TokenRefused("the homeserver refused the renewed access token too")
 
     async def receive_response(self, response: Any) -> None:
         # nio drops the token on a soft logout, whichever token is current by then: a token

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from dataclasses import replace
 
 from aiohttp import ClientSession
@@ -18,7 +19,7 @@ from adapter.matrix.session import session_file
 from adapter.matrix.store import SYNC_TOKEN_KEY
 from core.store import SQLiteStore
 from tests.integration.agents import GatedAgent
-from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner
+from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, unique
 
 CLIENT_API = "/_matrix/client/v3"
 
@@ -138,6 +139,35 @@ async def test_token_only_bot_exits_1_with_login_failed_and_keeps_the_invite(
     await again.wait_log("bot.ready")
     await alice.wait_reply(lobby, config.user_id, "Welcome to Lambda")
     assert await again.terminate() == 0
+
+
+async def expiring_token(homeserver, config: Config, valid_for_s: float) -> tuple[str, float]:
+    """A token of the bot's account that expires (Synapse's admin login API); then it is
+    refused with ``soft_logout: true``. Returns it and its expiry (epoch seconds)."""
+    admin = homeserver.register(unique("admin"), "admin-password", admin=True)
+    admin_token = await new_token(replace(config, user_id=admin.user_id), admin.password)
+    until = time.time() + valid_for_s
+    async with ClientSession() as http, http.post(
+            f"{config.homeserver}/_synapse/admin/v1/users/{config.user_id}/login",
+            json={"valid_until_ms": int(until * 1000)},
+            headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["access_token"], until
+
+
+async def test_expired_token_soft_logout_logs_in_again_and_answers(
+        homeserver, bot_config, logs, make_user):
+    token, expires_at = await expiring_token(homeserver, bot_config, valid_for_s=8)
+    runner = BotRunner(replace(bot_config, access_token=token), logs)
+    await runner.start()
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(runner.user_id)
+    await asyncio.sleep(max(0.0, expires_at + 0.5 - time.time()))  # the expiry itself
+    await alice.ask(chat, runner.user_id, "after the expiry", "Echo: after the expiry")
+    [relogin] = logs.named("session.relogin")
+    assert relogin["soft_logout"] is True
+    assert saved_session(bot_config)["device_id"] == relogin["device_id"]
+    assert await runner.stop() == 0
 
 
 async def write_sync_token(config: Config, token: str) -> None:

@@ -216,3 +216,19 @@ async def test_a_wrong_password_at_renewal_loses_the_session(fake_hs, tmp_path):
         await client.joined_rooms()
     assert lost == ["lost"] and "M_FORBIDDEN" in str(client.lost)
     await client.close()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+async def test_a_saved_session_refused_at_start_logs_in_on_a_new_device_unless_soft(
+        fake_hs, tmp_path, soft):
+    config = config_for(fake_hs, tmp_path)
+    first, _ = await logged_in(config)
+    fake_hs.revoke(first.access_token, soft=soft)
+    await first.close()
+    client = SessionClient(config, client_config())
+    session = await log_in(client, config)
+    assert (session.device_id == first.device_id) is soft
+    assert fake_hs.devices == {session.device_id}
+    assert json.loads(session_file(config.store_path).read_text())["device_id"] \
+        == session.device_id
+    await client.close()
