@@ -34,19 +34,25 @@ async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:
 
 
 async def create_chat(svc: Services, owner: str, space_id: str, title: str,
-                      source_event_id: str) -> tuple[str, Chat]:
-    """The chat room that ``source_event_id`` creates in the owner's Space: made once."""
+                      source_event_id: str, *, adopt_orphan: bool = False) -> tuple[str, Chat]:
+    """The chat room that ``source_event_id`` creates in the owner's Space: made once.
+
+    ``adopt_orphan`` (a first chat): a room the bot made for the owner that no record knows
+    (a crash between ``createRoom`` and the records, then a loss of the DB) is taken instead."""
     creation = await svc.store.get_created(source_event_id)
-    room_id = None
-    if creation is None:
-        creation = Creation(new_chat_id(), title)
-        await svc.store.set_created(source_event_id, creation)
-    elif creation.room_id is not None:
+    if creation is not None and creation.room_id is not None:
         return creation.room_id, await svc.chats.get_or_create(owner, creation.chat_id,
                                                                 creation.title)
+    orphan = None
+    if creation is not None or adopt_orphan:
+        orphan = await _find_unrecorded(svc, owner, space_id,
+                                        creation.chat_id if creation else None)
+    if orphan is not None:
+        room_id, creation = orphan
     else:
-        room_id = await _find_created(svc, creation.chat_id)
-    if room_id is None:
+        if creation is None:
+            creation = Creation(new_chat_id(), title)
+            await svc.store.set_created(source_event_id, creation)
         room_id = await svc.hs.create_chat_room(owner, space_id, creation.chat_id,
                                                 creation.title)
     await svc.hs.link_child(space_id, room_id)
@@ -55,21 +61,29 @@ async def create_chat(svc: Services, owner: str, space_id: str, title: str,
         await svc.store.set_room(room_id, RoomMeta("chat", owner, chat.chat_id, space_id), tx)
         svc.chats.restore(chat, tx)
         await svc.store.set_created(source_event_id, replace(creation, room_id=room_id), tx)
-    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner)
+    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner,
+             resumed=orphan is not None)
     return room_id, chat
 
 
-async def _find_created(svc: Services, chat_id: str) -> str | None:
-    """The room of an unfinished creation, if the homeserver made it (a crash right after
-    ``createRoom``, or an answer lost on the way): a room the bot is in, that the DB does
-    not know, whose marker names ``chat_id``. Runs only when resuming a creation."""
+async def _find_unrecorded(svc: Services, owner: str, space_id: str, chat_id: str | None
+                           ) -> tuple[str, Creation] | None:
+    """An active chat room of the owner in this Space that the bot made but the DB does not
+    know (``chat_id``: that one): a crash right after ``createRoom``, or its answer lost on
+    the way. Reads the state of each unknown joined room, so it runs only when resuming."""
     known = {room_id for room_id, _ in await svc.store.rooms()}
     for room_id in await svc.hs.joined_rooms():
         if room_id in known:
             continue
-        marker = RoomSnapshot.from_events(room_id, await svc.hs.get_state(room_id)).get(
-            CHAT_MARKER)
-        if marker and marker.sender == svc.bot_id and marker.content.get("chat_id") == chat_id:
-            log.info("chat.creation_resumed", room_id=room_id, chat_id=chat_id)
-            return room_id
+        snap = RoomSnapshot.from_events(room_id, await svc.hs.get_state(room_id))
+        marker = snap.get(CHAT_MARKER)
+        if (marker is None or marker.sender != svc.bot_id or snap.creator != svc.bot_id
+                or snap.parents(svc.bot_id) != [space_id]):
+            continue
+        found = marker.content
+        if (found.get("owner") == owner and found.get("status") == "active"
+                and isinstance(found.get("chat_id"), str)
+                and (chat_id is None or found["chat_id"] == chat_id)):
+            log.info("chat.creation_resumed", room_id=room_id, chat_id=found["chat_id"])
+            return room_id, Creation(found["chat_id"], snap.name or "Chat")
     return None

@@ -1,10 +1,12 @@
 """A reverse proxy on 127.0.0.1 in front of the real Synapse that can inject failures
-(error statuses, 429 with retry_after_ms, dropped connections) into chosen requests."""
+(error statuses, 429 with retry_after_ms, dropped connections) into chosen requests, or
+hold one request (before or after Synapse handled it) to kill the bot at that point."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, web
 
@@ -17,11 +19,21 @@ class Fault:
     remaining: int
 
 
+@dataclass
+class Hold:
+    method: str
+    pattern: re.Pattern[str]
+    skip: int  # matching requests let through before the one held
+    forward: bool  # True: Synapse handles it, the answer is held; False: it never arrives
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
         self.hits: list[str] = []
+        self.holds: list[Hold] = []
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
         self.url = ""
@@ -32,6 +44,14 @@ class FaultProxy:
 
     def heal(self) -> None:
         self.faults.clear()
+        self.holds.clear()
+
+    def hold(self, method: str, path_regex: str, nth: int = 1, forward: bool = True
+             ) -> asyncio.Event:
+        """Hold the ``nth`` matching request forever; the event is set when it is reached."""
+        hold = Hold(method, re.compile(path_regex), nth - 1, forward)
+        self.holds.append(hold)
+        return hold.reached
 
     async def start(self) -> None:
         self._session = ClientSession(auto_decompress=False)
@@ -60,6 +80,10 @@ class FaultProxy:
                     request.transport.close()
                     return web.Response(status=502)
                 return web.json_response(fault.body, status=fault.status)
+        hold = self._hold_for(request.method, path)
+        if hold is not None and not hold.forward:
+            hold.reached.set()
+            await asyncio.Event().wait()  # until the bot is killed and the proxy stopped
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         async with self._session.request(request.method, self.upstream + request.path_qs,
@@ -67,4 +91,16 @@ class FaultProxy:
             payload = await upstream.read()
             out = {k: v for k, v in upstream.headers.items()
                    if k.lower() in ("content-type", "content-encoding")}
-            return web.Response(status=upstream.status, body=payload, headers=out)
+        if hold is not None:
+            hold.reached.set()
+            await asyncio.Event().wait()
+        return web.Response(status=upstream.status, body=payload, headers=out)
+
+    def _hold_for(self, method: str, path: str) -> Hold | None:
+        for hold in self.holds:
+            if hold.method == method and hold.pattern.search(path):
+                if hold.skip == 0:
+                    self.holds.remove(hold)
+                    return hold
+                hold.skip -= 1
+        return None

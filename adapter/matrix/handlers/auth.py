@@ -86,5 +86,8 @@ async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id:
     if room_id is not None:
         await _reinvite(svc, room_id, owner)
         return room_id
-    room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id)
+    # No chat at all: a crash may have left one unrecorded, and a loss of the DB its intent.
+    adopt = not await svc.store.chat_rooms_of(owner)
+    room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
+                                   adopt_orphan=adopt)
     return room_id
