@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
-from nio import AsyncClient, WhoamiError
+from nio import AsyncClient, RoomCreateResponse, WhoamiError
 
+from core.store import SQLiteStore
 from tests.integration.conftest import reset_tool
 
 
@@ -54,6 +56,10 @@ async def test_reset_then_restart_heals_with_cause_local_reset_and_twice_in_a_ro
     code, out = await reset(bot, "--yes")
     assert code == 0 and "cause=local_reset" in out
     assert not bot.config.store_path.exists()
+    fresh = await SQLiteStore.open(bot.config.db_path)
+    assert fresh.birth is not None and fresh.birth.cause == "local_reset"
+    assert await fresh.get("reset_marker") is None
+    await fresh.close()
     code, _ = await reset(bot, "--yes")
     assert code == 0
     await bot.start()
@@ -78,15 +84,53 @@ async def test_without_yes_a_no_answer_changes_nothing(bot):
     assert (bot.config.store_path / "session.json").exists()
 
 
-async def test_server_mode_empties_bot_rooms_and_logs_out_the_device(bot, make_user):
+async def test_a_foreign_db_is_refused_touching_nothing_and_force_resets_all(bot):
+    await bot.stop()
+    db, session = bot.config.db_path, bot.config.store_path / "session.json"
+    for path in db.parent.glob(db.name + "*"):
+        path.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    before = snapshot([db.parent])
+    code, out = await reset(bot, "--yes")
+    assert code == 1 and "not the bot's: its tables are notes" in out and "--force" in out
+    assert snapshot([db.parent]) == before  # the DB, and the session beside it too
+    code, out = await reset(bot, "--yes", "--force")
+    assert code == 0, out
+    assert not session.exists() and not bot.config.store_path.exists()
+    fresh = await SQLiteStore.open(db)
+    assert fresh.birth.cause == "local_reset" and await fresh.scan("") == [
+        ("birth", {"at": fresh.birth.at, "cause": "local_reset"})]
+    await fresh.close()
+
+
+async def test_only_the_bots_files_leave_the_session_folder_and_the_plan_says_what_stays(bot):
+    await bot.stop()
+    store = bot.config.store_path
+    (store / "homeserver.yaml").write_text("server_name: localhost\n")
+    (store / "media_store").mkdir()
+    (store / "media_store" / "a.png").write_bytes(b"png")
+    code, out = await reset(bot, "--yes")
+    assert code == 0, out
+    assert sorted(p.name for p in store.iterdir()) == ["homeserver.yaml", "media_store"]
+    assert (store / "media_store" / "a.png").read_bytes() == b"png"
+    assert f"delete {store / 'session.json'}" in out
+    assert f"leave  {store / 'homeserver.yaml'}: not written by the bot" in out
+    assert f"leave  {store / 'media_store'}: not written by the bot" in out
+    assert f"leave  {store}: the folder still holds 2 entries not the bot's" in out
+
+
+async def test_server_mode_empties_every_room_the_bot_created_markers_or_not(bot, make_user):
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)
     await bot.stop()
     session = json.loads((bot.config.store_path / "session.json").read_text())
+    legacy = await _room_made_by_the_bot_before_markers(bot, session, alice)
     code, out = await reset(bot, "--server", "--yes")
     assert code == 0, out
     assert "logged out device" in out and f"{lobby}: not created by the bot" in out
-    for room_id in (space, chat):
+    for room_id in (space, chat, legacy):
         assert f"{room_id}: kick {alice.user_id}, leave, forget" in out
     await alice.sync()
     members = await alice.client.joined_members(chat)
@@ -99,6 +143,22 @@ async def test_server_mode_empties_bot_rooms_and_logs_out_the_device(bot, make_u
     await bot_client.login(bot.config.password)
     try:
         rooms = (await bot_client.joined_rooms()).rooms
-        assert space not in rooms and chat not in rooms and lobby in rooms
+        assert space not in rooms and chat not in rooms and legacy not in rooms
+        assert lobby in rooms
     finally:
         await bot_client.close()
+    assert legacy not in (await alice.client.joined_rooms()).rooms
+
+
+async def _room_made_by_the_bot_before_markers(bot, session: dict, user) -> str:
+    """A room created by the bot (with its saved session) that carries no io.lambda marker,
+    joined by ``user``."""
+    client = AsyncClient(bot.config.homeserver, bot.config.user_id)
+    client.restore_login(bot.config.user_id, session["device_id"], session["access_token"])
+    try:
+        resp = await client.room_create(name="Old chat", invite=[user.user_id])
+        assert isinstance(resp, RoomCreateResponse), resp
+    finally:
+        await client.close()
+    await user.join(resp.room_id)
+    return resp.room_id
