@@ -1,5 +1,6 @@
 """tools/reset_local.py as a process on local files only (no homeserver): what it refuses,
-what it deletes, what it leaves, and the fresh DB's birth record."""
+what it deletes, and the fresh DB's birth record. What it leaves in a session folder shared
+with foreign files is tested against a real bot session in tests/integration."""
 
 from __future__ import annotations
 
@@ -89,23 +90,6 @@ def test_a_directory_at_the_db_path_is_never_deleted(paths):
     code, out = reset(paths, "--yes", "--force")
     assert code == 1 and "never deletes a directory" in out
     assert (db / "keep.txt").read_text() == "mine"
-
-
-def test_only_the_bots_session_files_go_and_the_folder_stays_with_the_foreign_ones(paths):
-    db, store = paths
-    store.mkdir()
-    (store / "session.json").write_text(SESSION_JSON)
-    (store / "homeserver.yaml").write_text("server_name: localhost\n")
-    (store / "media").mkdir()
-    (store / "media" / "a.png").write_bytes(b"png")
-    code, out = reset(paths, "--yes")
-    assert code == 0, out
-    assert sorted(p.name for p in store.iterdir()) == ["homeserver.yaml", "media"]
-    assert (store / "media" / "a.png").read_bytes() == b"png"
-    assert f"delete {store / 'session.json'}" in out
-    assert f"leave  {store / 'homeserver.yaml'}: not written by the bot" in out
-    assert f"leave  {store}: the folder still holds 2 entries not the bot's" in out
-    assert birth_cause(db) == "local_reset"
 
 
 def test_a_reset_removes_the_bots_files_and_the_emptied_folder(paths, tmp_path):

@@ -23,7 +23,7 @@ from reset_tool.facts import (  # noqa: E402
     inspect_db,
     inspect_local,
 )
-from reset_tool.plan import plan_reset  # noqa: E402
+from reset_tool.plan import Kept, plan_reset  # noqa: E402
 
 DB = Path("/w/lambda_matrix.db")
 STORE = Path("/w/matrix_store")
@@ -114,7 +114,7 @@ def test_a_directory_at_the_db_path_is_refused_even_when_forced():
 def test_left_over_sidecars_without_their_db_are_refused_unless_forced():
     orphan = DbFacts(DB, "missing", files=(FileFact(Path(f"{DB}-wal"), 100),))
     plan = plan_reset(LocalFacts(orphan, store()))
-    assert "lambda_matrix.db-wal exist without" in plan.refusal and "--force" in plan.refusal
+    assert "lambda_matrix.db-wal is there without" in plan.refusal and "--force" in plan.refusal
     assert removed(plan_reset(LocalFacts(orphan, store()), force=True)) == {Path(f"{DB}-wal")}
 
 
@@ -209,3 +209,10 @@ async def test_a_bots_db_with_damaged_records_is_still_the_bots(tmp_path):
     facts = inspect_db(db)
     assert facts.kind == "bot" and facts.damaged and facts.rooms == ()
     assert plan_reset(LocalFacts(facts, StoreFacts(tmp_path / "s", "missing"))).refusal is None
+
+
+def test_the_plan_names_why_the_folder_stays_before_its_many_foreign_entries():
+    many = [StoreEntry(STORE / f"f{i:02}", 1, "file") for i in range(40)]
+    plan = plan_reset(LocalFacts(bot_db(), store(SESSION, *many)))
+    assert plan.kept[0] == Kept(STORE, "the folder still holds 40 entries not the bot's")
+    assert len(plan.kept) == 41

@@ -52,10 +52,6 @@ class DbFacts:
     rooms: tuple[KnownRoom, ...] = ()
     damaged: str | None = None  # the bot's schema, but its records are unreadable
 
-    @property
-    def lock(self) -> Path:
-        return lock_path(self.path)
-
 
 @dataclass(frozen=True)
 class StoreEntry:

@@ -83,9 +83,9 @@ def _not_the_bots(db: DbFacts, name: str) -> str | None:
     if db.kind in ("bot", "empty") or (db.kind == "missing" and not db.files):
         return None
     if db.kind == "missing":
-        leftovers = ", ".join(f.path.name for f in db.files)
-        return (f"{leftovers} exist without {name}, so whose they are cannot be told; "
-                "a fresh database must not inherit them")
+        leftovers = " and ".join(f.path.name for f in db.files)
+        return (f"{leftovers} {'is' if len(db.files) == 1 else 'are'} there without {name}, "
+                "so whose cannot be told; a fresh database must not inherit them")
     if db.kind == "foreign":
         return f"{name} is an SQLite database but not the bot's: {db.detail}"
     if db.kind == "not_sqlite":
@@ -114,10 +114,11 @@ def _plan_store(store: StoreFacts
                                          "hold one"))
         else:
             kept.append(Kept(entry.path, "not written by the bot"))
+    # The folder's own line comes first: a long list of foreign entries may be cut short.
     if store.holds_db:
-        kept.append(Kept(store.path, "the folder holds LAMBDA_MATRIX_DB"))
+        kept.insert(0, Kept(store.path, "the folder holds LAMBDA_MATRIX_DB"))
     elif kept:
-        kept.append(Kept(store.path, f"the folder still holds {len(kept)} "
-                                     f"entr{'y' if len(kept) == 1 else 'ies'} not the bot's"))
+        kept.insert(0, Kept(store.path, f"the folder still holds {len(kept)} "
+                                        f"entr{'y' if len(kept) == 1 else 'ies'} not the bot's"))
     remove_dir = None if kept else store.path
     return tuple(removals), tuple(kept), remove_dir
