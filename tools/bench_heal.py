@@ -29,6 +29,7 @@ from homeserver import LocalHomeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.bot import run_bot  # noqa: E402
+from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
 from core.agent import Agent  # noqa: E402
 
@@ -105,7 +106,7 @@ async def bench(chats: int, samples: int) -> None:
             rooms = []
             for i in range(chats):
                 _, text = await person.ask(lobby, f"!new Bench {i}", "Created")
-                rooms.append(text.split("#/")[1])
+                rooms.extend(linked_rooms(text))
             healthy = [(await person.ask(rooms[0], f"hi {i}", f"Echo: hi {i}"))[0]
                        for i in range(samples)]
             warm_chats = [(await person.ask(lobby, "!chats", "Your chats"))[0]

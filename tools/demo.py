@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from homeserver import LocalHomeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
+from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
 
 SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
@@ -30,6 +31,7 @@ SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.he
 class Bot:
     def __init__(self, env: dict[str, str]) -> None:
         self.env, self.proc, self.ready = env, None, asyncio.Event()
+        self.warnings: list[dict] = []  # a healthy run has none (SPEC §6)
 
     async def start(self) -> None:
         self.ready.clear()
@@ -45,6 +47,8 @@ class Bot:
                 line = json.loads(raw)
             except ValueError:
                 continue
+            if line.get("level") in ("warning", "error", "critical"):
+                self.warnings.append(line)
             if line.get("event") in SHOWN:
                 fields = {k: v for k, v in line.items() if k not in ("event", "timestamp")}
                 print(f"    [bot log] {line['event']} {json.dumps(fields)}")
@@ -81,7 +85,7 @@ async def demo() -> None:
         lobby = await user.invite_bot()
         welcome = await user.wait_for_bot(lobby, "Welcome")
         print(f"    bot: {welcome}")
-        chat = welcome.split("#/")[2].split()[0]
+        chat = linked_rooms(welcome)[1]
         for body, expect in [("Hello Lambda!", "Echo"), ("!rename Demo chat", "Renamed")]:
             _, text = await user.ask(chat, body, expect)
             print(f"    alice: {body}\n    bot: {text}")
@@ -103,7 +107,12 @@ async def demo() -> None:
             print(f"    alice: {body}\n    bot: {text}")
         await bot.stop()
         await user.close()
-        step("Done: no room was re-created, nobody left anything.")
+        if bot.warnings:
+            step(f"FAILED: this healthy run logged {len(bot.warnings)} warnings:")
+            for line in bot.warnings:
+                print(f"    {json.dumps(line)}")
+            raise SystemExit(1)
+        step("Done: no room was re-created, nobody left anything, and no warning was logged.")
     finally:
         hs.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -17,13 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapter.matrix.config import Config, ConfigError, local_paths  # noqa: E402
-from core.store import StoreLocked  # noqa: E402
 from reset_tool.facts import LocalFacts, inspect_local  # noqa: E402
 from reset_tool.local import ResetLock, carry_out, create_fresh_db  # noqa: E402
 from reset_tool.plan import plan_reset  # noqa: E402
 from reset_tool.report import print_plan, print_server_steps, print_state  # noqa: E402
 from reset_tool.server import server_cleanup  # noqa: E402
+
+from adapter.matrix.config import Config, ConfigError, local_paths  # noqa: E402
+from core.store import StoreLocked  # noqa: E402
 
 DONE, REFUSED, USAGE = 0, 1, 2
 

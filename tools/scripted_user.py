@@ -14,6 +14,8 @@ from nio import (
     SyncResponse,
 )
 
+from adapter.matrix.chat_rooms import linked_rooms  # the caller puts the repository on sys.path
+
 SOURCE_KEY = "io.lambda.source"  # in every bot reply: the event it answers (SPEC §3)
 # Synapse's default timeline limit is 10: a round with more events would hide some of them.
 SYNC_FILTER = {"room": {"timeline": {"limit": 1000}}, "presence": {"not_types": ["*"]}}
@@ -55,8 +57,7 @@ class ScriptedUser:
         (lobby, space, chat)."""
         lobby = await self.invite_bot()
         welcome = await self.wait_for_bot(lobby, "Space")
-        space, chat = [word.split("#/")[1].rstrip(".,") for word in welcome.split()
-                       if "matrix.to/#/" in word][:2]
+        space, chat = linked_rooms(welcome)[:2]
         for room_id in (space, chat):  # a no-op when _drain joined it already
             await self.client.join(room_id)
         return lobby, space, chat

@@ -8,8 +8,10 @@ the room among the bot's rooms the DB does not know (by its marker) before makin
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
+from urllib.parse import quote, unquote
 
 import structlog
 
@@ -20,10 +22,18 @@ from core.chat import Chat, new_chat_id
 
 log = structlog.get_logger()
 
+_MATRIX_TO = re.compile(r"https://matrix\.to/#/([^?\s\"<]+)")
+
 
 def matrix_to(room_id: str, via: str) -> str:
-    """A matrix.to link that works for people not yet in the room (``via`` its server)."""
-    return f"https://matrix.to/#/{room_id}"  # TEMP until the parsers in tests/tools follow
+    """A matrix.to link, percent-encoded, that works for people not yet in the room: version
+    12 room ids name no server, so ``via`` says which one to ask."""
+    return f"https://matrix.to/#/{quote(room_id, safe='')}?via={quote(via, safe='')}"
+
+
+def linked_rooms(text: str) -> list[str]:
+    """The room ids of the ``matrix_to`` links in a text, in order (what a client reads)."""
+    return [unquote(encoded) for encoded in _MATRIX_TO.findall(text)]
 
 
 async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ from nio import (
 )
 
 from adapter.matrix.bot import run_bot
+from adapter.matrix.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
 from core.store import SQLiteStore
 from tests.integration.fault_proxy import FaultProxy
@@ -264,15 +265,19 @@ class TestUser:
 
     @staticmethod
     def _space_and_chat(body: str) -> tuple[str, str]:
-        links = [part.split("#/")[1].rstrip(".,") for part in body.split()
-                 if "matrix.to/#/" in part]
+        links = linked_rooms(body)
         return links[0], links[1]
 
 
 @pytest.fixture
-def logs():
+def logs(request: pytest.FixtureRequest):
+    """A healthy run logs nothing at warning level (SPEC §6): a test that provokes a fault
+    says so with ``@pytest.mark.warnings_expected(why)``."""
     with structlog.testing.capture_logs() as entries:
         yield LogSink(entries)
+    if request.node.get_closest_marker("warnings_expected") is None:
+        loud = [e for e in entries if e.get("log_level") in ("warning", "error", "critical")]
+        assert not loud, f"a healthy run logged {len(loud)} warnings: {loud[:3]}"
 
 
 @pytest.fixture

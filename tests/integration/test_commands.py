@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adapter.matrix.chat_rooms import linked_rooms, matrix_to
 from adapter.matrix.room_state import CHAT_MARKER
 
 
@@ -40,16 +41,16 @@ async def test_new_creates_room_in_space_and_chats_lists_it(bot, make_user):
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)
     reply = await alice.ask(lobby, bot.user_id, "!new Recipes", "Created “Recipes”")
-    new_room = reply["content"]["body"].split("#/")[1]
+    [new_room] = linked_rooms(reply["content"]["body"])
     child = await room_state(alice, space, "m.space.child", new_room)
     assert child.get("via")
     await alice.wait_for(lambda: new_room in alice.invites)
     await alice.join(new_room)
     listing = await alice.ask(new_room, bot.user_id, "!chats", "Your chats")
     body, html = listing["content"]["body"], listing["content"]["formatted_body"]
-    assert "Chat 1" in body and "Recipes — https://matrix.to/#/" in body
+    assert "Chat 1" in body and f"Recipes — {matrix_to(new_room, 'localhost')}" in body
     assert "(this chat)" in body and "0 archived" in body
-    assert f'href="https://matrix.to/#/{chat}"' in html
+    assert f'href="{matrix_to(chat, "localhost")}"' in html
     await alice.ask(lobby, bot.user_id, "!new", "Created “Chat 3”")
 
 
@@ -82,7 +83,7 @@ async def test_second_invite_makes_no_second_space(bot, make_user):
     _, space, _ = await alice.onboard(bot.user_id)
     second = await alice.open_lobby(bot.user_id)
     welcome = await alice.wait_reply(second, bot.user_id, "Welcome back")
-    assert space in welcome["content"]["body"]
+    assert space in linked_rooms(welcome["content"]["body"])
     assert len(bot.logs.named("space.created")) == 1
 
 

@@ -13,6 +13,7 @@ from adapter.matrix import ingest
 from tests.integration.agents import FaultyAgent, GatedAgent
 from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 
+
 def echoes(user, room_id: str, bot_id: str, prefix: str) -> list[str]:
     """The bot's echoes in the room of messages starting with ``prefix``, in timeline order."""
     return [ev["content"]["body"].removeprefix("Echo: ")
@@ -89,6 +90,7 @@ async def test_a_slow_answer_in_one_room_delays_no_other_room(bot_config, logs, 
     await runner.stop()
 
 
+@pytest.mark.warnings_expected("agent.failed is an error")
 async def test_agent_failure_and_timeout_are_told_once_and_not_retried(
         bot_config, logs, make_user):
     runner = BotRunner(bot_config, logs, FaultyAgent())
@@ -144,6 +146,7 @@ async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make
     assert await wait_echoes(alice, chat, bot.user_id, sent) == sent
 
 
+@pytest.mark.warnings_expected("messages lost past the bound")
 async def test_a_gap_past_the_bound_tells_the_owner_how_many_went_unanswered(
         bot, make_user, monkeypatch):
     monkeypatch.setattr(ingest, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room

@@ -1,6 +1,11 @@
-"""Homeserver errors during a heal: logged, the user told once, retried from the inbox (across\nrestarts too), nothing lost."""
+"""Homeserver errors during a heal: logged, the user told once, retried from the inbox (across
+restarts too), nothing lost."""
 
 from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.warnings_expected("homeserver faults")
 
 STATE = r"/rooms/[^/]+/state$"
 

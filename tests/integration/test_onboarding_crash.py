@@ -11,6 +11,8 @@ import pytest
 
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner
 
+pytestmark = pytest.mark.warnings_expected("rooms a crash kept from the DB heal as inconsistent")
+
 # step -> (method, path, which matching request, whether Synapse gets it before the kill)
 CRASH_POINTS = {
     "joined": ("POST", r"/join/", 1, True),

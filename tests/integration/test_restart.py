@@ -10,11 +10,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from nio import AsyncClient
 
 from adapter.matrix.session import session_file
 from tests.integration.conftest import ROOT, BotProcess, BotRunner
-
 
 
 async def test_restart_reuses_device_and_session_file_is_private(bot, make_user):
@@ -80,6 +80,7 @@ async def test_bad_configuration_exits_2_with_a_clear_json_error():
     assert line["event"] == "config.invalid" and "MATRIX_HOMESERVER is required" in line["error"]
 
 
+@pytest.mark.warnings_expected("a corrupt DB is an error")
 async def test_corrupt_db_stops_the_bot_with_the_remedy_and_keeps_the_file(bot):
     await bot.stop()
     garbage = b"definitely not sqlite " * 200
@@ -93,6 +94,7 @@ async def test_corrupt_db_stops_the_bot_with_the_remedy_and_keeps_the_file(bot):
     assert bot.config.db_path.read_bytes() == garbage
 
 
+@pytest.mark.warnings_expected("a second bot is refused")
 async def test_second_bot_on_the_same_db_refuses_to_start(bot, logs):
     second = BotRunner(bot.config, logs)
     await second.start(wait_ready=False)
@@ -114,6 +116,7 @@ async def test_access_token_login_without_password(bot_config, logs, make_user):
     assert saved["device_id"] == logs.named("bot.logged_in")[0]["device_id"]
 
 
+@pytest.mark.warnings_expected("a refused login is an error")
 async def test_refused_password_exits_1_with_a_clear_log(bot_config, logs):
     runner = BotRunner(replace(bot_config, password="wrong"), logs)
     await runner.start(wait_ready=False)

@@ -11,6 +11,7 @@ import stat
 import time
 from dataclasses import replace
 
+import pytest
 from aiohttp import ClientSession
 from nio import AsyncClient, LoginResponse
 
@@ -20,6 +21,8 @@ from adapter.matrix.store import SYNC_TOKEN_KEY
 from core.store import SQLiteStore
 from tests.integration.agents import GatedAgent
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, unique
+
+pytestmark = pytest.mark.warnings_expected("a lost session is logged at warning level")
 
 CLIENT_API = "/_matrix/client/v3"
 
