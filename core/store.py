@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ BIRTH_KEY = "birth"
 LEGACY_RESET_MARKER_KEY = "reset_marker"  # what the reset tool wrote before birth records
 
 BirthCause = Literal["store_missing", "local_reset"]
+_SURROGATES = range(0xD800, 0xE000)  # code points that UTF-8 (and so SQLite text) cannot hold
 
 
 @dataclass(frozen=True)
@@ -157,12 +159,14 @@ class SQLiteStore:
         return None if row is None else self._decode(key, row[0])
 
     async def scan(self, prefix: str) -> list[tuple[str, Any]]:
-        """All (key, value) pairs whose key starts with ``prefix``, in key order."""
-        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        async with self._conn.execute(
-            "SELECT key, value FROM kv WHERE key LIKE ? ESCAPE '\\' ORDER BY key",
-            (escaped + "%",),
-        ) as cur:
+        """All (key, value) pairs whose key starts with ``prefix`` (case-sensitive), in key
+        order."""
+        # A key range, not LIKE: LIKE folds ASCII case and cannot use the key's index.
+        query, args = "SELECT key, value FROM kv WHERE key >= ?", [prefix]
+        if (end := _prefix_end(prefix)) is not None:
+            query += " AND key < ?"
+            args.append(end)
+        async with self._conn.execute(query + " ORDER BY key", args) as cur:
             rows = await cur.fetchall()
         return [(k, self._decode(k, v)) for k, v in rows]
 
@@ -201,6 +205,19 @@ class SQLiteStore:
             return json.loads(raw)
         except json.JSONDecodeError as err:
             raise StoreUnreadable(self.path, f"record {key!r} is not JSON") from err
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: there is none,
+    the prefix being empty or all U+10FFFF). SQLite compares keys as UTF-8 bytes, which
+    orders them by code point, like Python."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    if not stem:
+        return None
+    following = ord(stem[-1]) + 1
+    if _SURROGATES.start <= following < _SURROGATES.stop:  # not encodable: skip past them
+        following = _SURROGATES.stop
+    return stem[:-1] + chr(following)
 
 
 async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:

@@ -24,6 +24,33 @@ async def test_prefix_scan_is_literal_and_ordered(store):
     assert [k for k, _ in await store.scan("chat_%")] == ["chat_%"]
 
 
+async def test_prefix_scan_is_case_sensitive(store):
+    for key in ["chat:@A:x:1", "chat:@a:x:1", "CHAT:@a:x:2"]:
+        await store.set(key, key)
+    assert [k for k, _ in await store.scan("chat:@a:")] == ["chat:@a:x:1"]
+    assert [k for k, _ in await store.scan("chat:@A:")] == ["chat:@A:x:1"]
+
+
+async def test_prefix_scan_treats_like_wildcards_as_plain_characters(store):
+    for key in ["a%b", "a%c", "axb", "a_b", "a_", "aXb", "a\\b"]:
+        await store.set(key, key)
+    assert [k for k, _ in await store.scan("a%")] == ["a%b", "a%c"]
+    assert [k for k, _ in await store.scan("a_")] == ["a_", "a_b"]
+    assert [k for k, _ in await store.scan("a\\")] == ["a\\b"]
+
+
+@pytest.mark.parametrize("prefix", ["k\U0010ffff", "\U0010ffff\U0010ffff", "k\ud7ff", ""])
+async def test_prefix_scan_at_the_edges_of_unicode(store, prefix):
+    """A prefix ending in the highest code point, or just below the surrogates, still
+    bounds the range correctly; an empty prefix lists everything."""
+    keys = ["k", "k\ud7ff", "k\ud7ffz", "k\ue000", "k\U0010ffff", "k\U0010ffff\U0010ffffz",
+            "l", "\U0010ffff", "\U0010ffff\U0010ffff", "\U0010ffff\U0010ffffa"]
+    for key in keys:
+        await store.set(key, 1)
+    got = [k for k, _ in await store.scan(prefix)]
+    assert got == sorted(k for k in [*keys, "birth"] if k.startswith(prefix))
+
+
 async def test_transaction_is_all_or_nothing(store):
     await store.set("keep", 1)
     with pytest.raises(RuntimeError):
