@@ -15,6 +15,7 @@ import structlog
 from aiohttp import ClientError
 from nio import AsyncClient, AsyncClientConfig, SyncResponse
 
+from adapter.matrix.access import Access
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.delivery import Delivery
@@ -25,7 +26,12 @@ from adapter.matrix.healing import HealingMiddleware
 from adapter.matrix.homeserver import Homeserver, HomeserverError
 from adapter.matrix.inbox import Inbox
 from adapter.matrix.ingest import Ingest, sync_token_refused
-from adapter.matrix.middlewares import catchup_in_chats_only, owner_only, resolve_route
+from adapter.matrix.middlewares import (
+    allowed_users_only,
+    catchup_in_chats_only,
+    owner_only,
+    resolve_route,
+)
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
@@ -67,11 +73,12 @@ class Bot:
         self.store = MatrixStore(store)
         hs = Homeserver(client, config.server_name)
         self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
-                                 agent=agent, router=RoomRouter(self.store))
+                                 agent=agent, router=RoomRouter(self.store),
+                                 access=Access(config.allowed_patterns, config.max_chats))
         self.ingest = Ingest(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
-            [resolve_route, HealingMiddleware(Healer(self.services)), owner_only,
-             catchup_in_chats_only],
+            [allowed_users_only, resolve_route, HealingMiddleware(Healer(self.services)),
+             owner_only, catchup_in_chats_only],
             handle_update, EventData(services=self.services))
 
     async def fetch(self, since: str | None, long_poll: bool) -> SyncResponse:

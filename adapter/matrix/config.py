@@ -33,6 +33,12 @@ class Config:
     agent: str = ECHO_AGENT
     concurrency: int = 32
     catchup_hours: float = 24.0
+    allowed_users: tuple[str, ...] = ()  # empty: everyone on the bot's own server
+    max_chats: int = 100
+
+    @property
+    def allowed_patterns(self) -> tuple[str, ...]:
+        return self.allowed_users or (f"@*:{self.server_name}",)
 
     @property
     def server_name(self) -> str:
@@ -74,6 +80,12 @@ class Config:
                               problems)
         catchup_hours = _number(value("LAMBDA_CATCHUP_HOURS"), float, 24.0,
                                 "LAMBDA_CATCHUP_HOURS", problems)
+        allowed = tuple(p.strip() for p in (value("LAMBDA_ALLOWED_USERS") or "").split(",")
+                        if p.strip())
+        if bad := [p for p in allowed if not p.startswith("@") or ":" not in p]:
+            problems.append("LAMBDA_ALLOWED_USERS must be comma-separated patterns over user "
+                            f"ids like @*:example.org or @ann:other.org, got {', '.join(bad)}")
+        max_chats = _number(value("LAMBDA_MAX_CHATS"), int, 100, "LAMBDA_MAX_CHATS", problems)
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
@@ -81,7 +93,8 @@ class Config:
             homeserver=homeserver.rstrip("/"), user_id=user_id, password=password,
             access_token=token, db_path=db_path, store_path=store_path,
             log_format=log_format, log_level=log_level, agent=agent,
-            concurrency=concurrency, catchup_hours=catchup_hours,
+            concurrency=concurrency, catchup_hours=catchup_hours, allowed_users=allowed,
+            max_chats=max_chats,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -90,7 +103,10 @@ class Config:
                "LAMBDA_MATRIX_DB": str(self.db_path), "MATRIX_STORE_PATH": str(self.store_path),
                "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level,
                "LAMBDA_AGENT": self.agent, "LAMBDA_CONCURRENCY": str(self.concurrency),
-               "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours)}
+               "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours),
+               "LAMBDA_MAX_CHATS": str(self.max_chats)}
+        if self.allowed_users:
+            env["LAMBDA_ALLOWED_USERS"] = ",".join(self.allowed_users)
         if self.password:
             env["MATRIX_PASSWORD"] = self.password
         if self.access_token:

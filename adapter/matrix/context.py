@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 
 import structlog
 
+from adapter.matrix.access import Access
 from adapter.matrix.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
@@ -48,6 +49,7 @@ class Services:
     chats: ChatManager
     agent: Agent
     router: RoomRouter
+    access: Access
     # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))

@@ -18,6 +18,7 @@ from nio import (
     RoomCreateResponse,
     RoomGetStateResponse,
     RoomInviteResponse,
+    RoomLeaveResponse,
     RoomMessagesResponse,
     RoomPutStateResponse,
     RoomSendResponse,
@@ -164,6 +165,9 @@ class Homeserver:
 
     async def join(self, room_id: str) -> None:
         await self._call("join", lambda: self.client.join(room_id), JoinResponse)
+
+    async def leave(self, room_id: str) -> None:
+        await self._call("leave", lambda: self.client.room_leave(room_id), RoomLeaveResponse)
 
     async def invite(self, room_id: str, user_id: str) -> None:
         await self._call("invite", lambda: self.client.room_invite(room_id, user_id),

@@ -1,16 +1,39 @@
-"""The plain links of the chain: routing and command parsing, the owner check, and the
-catch-up scope. (The bot's own events never reach the chain: ``ingest`` drops them.)"""
+"""The plain links of the chain: who may use the bot, routing and command parsing, the owner
+check, and the catch-up scope. (The bot's own events never reach the chain: ``ingest``
+drops them.)"""
 
 from __future__ import annotations
 
 import structlog
 
 from adapter.matrix.context import EventData, Update
+from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.handlers.commands import parse_command
+from adapter.matrix.homeserver import HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
 
 log = structlog.get_logger()
+
+
+async def allowed_users_only(handler: Handler, update: Update, data: EventData) -> None:
+    """Only users ``LAMBDA_ALLOWED_USERS`` allows get anything from the bot: an invite from
+    anyone else is rejected before anything is created, their messages are dropped unread."""
+    svc = data["services"]
+    if svc.access.allows(update.sender):
+        await handler(update, data)
+        return
+    if update.kind == "invite":
+        log.warning("invite.refused", room_id=update.room_id, sender=update.sender)
+        try:
+            await svc.hs.leave(update.room_id)  # leaving an invited room rejects the invite
+        except HomeserverError as err:
+            if err.transient:
+                raise RetryLater(str(err), err.retry_after_ms) from err
+            log.info("invite.reject_failed", room_id=update.room_id, error=str(err))
+        return
+    log.info("event.ignored", reason="not_allowed", room_id=update.room_id,
+             sender=update.sender, event_id=update.event_id)
 
 
 async def resolve_route(handler: Handler, update: Update, data: EventData) -> None:

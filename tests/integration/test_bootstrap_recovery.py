@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nio import AsyncClient
 
+from adapter.matrix.access import Access
 from adapter.matrix.chat_rooms import create_chat, linked_rooms
 from adapter.matrix.context import Services
 from adapter.matrix.homeserver import Homeserver
@@ -63,7 +64,8 @@ async def test_replayed_new_command_creates_its_room_once(bot, make_user):
     try:
         mstore = MatrixStore(store)
         svc = Services(hs=Homeserver(client, "localhost"), store=mstore, chats=ChatManager(store),
-                       agent=EchoAgent(), router=RoomRouter(mstore))
+                       agent=EchoAgent(), router=RoomRouter(mstore),
+                       access=Access(("@*:localhost",), max_chats=100))
         rooms_before = len((await client.joined_rooms()).rooms)
         first = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")
         again = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")

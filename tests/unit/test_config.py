@@ -58,3 +58,15 @@ def test_delivery_settings_have_defaults_and_are_validated():
                          "LAMBDA_CATCHUP_HOURS": "soon"})
     for name in ("LAMBDA_AGENT", "LAMBDA_CONCURRENCY", "LAMBDA_CATCHUP_HOURS"):
         assert name in str(err.value)
+
+
+def test_who_may_use_the_bot_defaults_to_its_own_server_and_is_validated():
+    config = Config.from_env(BASE)
+    assert (config.allowed_patterns, config.max_chats) == (("@*:localhost",), 100)
+    tuned = Config.from_env({**BASE, "LAMBDA_ALLOWED_USERS": " @*:example.org, @ann:other.org",
+                             "LAMBDA_MAX_CHATS": "3"})
+    assert tuned.allowed_patterns == ("@*:example.org", "@ann:other.org")
+    assert Config.from_env(tuned.to_env()) == tuned
+    with pytest.raises(ConfigError) as err:
+        Config.from_env({**BASE, "LAMBDA_ALLOWED_USERS": "example.org", "LAMBDA_MAX_CHATS": "-1"})
+    assert "LAMBDA_ALLOWED_USERS" in str(err.value) and "LAMBDA_MAX_CHATS" in str(err.value)

@@ -75,6 +75,13 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
+    refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
+    if refusal is not None:
+        log.info("command.refused", room_id=update.room_id, command="new", owner=owner,
+                 why=refusal)
+        await _say(update, data, refusal)
+        return
+    svc.access.record_creation(owner)
     room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
     link = matrix_to(room_id, svc.hs.server_name)
     await _say(update, data, f"Created “{chat.title}”: {link}",
