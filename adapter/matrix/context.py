@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import Literal, TypedDict
 
 import structlog
 
 from adapter.matrix.access import Access
+from adapter.matrix.commands import Command
 from adapter.matrix.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
 from core.agent import Agent
 from core.chat import Chat, ChatManager
-
-if TYPE_CHECKING:
-    from adapter.matrix.handlers.commands import Command
 
 log = structlog.get_logger()
 

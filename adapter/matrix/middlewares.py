@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import structlog
 
+from adapter.matrix.commands import parse_command
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
-from adapter.matrix.handlers.commands import parse_command
 from adapter.matrix.homeserver import HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
 

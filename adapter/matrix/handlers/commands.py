@@ -1,16 +1,17 @@
 """Chat-management commands: ``!new``, ``!rename``, ``!archive``/``!confirm``/``!cancel``,
-``!chats``, ``!help``. Handlers read the healed context; they never heal themselves."""
+``!chats``, ``!help``: what each one of the command table (``adapter.matrix.commands``)
+runs. Handlers read the healed context; they never heal themselves."""
 
 from __future__ import annotations
 
 import html
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import structlog
 
 from adapter.matrix.chat_rooms import create_chat, matrix_to
+from adapter.matrix.commands import COMMANDS, UNKNOWN, Command
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.room_router import ChatRoute
 from adapter.matrix.store import Pending
@@ -21,25 +22,7 @@ log = structlog.get_logger()
 CONFIRM_TTL_S = 300
 NO_SPACE = "You don't have a Lambda Space yet. Invite me to a room and I'll set one up."
 
-Run = Callable[["Command", Update, EventData], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    name: str
-    usage: str
-    summary: str
-    run: Run
-    in_lobby: bool = False
-    needs_space: bool = False  # the healing link makes sure data["user"] is set
-    lists_space: bool = False  # the healing link heals every chat of the Space first
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    args: str
-    spec: CommandSpec = field(repr=False)
+Run = Callable[[Command, Update, EventData], Awaitable[None]]
 
 
 async def _say(update: Update, data: EventData, body: str, html_body: str | None = None) -> None:
@@ -170,25 +153,11 @@ async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
                f"<p>Your chats:</p><ul>{''.join(items)}</ul><p>{footer}</p>")
 
 
-COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in [
-    CommandSpec("new", "!new [title]", "start a new chat room", cmd_new,
-                in_lobby=True, needs_space=True),
-    CommandSpec("chats", "!chats", "list your chats", cmd_chats,
-                in_lobby=True, needs_space=True, lists_space=True),
-    CommandSpec("rename", "!rename <title>", "rename this chat", cmd_rename),
-    CommandSpec("archive", "!archive", "archive this chat (asks to !confirm)", cmd_archive),
-    CommandSpec("confirm", "!confirm", "confirm a pending !archive", cmd_confirm),
-    CommandSpec("cancel", "!cancel", "drop a pending !archive", cmd_cancel, in_lobby=True),
-    CommandSpec("help", "!help", "show this help", cmd_help, in_lobby=True),
-]}
-UNKNOWN = CommandSpec("unknown", "", "", cmd_unknown, in_lobby=True)
-
-
-def parse_command(body: str) -> Command:
-    """``"!rename  New title"`` -> Command("rename", "New title"). Names are case-insensitive."""
-    head, _, args = body.strip()[1:].partition(" ")
-    name = head.lower()
-    return Command(name, args.strip(), COMMANDS.get(name, UNKNOWN))
+# What each command of the table (``adapter.matrix.commands``) runs.
+RUNS: dict[str, Run] = {
+    "new": cmd_new, "chats": cmd_chats, "rename": cmd_rename, "archive": cmd_archive,
+    "confirm": cmd_confirm, "cancel": cmd_cancel, "help": cmd_help, UNKNOWN.name: cmd_unknown,
+}
 
 
 async def handle_command(update: Update, data: EventData) -> None:
@@ -199,4 +168,4 @@ async def handle_command(update: Update, data: EventData) -> None:
     if not cmd.spec.in_lobby and not isinstance(data["route"], ChatRoute):
         await _say(update, data, f"!{cmd.name} works in a chat room. Send it there.")
         return
-    await cmd.spec.run(cmd, update, data)
+    await RUNS[cmd.spec.name](cmd, update, data)
