@@ -16,7 +16,8 @@ from urllib.parse import quote, unquote
 import structlog
 
 from adapter.matrix.context import Services
-from adapter.matrix.room_state import CHAT_MARKER, RoomSnapshot
+from adapter.matrix.markers import ChatMarker
+from adapter.matrix.room_state import HealRefused, RoomSnapshot, trusted_marker
 from adapter.matrix.store import Creation, RoomMeta
 from core.chat import Chat, new_chat_id
 
@@ -86,14 +87,14 @@ async def _find_unrecorded(svc: Services, owner: str, space_id: str, chat_id: st
         if room_id in known:
             continue
         snap = RoomSnapshot.from_events(room_id, await svc.hs.get_state(room_id))
-        marker = snap.get(CHAT_MARKER)
-        if (marker is None or marker.sender != svc.bot_id or snap.creator != svc.bot_id
-                or snap.parents(svc.bot_id) != [space_id]):
+        if snap.creator != svc.bot_id or snap.parents(svc.bot_id) != [space_id]:
             continue
-        found = marker.content
-        if (found.get("owner") == owner and found.get("status") == "active"
-                and isinstance(found.get("chat_id"), str)
-                and (chat_id is None or found["chat_id"] == chat_id)):
-            log.info("chat.creation_resumed", room_id=room_id, chat_id=found["chat_id"])
-            return room_id, Creation(found["chat_id"], snap.name or "Chat")
+        try:
+            found = trusted_marker(snap, ChatMarker, svc.bot_id)
+        except HealRefused:
+            continue  # a marker someone else wrote, or a malformed one: not this creation
+        if (found is not None and found.owner == owner and found.status == "active"
+                and chat_id in (None, found.chat_id)):
+            log.info("chat.creation_resumed", room_id=room_id, chat_id=found.chat_id)
+            return room_id, Creation(found.chat_id, snap.name or "Chat")
     return None

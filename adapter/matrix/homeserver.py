@@ -26,7 +26,8 @@ from nio import (
 )
 from nio.api import Api, MessageDirection, RoomPreset, RoomVisibility
 
-from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
+from adapter.matrix.markers import ChatMarker, SpaceMarker
+from core.chat import ChatStatus
 
 R = TypeVar("R")
 SPACE_NAME = "Lambda"
@@ -91,7 +92,7 @@ def power_levels(owner: str, bot_id: str, room_version: str | None) -> dict[str,
             "m.room.canonical_alias": 100, "m.room.encryption": 100,
             "m.room.tombstone": 100, "m.room.server_acl": 100,
             "m.space.child": 100, "m.space.parent": 100,
-            SPACE_MARKER: 100, CHAT_MARKER: 100,
+            SpaceMarker.TYPE: 100, ChatMarker.TYPE: 100,
         },
     }
 
@@ -216,16 +217,14 @@ class Homeserver:
         """A Space owned by ``owner``, carrying its marker from the first event; owner invited."""
         return await self._create_room(
             "create space", owner, name=SPACE_NAME, space=True,
-            initial_state=[{"type": SPACE_MARKER, "state_key": "",
-                            "content": {"owner": owner, "v": 1}}])
+            initial_state=[SpaceMarker(owner).state_event()])
 
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         """A chat room with its marker and ``m.space.parent`` set at creation; owner invited."""
         return await self._create_room(
             "create chat room", owner, name=title,
             initial_state=[
-                {"type": CHAT_MARKER, "state_key": "",
-                 "content": {"owner": owner, "chat_id": chat_id, "status": "active", "v": 1}},
+                ChatMarker(owner, chat_id, "active").state_event(),
                 {"type": "m.space.parent", "state_key": space_id,
                  "content": {"via": [self.server_name], "canonical": True}},
             ])
@@ -236,9 +235,10 @@ class Homeserver:
     async def unlink_child(self, space_id: str, room_id: str) -> None:
         await self.put_state(space_id, "m.space.child", {}, room_id)
 
-    async def set_chat_marker(self, room_id: str, owner: str, chat_id: str, status: str) -> None:
-        await self.put_state(room_id, CHAT_MARKER,
-                             {"owner": owner, "chat_id": chat_id, "status": status, "v": 1})
+    async def set_chat_marker(self, room_id: str, owner: str, chat_id: str,
+                              status: ChatStatus) -> None:
+        marker = ChatMarker(owner, chat_id, status)
+        await self.put_state(room_id, marker.TYPE, marker.content(), marker.STATE_KEY)
 
     async def set_name(self, room_id: str, name: str) -> None:
         await self.put_state(room_id, "m.room.name", {"name": name})

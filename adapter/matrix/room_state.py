@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
+from adapter.matrix.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
 from adapter.matrix.store import RoomMeta, UserMeta
 from core.chat import Chat
 
-SPACE_MARKER = "io.lambda.space"
-CHAT_MARKER = "io.lambda.chat"
+M = TypeVar("M", SpaceMarker, ChatMarker)
+# Still imported from here by integration tests; new code uses ``markers``.
+SPACE_MARKER, CHAT_MARKER = SpaceMarker.TYPE, ChatMarker.TYPE
 SPACE_TYPE = "m.space"
 _PRESENT = ("join", "invite")
 
@@ -142,38 +144,43 @@ def legacy_chat_id(room_id: str) -> str:
 
 def parent_to_verify(snap: RoomSnapshot, bot_id: str) -> str | None:
     """The Space whose state ``assess_room`` needs: only for a bot-made chat without marker."""
-    if snap.creator != bot_id or snap.is_space or _marker(snap, CHAT_MARKER, bot_id):
+    if snap.creator != bot_id or snap.is_space or _marker_event(snap, ChatMarker, bot_id):
         return None
     parents = snap.parents(bot_id)
     return parents[0] if len(parents) == 1 else None
 
 
-def _marker(snap: RoomSnapshot, event_type: str, bot_id: str) -> dict | None:
-    """The marker's content if the bot wrote it; None if absent or emptied (redacted)."""
-    ev = snap.get(event_type)
+def _marker_event(snap: RoomSnapshot, marker: type[Marker], bot_id: str) -> StateEvent | None:
+    """The marker's event if the bot wrote it; None if absent or emptied (redacted)."""
+    ev = snap.get(marker.TYPE, marker.STATE_KEY)
     if ev is None or not ev.content:
         return None
     if ev.sender != bot_id:
         raise HealRefused("forged_marker")
-    return ev.content
+    return ev
 
 
-def _valid_user(value: object) -> bool:
-    return isinstance(value, str) and value.startswith("@") and ":" in value
+def trusted_marker(snap: RoomSnapshot, marker: type[M], bot_id: str) -> M | None:
+    """The room's marker of this kind if the bot wrote it; None if absent or emptied
+    (redacted). ``HealRefused`` if someone else wrote it, or its content is malformed."""
+    ev = _marker_event(snap, marker, bot_id)
+    if ev is None:
+        return None
+    try:
+        return marker.parse(ev.content)
+    except MalformedMarker as err:
+        raise HealRefused("malformed_marker") from err
 
 
 def space_owner(snap: RoomSnapshot, bot_id: str) -> tuple[str, HealSource]:
     """The owner of a bot-made Space, from its marker or (legacy) its single member."""
     if snap.creator != bot_id or not snap.is_space:
         raise HealRefused("foreign_parent")
-    marker = _marker(snap, SPACE_MARKER, bot_id)
+    marker = trusted_marker(snap, SpaceMarker, bot_id)
     if marker is not None:
-        owner = marker.get("owner")
-        if not _valid_user(owner):
-            raise HealRefused("malformed_marker")
-        if any(m != owner for m in snap.members(bot_id)):
+        if any(m != marker.owner for m in snap.members(bot_id)):
             raise HealRefused("unexpected_members")
-        return owner, "marker"
+        return marker.owner, "marker"
     members = snap.members(bot_id)
     if len(members) != 1:
         raise HealRefused("no_single_owner")
@@ -190,7 +197,7 @@ def assess_room(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | None = N
         owner, source = space_owner(snap, bot_id)
         return HealPlan(snap.room_id, RoomMeta("space", owner), source,
                         user=UserMeta(space_id=snap.room_id))
-    marker = _marker(snap, CHAT_MARKER, bot_id)
+    marker = trusted_marker(snap, ChatMarker, bot_id)
     if marker is not None:
         return _assess_marked_chat(snap, bot_id, marker)
     return _assess_legacy_chat(snap, bot_id, parent)
@@ -205,18 +212,15 @@ def _assess_lobby(snap: RoomSnapshot, bot_id: str) -> HealPlan:
     return HealPlan(snap.room_id, RoomMeta("lobby", members[0]), "legacy")
 
 
-def _assess_marked_chat(snap: RoomSnapshot, bot_id: str, marker: dict) -> HealPlan:
-    owner, chat_id, status = marker.get("owner"), marker.get("chat_id"), marker.get("status")
-    if not (_valid_user(owner) and isinstance(chat_id, str) and chat_id
-            and status in ("active", "archived")):
-        raise HealRefused("malformed_marker")
+def _assess_marked_chat(snap: RoomSnapshot, bot_id: str, marker: ChatMarker) -> HealPlan:
+    owner, chat_id = marker.owner, marker.chat_id
     if any(m != owner for m in snap.members(bot_id)):
         raise HealRefused("unexpected_members")
     parents = snap.parents(bot_id)
     if len(parents) > 1:
         raise HealRefused("ambiguous_parent")
     space_id = parents[0] if parents else None
-    chat = Chat(chat_id, owner, snap.name or "Chat", status, snap.created_at)
+    chat = Chat(chat_id, owner, snap.name or "Chat", marker.status, snap.created_at)
     return HealPlan(snap.room_id, RoomMeta("chat", owner, chat_id, space_id), "marker", chat,
                     UserMeta(space_id=space_id) if space_id else None)
 

@@ -6,12 +6,12 @@ import pytest
 from nio import ErrorResponse
 
 from adapter.matrix.homeserver import CapabilitiesResponse, creators_privileged, power_levels
-from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
+from adapter.matrix.markers import ChatMarker, SpaceMarker
 
 BOT, ALICE = "@lambda:example.org", "@alice:example.org"
 PRE_12 = ["1", "9", "10", "11", "org.matrix.msc3757.11", "an.unknown.version", None]
 FROM_12 = ["12", "13", "42", "org.matrix.hydra.11"]
-BOT_ONLY = [SPACE_MARKER, CHAT_MARKER, "m.space.child", "m.space.parent",
+BOT_ONLY = [SpaceMarker.TYPE, ChatMarker.TYPE, "m.space.child", "m.space.parent",
             "m.room.power_levels", "m.room.join_rules", "m.room.history_visibility",
             "m.room.encryption", "m.room.tombstone", "m.room.server_acl", "io.lambda.future"]
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from adapter.matrix.markers import ChatMarker, SpaceMarker
 from adapter.matrix.room_state import (
-    CHAT_MARKER,
-    SPACE_MARKER,
     HealRefused,
     RoomSnapshot,
     assess_room,
@@ -32,7 +31,7 @@ def space_state(owner: str = ALICE, marker: bool = True, creator: str = BOT) -> 
               member(BOT), member(owner, "invite"),
               ev("m.space.child", {"via": ["localhost"]}, state_key=ROOM)]
     if marker:
-        events.append(ev(SPACE_MARKER, {"owner": owner, "v": 1}))
+        events.append(ev(SpaceMarker.TYPE, {"owner": owner, "v": 1}))
     return RoomSnapshot.from_events(SPACE, events)
 
 
@@ -42,7 +41,7 @@ def chat_events(owner: str = ALICE, marker: dict | None = None, marker_sender: s
               member(BOT), member(owner), ev("m.room.name", {"name": "Trip"}, sender=owner)]
     events += [ev("m.space.parent", {"via": ["localhost"]}, state_key=p) for p in parents]
     if marker is not None:
-        events.append(ev(CHAT_MARKER, marker, sender=marker_sender))
+        events.append(ev(ChatMarker.TYPE, marker, sender=marker_sender))
     return events
 
 
@@ -90,7 +89,7 @@ def test_legacy_room_with_legacy_parent_space():
 @pytest.mark.parametrize("content", [{}, None])
 def test_redacted_or_empty_marker_falls_back_to_legacy(content):
     events = chat_events()
-    events.append({"type": CHAT_MARKER, "state_key": "", "sender": BOT, "content": content})
+    events.append({"type": ChatMarker.TYPE, "state_key": "", "sender": BOT, "content": content})
     plan = assess_room(snap(events), BOT, space_state())
     assert plan.source == "legacy"
 
