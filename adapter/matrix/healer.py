@@ -43,7 +43,7 @@ class Healer:
         """SPEC §6: the DB's birth cause for a room older than the DB that it holds nothing
         of; else ``inconsistent`` (the DB should have known the room). Before the room's state
         is read, ``created_at`` is unknown (0): the room is taken as older."""
-        birth = self.svc.store.db.birth
+        birth = self.svc.store.birth
         if held or birth is None or created_at >= birth.at:
             return "inconsistent"
         return birth.cause
@@ -127,7 +127,7 @@ class Healer:
         if plan.room.kind == "lobby" and user is not None and user.lobby_room_id is None:
             user = replace(user, lobby_room_id=plan.room_id)
         restored = ["matrix_room"]
-        async with store.db.transaction() as tx:
+        async with store.transaction() as tx:
             await store.set_room(plan.room_id, plan.room, tx)
             if plan.chat is not None:
                 self.svc.chats.restore(plan.chat, tx)
@@ -162,7 +162,6 @@ class Healer:
         if local:
             return local
         known = {rid for rid, _ in await store.rooms()}
-        seen = self.svc.hs.client.rooms
         try:
             joined = await self.svc.hs.joined_rooms()
         except HomeserverError as err:
@@ -171,11 +170,11 @@ class Healer:
             raise
         spaces, unknown = [], []
         for room_id in joined:
-            room = seen.get(room_id)
             if room_id in known:
                 continue
+            room = self.svc.hs.synced_room(room_id)
             if room is not None and room.room_type == SPACE_TYPE:
-                if user_id in room.users or user_id in room.invited_users:
+                if user_id in room.members:
                     spaces.insert(0, room_id)
                 else:
                     spaces.append(room_id)

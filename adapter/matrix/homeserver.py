@@ -113,6 +113,15 @@ class CapabilitiesResponse(Response):
         return cls(str(default) if default is not None else None)
 
 
+@dataclass(frozen=True)
+class SyncedRoom:
+    """What sync has shown of a room, without a request: its type (``m.space`` or None) and
+    the users joined or invited."""
+
+    room_type: str | None
+    members: frozenset[str]
+
+
 def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
     """Derived from the source event so a replay after a crash is deduplicated by the server."""
     return f"lambda-{part}-{hashlib.sha256(source_event_id.encode()).hexdigest()[:32]}"
@@ -132,6 +141,13 @@ class Homeserver:
     @property
     def bot_id(self) -> str:
         return self.client.user_id
+
+    def synced_room(self, room_id: str) -> SyncedRoom | None:
+        """What the syncs so far showed of a room (no request); None if they did not show it."""
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            return None
+        return SyncedRoom(room.room_type, frozenset(room.users) | frozenset(room.invited_users))
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]], ok: type[R]) -> R:
         for attempt in range(MAX_SHORT_RATE_LIMIT_RETRIES + 1):

@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from core.store import SQLiteStore, Transaction
+from core.store import Birth, SQLiteStore, Transaction
 
 RoomKind = Literal["space", "chat", "lobby"]
 SYNC_TOKEN_KEY = "sync_token"
@@ -73,6 +73,11 @@ class MatrixStore:
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Several records written at once (the writers below take it as ``tx``)."""
         return self.db.transaction()
+
+    @property
+    def birth(self) -> Birth | None:
+        """When and why the DB file was created (None: older than birth records)."""
+        return self.db.birth
 
     async def get_user(self, user_id: str) -> UserMeta | None:
         data = await self.db.get(f"matrix_user:{user_id}")
