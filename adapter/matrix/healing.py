@@ -1,25 +1,19 @@
 """The healing link of the dispatcher chain (SPEC §6): the local DB is a cache and the
-homeserver the truth. Handlers after this link see complete records; fetching and
-deciding is done by ``healer.Healer``."""
+homeserver the truth. The link decides when to heal, so that handlers after it see complete
+records; fetching and deciding is done by ``healer.Healer``, and what the user is told by
+``notices``."""
 
 from __future__ import annotations
 
-import time
-
-import structlog
-
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.healer import Healer
 from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.notices import RefusalNotices, postpone
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, Unregistered
 from adapter.matrix.room_state import HealRefused
 from core.chat import Chat, ChatNotFound
 
-log = structlog.get_logger()
-
-REFUSAL_NOTICE_EVERY_S = 3600.0
 FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
                   "I'll retry and answer your message when it is back.")
 
@@ -27,24 +21,22 @@ FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
 class HealingMiddleware:
     """Makes sure the handler sees complete records: route, chat and (when needed) the Space.
 
-    Refused rooms get at most one notice an hour. On a homeserver error the user is told
-    once, and the update stays in the inbox, which retries it with backoff (``RetryLater``).
+    A refused room stops the update (``RefusalNotices`` may tell the user); a homeserver
+    error postpones it (``postpone``: the inbox retries it with backoff).
     """
 
-    def __init__(self, healer: Healer) -> None:
+    def __init__(self, healer: Healer, notices: RefusalNotices | None = None) -> None:
         self.healer = healer
-        self._refusal_noticed: dict[str, float] = {}
+        self.notices = notices or RefusalNotices()
 
     async def __call__(self, handler: Handler, update: Update, data: EventData) -> None:
         try:
             await self._complete(update, data)
         except HealRefused as refusal:
-            await self._notice_refusal(update, refusal, data["services"])
+            await self.notices.tell(update, refusal, data["services"])
             return
         except HomeserverError as err:
-            if update.attempt == 0 and update.kind != "invite":
-                await data["services"].try_reply(update, FAILURE_NOTICE, part="retry-notice")
-            raise RetryLater(str(err), err.retry_after_ms) from err
+            await postpone(update, err, data["services"], FAILURE_NOTICE)
         await handler(update, data)
 
     async def _complete(self, update: Update, data: EventData) -> None:
@@ -92,14 +84,3 @@ class HealingMiddleware:
             return True
         return self._onboarding(update, data) and not await data["services"].store.chat_rooms_of(
             update.sender)
-
-    async def _notice_refusal(self, update: Update, refusal: HealRefused, svc: Services) -> None:
-        last = self._refusal_noticed.get(update.room_id, float("-inf"))
-        # Invites and catch-up messages (history that might have been answered) get no notice.
-        if update.kind == "invite" or update.catchup \
-                or time.monotonic() - last < REFUSAL_NOTICE_EVERY_S:
-            log.info("event.ignored", reason=refusal.reason, room_id=update.room_id,
-                     event_id=update.event_id)
-            return
-        self._refusal_noticed[update.room_id] = time.monotonic()
-        await svc.try_reply(update, refusal.user_message, part="refusal")

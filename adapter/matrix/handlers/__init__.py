@@ -5,7 +5,6 @@ from __future__ import annotations
 import structlog
 
 from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery import RetryLater
 from adapter.matrix.handlers.auth import complete_onboarding, handle_invite, onboarded
 from adapter.matrix.handlers.commands import handle_command
 from adapter.matrix.handlers.messages import (
@@ -15,6 +14,7 @@ from adapter.matrix.handlers.messages import (
     handle_text,
 )
 from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.notices import postpone
 from adapter.matrix.room_router import LobbyRoute
 
 log = structlog.get_logger()
@@ -50,8 +50,6 @@ async def handle_update(update: Update, data: EventData) -> None:
             if update.kind != "invite":
                 await svc.try_reply(update, FAILED, part="failed")
             return
-        if update.attempt == 0 and update.kind != "invite":
-            text = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
-                    if err.retry_after_ms else WILL_RETRY)
-            await svc.try_reply(update, text, part="retry-notice")
-        raise RetryLater(str(err), err.retry_after_ms) from err
+        notice = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
+                  if err.retry_after_ms else WILL_RETRY)
+        await postpone(update, err, svc, notice)

@@ -1,0 +1,56 @@
+"""What the bot tells a user whose update it cannot act on now: a notice about a room it
+refuses to heal (at most one an hour per room), and the one notice before an update is
+postponed after a homeserver failure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import structlog
+
+from adapter.matrix.context import Services, Update
+from adapter.matrix.delivery import RetryLater
+from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.room_state import HealRefused
+
+log = structlog.get_logger()
+
+REFUSAL_NOTICE_EVERY_S = 3600.0
+
+
+class RefusalNotices:
+    """At most one notice per room and hour about a room the bot cannot heal. An invite or a
+    catch-up message (history that may have been answered already) gets none."""
+
+    def __init__(self, every_s: float = REFUSAL_NOTICE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def due(self, update: Update) -> bool:
+        """Whether ``update`` gets the notice; if it does, the room's hour starts now."""
+        if update.kind == "invite" or update.catchup:
+            return False
+        now = self._clock()
+        if now - self._last.get(update.room_id, float("-inf")) < self.every_s:
+            return False
+        self._last[update.room_id] = now
+        return True
+
+    async def tell(self, update: Update, refusal: HealRefused, svc: Services) -> None:
+        if not self.due(update):
+            log.info("event.ignored", reason=refusal.reason, room_id=update.room_id,
+                     event_id=update.event_id)
+            return
+        await svc.try_reply(update, refusal.user_message, part="refusal")
+
+
+async def postpone(update: Update, err: HomeserverError, svc: Services, notice: str) -> NoReturn:
+    """The homeserver failed: tell the user once (on the first attempt, and never for an
+    invite), then hand the update back to the inbox, which retries it with backoff."""
+    if update.attempt == 0 and update.kind != "invite":
+        await svc.try_reply(update, notice, part="retry-notice")
+    raise RetryLater(str(err), err.retry_after_ms) from err

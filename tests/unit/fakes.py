@@ -1,0 +1,122 @@
+"""Fakes for unit tests of the chain and the handlers: a homeserver that records its calls,
+and ``Services`` over it with the real stores on the test's SQLite file."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from adapter.matrix.access import Access
+from adapter.matrix.commands import parse_command
+from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.room_router import ChatRoute, RoomRouter
+from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
+from core.agent import EchoAgent
+from core.chat import Chat, ChatManager
+from core.store import SQLiteStore
+
+BOT, ALICE, MALLORY = "@lambda:x", "@alice:x", "@mallory:x"
+SPACE, LOBBY, CHAT = "!space:x", "!lobby:x", "!chat1:x"
+
+
+@dataclass(frozen=True)
+class Sent:
+    room_id: str
+    body: str
+    html: str | None
+    notice: bool
+    txn_id: str | None
+    source_event_id: str | None
+
+
+class FakeHomeserver:
+    """Records every call but sends in ``calls`` and sends in ``sent``. ``fail[name] = error``
+    makes that method raise."""
+
+    bot_id = BOT
+    server_name = "x"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.sent: list[Sent] = []
+        self.fail: dict[str, Exception] = {}
+        self._room_numbers = itertools.count(1)
+
+    def _call(self, name: str, *args: object) -> None:
+        if name in self.fail:
+            raise self.fail[name]
+        self.calls.append((name, *args))
+
+    @property
+    def bodies(self) -> list[str]:
+        return [sent.body for sent in self.sent]
+
+    async def send(self, room_id: str, body: str, *, txn_id: str | None = None,
+                   html: str | None = None, notice: bool = True,
+                   source_event_id: str | None = None) -> None:
+        if "send" in self.fail:
+            raise self.fail["send"]
+        self.sent.append(Sent(room_id, body, html, notice, txn_id, source_event_id))
+
+    async def join(self, room_id: str) -> None:
+        self._call("join", room_id)
+
+    async def leave(self, room_id: str) -> None:
+        self._call("leave", room_id)
+
+    async def invite(self, room_id: str, user_id: str) -> None:
+        self._call("invite", room_id, user_id)
+
+    async def set_name(self, room_id: str, name: str) -> None:
+        self._call("set_name", room_id, name)
+
+    async def set_chat_marker(self, room_id: str, owner: str, chat_id: str, status: str) -> None:
+        self._call("set_chat_marker", room_id, owner, chat_id, status)
+
+    async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
+        self._call("create_chat_room", owner, space_id, chat_id, title)
+        return f"!room{next(self._room_numbers)}:x"
+
+    async def link_child(self, space_id: str, room_id: str) -> None:
+        self._call("link_child", space_id, room_id)
+
+    async def unlink_child(self, space_id: str, room_id: str) -> None:
+        self._call("unlink_child", space_id, room_id)
+
+    async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
+        pass
+
+
+def make_services(store: SQLiteStore, hs: FakeHomeserver | None = None,
+                  access: Access | None = None) -> Services:
+    matrix = MatrixStore(store)
+    return Services(hs=hs or FakeHomeserver(), store=matrix,  # type: ignore[arg-type]
+                    chats=ChatManager(store), agent=EchoAgent(), router=RoomRouter(matrix),
+                    access=access or Access(("@*:x",), max_chats=100))
+
+
+async def onboard(svc: Services, owner: str = ALICE) -> Chat:
+    """What a finished onboarding leaves in the DB: a Space, a lobby, and "Chat 1" in CHAT."""
+    await svc.store.set_user(owner, UserMeta(SPACE, LOBBY))
+    await svc.store.set_room(SPACE, RoomMeta("space", owner))
+    await svc.store.set_room(LOBBY, RoomMeta("lobby", owner))
+    chat = await svc.chats.get_or_create(owner, "c1", "Chat 1")
+    await svc.store.set_room(CHAT, RoomMeta("chat", owner, chat.chat_id, SPACE))
+    return chat
+
+
+def message(room_id: str, body: str, sender: str = ALICE, event_id: str = "$ev", *,
+            kind: str = "message", catchup: bool = False, attempt: int = 0) -> Update:
+    return Update(kind, room_id, sender, event_id, body, catchup=catchup,  # type: ignore[arg-type]
+                  attempt=attempt)
+
+
+async def healed_data(svc: Services, update: Update) -> EventData:
+    """The data the chain gives a handler when every record is there (nothing to heal)."""
+    route = await svc.router.resolve(update.room_id)
+    chat = None
+    if isinstance(route, ChatRoute):
+        chat = await svc.chats.get(route.owner, route.meta.chat_id or "")
+    return EventData(services=svc, route=route, chat=chat,
+                     command=parse_command(update.body) if update.is_command else None,
+                     user=await svc.store.get_user(update.sender))
