@@ -1,8 +1,14 @@
-"""The pure rules of ingest: which raw events become updates, and the catch-up rule."""
+"""Ingest: which raw events become updates, the catch-up rule, and the updates a whole sync
+response gives (invites, a newly joined room, a limited timeline's backfill and its bound)."""
 
 from __future__ import annotations
 
-from adapter.matrix.ingest import catch_up, to_update
+import pytest
+import structlog
+from nio import SyncResponse
+
+from adapter.matrix import ingest
+from adapter.matrix.ingest import Ingest, catch_up, sync_token_refused, to_update
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000
@@ -54,3 +60,124 @@ def test_catch_up_answers_a_message_whose_reply_names_another_event():
     events = [text("$a", "one"), text("$b", "two"), reply("$b")]
     answer, _ = catch_up(events, BOT, not_before_ms=0)
     assert [ev["event_id"] for ev in answer] == ["$a"]
+
+
+# Ingest.updates: a sync response (built with nio's own parser) -> the updates to handle.
+
+class PagedHomeserver:
+    """``/messages`` backwards from a limited timeline: ``pages`` are served newest first."""
+
+    bot_id = BOT
+
+    def __init__(self, *pages: list[dict]) -> None:
+        self.pages = list(pages)
+        self.asked: list[tuple] = []
+
+    async def messages(self, room_id, start, end, limit, types):
+        self.asked.append((room_id, start, end))
+        page = self.pages.pop(0)
+        return page, (f"t{len(self.pages)}" if self.pages else None)
+
+
+def sync(*, join: dict[str, list[dict]] | None = None, invite: dict[str, list[dict]] | None = None,
+         limited: bool = False) -> SyncResponse:
+    timeline = {room: {"events": events, "limited": limited, "prev_batch": "p1"}
+                for room, events in (join or {}).items()}
+    return SyncResponse.from_dict({"next_batch": "s2", "rooms": {
+        "invite": {room: {"invite_state": {"events": events}}
+                   for room, events in (invite or {}).items()},
+        "join": {room: {"timeline": t, "state": {"events": []}} for room, t in timeline.items()},
+        "leave": {}}})
+
+
+def member(user: str, membership: str, sender: str = ALICE, prev: str | None = None) -> dict:
+    ev = {"type": "m.room.member", "state_key": user, "sender": sender, "event_id": f"$m-{user}",
+          "origin_server_ts": NOW, "content": {"membership": membership}}
+    if prev:
+        ev["unsigned"] = {"prev_content": {"membership": prev}}
+    return ev
+
+
+def ids(updates) -> list[str]:
+    return [u.event_id for u in updates]
+
+
+async def test_an_invite_of_the_bot_becomes_one_invite_update():
+    resp = sync(invite={"!inv:x": [member("@someone:x", "invite"), member(BOT, "invite")],
+                        "!not-us:x": [member("@someone:x", "invite")]})
+    [update] = await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")
+    assert (update.kind, update.room_id, update.sender) == ("invite", "!inv:x", ALICE)
+    assert update.event_id == "invite|!inv:x|s1"
+
+
+async def test_a_resumed_sync_hands_on_every_new_event_but_the_bots_own_in_order():
+    rename = {"type": "m.room.name", "state_key": "", "sender": ALICE, "event_id": "$n",
+              "content": {"name": "Trip"}}
+    resp = sync(join={"!r:x": [text("$1", "one"), reply("$1"), rename, text("$2", "two")]})
+    updates = await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")
+    assert [(u.kind, u.event_id) for u in updates] == [
+        ("message", "$1"), ("room_name", "$n"), ("message", "$2")]
+    assert all(u.room_id == "!r:x" and not u.catchup for u in updates)
+
+
+async def test_in_a_room_the_bot_just_joined_only_what_follows_its_join_is_its_to_answer():
+    resp = sync(join={"!r:x": [text("$before", "not ours"), member(BOT, "join", BOT, "invite"),
+                               text("$after", "ours"),
+                               member(BOT, "join", BOT, prev="join")]})  # a profile change
+    assert ids(await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")) == ["$after"]
+
+
+async def test_a_limited_timeline_is_backfilled_back_to_the_previous_token_first():
+    hs = PagedHomeserver([text("$3", "c"), text("$2", "b")], [reply("$1"), text("$1", "a")])
+    resp = sync(join={"!r:x": [text("$4", "d")]}, limited=True)
+    with structlog.testing.capture_logs() as logs:
+        updates = await Ingest(hs, 24).updates(resp, since="s1")
+    assert ids(updates) == ["$1", "$2", "$3", "$4"]
+    assert hs.asked == [("!r:x", "p1", "s1"), ("!r:x", "t1", "s1")]
+    assert [(e["event"], e["events"]) for e in logs] == [("sync.gap_backfilled", 3)]
+
+
+async def test_backfill_stops_at_the_bots_own_join():
+    hs = PagedHomeserver([text("$2", "b"), member(BOT, "join", BOT, "invite"), text("$1", "a")],
+                         [text("$0", "never fetched")])
+    resp = sync(join={"!r:x": [text("$3", "c")]}, limited=True)
+    assert ids(await Ingest(hs, 24).updates(resp, since="s1")) == ["$2", "$3"]
+    assert len(hs.asked) == 1
+
+
+async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_BACKFILL", 2)
+    hs = PagedHomeserver([text(f"${i}", str(i)) for i in range(5, 0, -1)])
+    resp = sync(join={"!r:x": [text("$6", "6")]}, limited=True)
+    with structlog.testing.capture_logs() as logs:
+        updates = await Ingest(hs, 24).updates(resp, since="s1")
+    missed, *rest = updates
+    assert (missed.kind, missed.body, missed.sender) == ("missed", "3", ALICE)
+    assert missed.event_id == "missed|!r:x|s1"
+    assert ids(rest) == ["$4", "$5", "$6"]
+    assert [e for e in logs if e["event"] == "sync.timeline_gap"][0]["unanswered"] == 3
+
+
+async def test_a_start_without_token_answers_only_recent_unanswered_messages(monkeypatch):
+    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000 + 3600)
+    resp = sync(join={"!r:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
+                               text("$new", "unanswered"), text("$done", "answered"),
+                               reply("$done")]})
+    with structlog.testing.capture_logs() as logs:
+        updates = await Ingest(PagedHomeserver(), catchup_hours=1).updates(resp, since=None)
+    assert ids(updates) == ["$new"] and updates[0].catchup
+    [log] = [e for e in logs if e["event"] == "sync.catchup"]
+    assert (log["answered"], log["skipped"], log["rooms"]) == (1, 2, 1)
+
+
+@pytest.mark.parametrize("status,errcode,message,refused", [
+    (400, "M_UNKNOWN", "Invalid stream token", True),
+    (400, "M_UNKNOWN", "Invalid stream token 's9'", True),
+    (400, "M_UNKNOWN", "Something else", False),
+    (500, "M_UNKNOWN", "Invalid stream token", False),
+    (429, "M_LIMIT_EXCEEDED", None, False),
+    (None, None, None, False),
+])
+def test_only_synapses_invalid_stream_token_means_the_token_is_refused(status, errcode, message,
+                                                                        refused):
+    assert sync_token_refused(status, errcode, message) is refused
