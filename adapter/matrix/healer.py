@@ -82,12 +82,12 @@ class Healer:
         held = await self._held(room_id)
         snap = await self._snapshot(room_id, self.cause(held=held))
         requests = 1
-        parent = None
-        if parent_id := parent_to_verify(snap, bot):
-            parent = await self._snapshot(parent_id, self.cause(snap.created_at, held),
-                                          for_room=room_id)
-            requests += 1
         try:
+            parent = None
+            if parent_id := parent_to_verify(snap, bot):  # may refuse a forged marker too
+                parent = await self._snapshot(parent_id, self.cause(snap.created_at, held),
+                                              for_room=room_id)
+                requests += 1
             plan = assess_room(snap, bot, parent)
         except HealRefused as refusal:
             log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason,

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import pytest
+import structlog
 from nio import AsyncClient, MatrixRoom
 
 from adapter.matrix.healer import Healer
 from adapter.matrix.homeserver import Homeserver, SyncedRoom
 from adapter.matrix.markers import ChatMarker
+from adapter.matrix.room_state import HealRefused
 from adapter.matrix.store import MatrixStore, RoomMeta
 from core.chat import ChatManager
 
@@ -86,3 +89,18 @@ def test_synced_room_tells_the_type_and_the_joined_or_invited_members():
     hs = Homeserver(client, "x")
     assert hs.synced_room(SPACE) == SyncedRoom("m.space", frozenset({BOT, ALICE}))
     assert hs.synced_room(ROOM) is None
+
+
+async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembered(store):
+    state = [dict(ev, sender=ALICE) if ev["type"] == ChatMarker.TYPE else ev
+             for ev in chat_room_state()]
+    hs = CountingHomeserver(state)
+    hs.release.set()
+    healer = Healer(HealerServices(hs, MatrixStore(store), ChatManager(store)))  # type: ignore
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            with pytest.raises(HealRefused, match="forged_marker"):
+                await healer.heal_room(ROOM)
+    assert [e["event"] for e in logs] == ["state.heal_refused"]
+    assert hs.fetches == 1  # the refusal is remembered: no fetch on the next message
+    assert await MatrixStore(store).get_room(ROOM) is None
