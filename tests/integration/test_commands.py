@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adapter.matrix.chat_rooms import linked_rooms, matrix_to
+from adapter.matrix.homeserver import SOURCE_KEY
 from adapter.matrix.room_state import CHAT_MARKER
 
 
@@ -94,8 +95,16 @@ async def test_messages_from_non_owner_are_ignored(bot, make_user):
     await alice.client.room_invite(lobby, mallory.user_id)
     await mallory.wait_for(lambda: lobby in mallory.invites)
     await mallory.join(lobby)
-    await mallory.send(lobby, "!chats")
+    intruding = await mallory.send(lobby, "!chats")
     await bot.logs.wait_for("event.ignored", room_id=lobby, reason="not_owner")
+    # A room's events are handled in order: once the owner's next message is answered, an
+    # answer to Mallory's would already be in the timeline, right after her message.
+    answer = await alice.ask(lobby, bot.user_id, "!help", "Commands:")
+    timeline = alice.timeline[lobby]
+    since_intrusion = timeline[[ev.get("event_id") for ev in timeline].index(intruding):]
+    assert [ev for ev in since_intrusion if ev.get("sender") == bot.user_id] == [answer]
+    assert intruding not in [ev["content"].get(SOURCE_KEY)
+                             for ev in alice.bot_messages(lobby, bot.user_id)]
 
 
 async def test_encrypted_message_gets_a_clear_hint_not_silence(bot, make_user):
