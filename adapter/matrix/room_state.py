@@ -15,8 +15,6 @@ from adapter.matrix.store import RoomMeta, UserMeta
 from core.chat import Chat
 
 M = TypeVar("M", SpaceMarker, ChatMarker)
-# Still imported from here by integration tests; new code uses ``markers``.
-SPACE_MARKER, CHAT_MARKER = SpaceMarker.TYPE, ChatMarker.TYPE
 SPACE_TYPE = "m.space"
 _PRESENT = ("join", "invite")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adapter.matrix.chat_rooms import linked_rooms, matrix_to
 from adapter.matrix.homeserver import SOURCE_KEY
-from adapter.matrix.room_state import CHAT_MARKER
+from adapter.matrix.markers import ChatMarker
 
 
 async def room_state(user, room_id: str, event_type: str, state_key: str = "") -> dict:
@@ -24,7 +24,7 @@ async def test_rename_updates_chat_room_name_and_marker(bot, make_user):
     _, _, chat = await alice.onboard(bot.user_id)
     await alice.ask(chat, bot.user_id, "!rename Trip to Lisbon", "Renamed to “Trip to Lisbon”")
     assert (await room_state(alice, chat, "m.room.name"))["name"] == "Trip to Lisbon"
-    assert (await room_state(alice, chat, CHAT_MARKER))["status"] == "active"
+    assert (await room_state(alice, chat, ChatMarker.TYPE))["status"] == "active"
     await alice.ask(chat, bot.user_id, "!chats", "Trip to Lisbon")
 
 
@@ -64,7 +64,7 @@ async def test_archive_confirm_cancel_and_expiry_messages(bot, make_user):
     await alice.ask(chat, bot.user_id, "!cancel", "nothing to cancel")
     await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
     await alice.ask(chat, bot.user_id, "!confirm", "Archived “Chat 1”")
-    assert (await room_state(alice, chat, CHAT_MARKER))["status"] == "archived"
+    assert (await room_state(alice, chat, ChatMarker.TYPE))["status"] == "archived"
     assert await room_state(alice, space, "m.space.child", chat) == {}
     await alice.ask(chat, bot.user_id, "are you there?", "archived. Send !new")
     await alice.ask(chat, bot.user_id, "!archive", "already archived")

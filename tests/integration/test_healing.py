@@ -8,7 +8,7 @@ import pytest
 from nio import RoomCreateResponse
 
 from adapter.matrix.chat_rooms import linked_rooms, matrix_to
-from adapter.matrix.room_state import CHAT_MARKER
+from adapter.matrix.markers import ChatMarker
 
 LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
           "matrix_store"]
@@ -41,7 +41,7 @@ async def test_after_loss_action_works_and_healing_creates_no_room(loss, action,
     elif action == "archive":
         await alice.ask(chat, bot.user_id, "!archive", "Send !confirm")
         await alice.ask(chat, bot.user_id, "!confirm", "Archived “Chat 1”")
-        marker = await alice.client.room_get_state_event(chat, CHAT_MARKER, "")
+        marker = await alice.client.room_get_state_event(chat, ChatMarker.TYPE, "")
         assert marker.content["status"] == "archived"
     elif action == "chats":
         listing = await alice.ask(lobby, bot.user_id, "!chats", "Your chats")
@@ -102,7 +102,7 @@ async def test_forged_room_is_refused_once_and_leaks_nothing(bot, make_user):
     resp = await mallory.client.room_create(
         name="Secret plans", invite=[bot.user_id, carol.user_id],
         initial_state=[
-            {"type": CHAT_MARKER, "state_key": "",
+            {"type": ChatMarker.TYPE, "state_key": "",
              "content": {"owner": alice.user_id, "chat_id": "abc", "status": "active", "v": 1}},
             {"type": "m.space.parent", "state_key": alice_space,
              "content": {"via": ["localhost"], "canonical": True}}])
@@ -128,7 +128,7 @@ async def test_forged_lobby_only_shows_the_senders_own_space(bot, make_user):
     _, alice_space, alice_chat = await alice.onboard(bot.user_id)
     m_lobby, m_space, m_chat = await mallory.onboard(bot.user_id)
     for event_type, key, content in [
-            (CHAT_MARKER, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
+            (ChatMarker.TYPE, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
             ("m.space.parent", alice_space, {"via": ["localhost"]})]:
         await mallory.client.room_put_state(m_lobby, event_type, content, key)
     await bot.restart_losing("everything")

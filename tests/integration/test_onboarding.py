@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
+from adapter.matrix.markers import ChatMarker, SpaceMarker
 
 
 def state_of(events: list[dict], event_type: str, state_key: str = "") -> dict | None:
@@ -18,18 +18,18 @@ async def test_invite_builds_space_and_first_chat_with_markers_and_links(bot, ma
     chat_state = (await alice.client.room_get_state(chat)).events
     create = state_of(space_state, "m.room.create")
     assert create["sender"] == bot.user_id and create["content"]["type"] == "m.space"
-    marker = state_of(space_state, SPACE_MARKER)
+    marker = state_of(space_state, SpaceMarker.TYPE)
     assert marker["sender"] == bot.user_id and marker["content"] == {"owner": alice.user_id, "v": 1}
     assert state_of(space_state, "m.space.child", chat)["content"]["via"]
     assert state_of(chat_state, "m.space.parent", space)["sender"] == bot.user_id
-    chat_marker = state_of(chat_state, CHAT_MARKER)
+    chat_marker = state_of(chat_state, ChatMarker.TYPE)
     assert chat_marker["sender"] == bot.user_id
     assert chat_marker["content"]["owner"] == alice.user_id
     assert chat_marker["content"]["status"] == "active"
     assert state_of(chat_state, "m.room.name")["content"]["name"] == "Chat 1"
     levels = state_of(chat_state, "m.room.power_levels")["content"]
     assert levels["users"] == {alice.user_id: 50}
-    assert levels["events"][CHAT_MARKER] == 100 and levels["events"]["m.room.name"] == 50
+    assert levels["events"][ChatMarker.TYPE] == 100 and levels["events"]["m.room.name"] == 50
     assert levels["state_default"] == 100
 
 

@@ -8,7 +8,7 @@ from homeserver import LocalHomeserver  # tools/ is on sys.path (tests/conftest.
 from nio import RoomPutStateError, RoomPutStateResponse
 
 from adapter.matrix.chat_rooms import linked_rooms
-from adapter.matrix.room_state import CHAT_MARKER, SPACE_MARKER
+from adapter.matrix.markers import ChatMarker, SpaceMarker
 
 VERSION = "10"
 
@@ -42,8 +42,8 @@ async def test_onboarding_creates_space_and_chat_at_the_default_version_and_repl
     assert (await state_content(alice, lobby, "m.room.create"))["room_version"] == VERSION
     for room_id in (space, chat):
         await assert_bot_room(alice, room_id, bot.user_id)
-    assert (await state_content(alice, space, SPACE_MARKER))["owner"] == alice.user_id
-    assert (await state_content(alice, chat, CHAT_MARKER))["owner"] == alice.user_id
+    assert (await state_content(alice, space, SpaceMarker.TYPE))["owner"] == alice.user_id
+    assert (await state_content(alice, chat, ChatMarker.TYPE))["owner"] == alice.user_id
     await alice.ask(chat, bot.user_id, "hello on ten", "Echo: hello on ten")
 
 
@@ -75,12 +75,13 @@ async def test_owner_renames_but_cannot_forge_a_marker_or_raise_herself(bot, mak
     _, space, chat = await alice.onboard(bot.user_id)
     forged = {"owner": alice.user_id, "chat_id": "forged", "status": "active", "v": 1}
     levels = await state_content(alice, chat, "m.room.power_levels")
-    attempts = [(chat, CHAT_MARKER, forged), (space, SPACE_MARKER, {"owner": alice.user_id}),
+    attempts = [(chat, ChatMarker.TYPE, forged),
+                (space, SpaceMarker.TYPE, {"owner": alice.user_id}),
                 (chat, "m.room.power_levels", {**levels, "users": {alice.user_id: 100}})]
     for room_id, event_type, content in attempts:
         resp = await alice.client.room_put_state(room_id, event_type, content)
         assert isinstance(resp, RoomPutStateError) and resp.status_code == "M_FORBIDDEN", resp
-    assert (await state_content(alice, chat, CHAT_MARKER))["chat_id"] != "forged"
+    assert (await state_content(alice, chat, ChatMarker.TYPE))["chat_id"] != "forged"
     renamed = await alice.client.room_put_state(chat, "m.room.name", {"name": "Mine"})
     assert isinstance(renamed, RoomPutStateResponse), renamed
 
