@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from bench_heal import BotProcess  # noqa: E402
 from homeserver import LocalHomeserver  # noqa: E402
+from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import SOURCE_KEY, ScriptedUser  # noqa: E402
 
-from adapter.matrix.config import Config  # noqa: E402
 from core.chat import Chat  # noqa: E402
 
 AGENT_DELAY_S = 1.0
@@ -121,35 +119,27 @@ async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str
 
 
 async def bench(sizes: list[int], gaps: list[int]) -> None:
-    work = Path(tempfile.mkdtemp(prefix="lambda-bench-delivery-"))
-    hs = LocalHomeserver(work / "synapse")
-    hs.start()
     people: list[ScriptedUser] = []
-    try:
-        bot_account = hs.register("deliverybot", "deliverybot-pw")
-        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
-                        password=bot_account.password, access_token=None,
-                        db_path=work / "bot.db", store_path=work / "matrix_store",
-                        log_format="json", log_level="info")
-        slow = SlowAgent()
-        bot = BotProcess(config, slow)
-        with structlog.testing.capture_logs() as logs:
-            await bot.start(logs)
-            started = time.perf_counter()
-            people = await users(hs, max(sizes) + 1, bot_account.user_id)
-            rooms = await asyncio.gather(*(person.onboard() for person in people))
-            onboarding = time.perf_counter() - started
-            chats = [(person, chat) for person, (_, _, chat) in zip(people, rooms)]
-            loner, loner_chat = chats.pop()
-            bursts = [await burst(logs, slow, chats[:k], f"burst{k}") for k in sizes]
-            bot.agent = None  # from here on: config.agent, the echo agent
-            gaps_seen = [await gap(bot, logs, loner, loner_chat, n) for n in gaps]
-            await bot.stop()
-    finally:
-        for person in people:
-            await person.close()
-        hs.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with throwaway_homeserver("lambda-bench-delivery-") as (hs, work):
+        try:
+            config = bot_config(hs, work, "deliverybot")
+            slow = SlowAgent()
+            bot = BotProcess(config, slow)
+            with structlog.testing.capture_logs() as logs:
+                await bot.start(logs)
+                started = time.perf_counter()
+                people = await users(hs, max(sizes) + 1, config.user_id)
+                rooms = await asyncio.gather(*(person.onboard() for person in people))
+                onboarding = time.perf_counter() - started
+                chats = [(person, chat) for person, (_, _, chat) in zip(people, rooms)]
+                loner, loner_chat = chats.pop()
+                bursts = [await burst(logs, slow, chats[:k], f"burst{k}") for k in sizes]
+                bot.agent = None  # from here on: config.agent, the echo agent
+                gaps_seen = [await gap(bot, logs, loner, loner_chat, n) for n in gaps]
+                await bot.stop()
+        finally:
+            for person in people:
+                await person.close()
 
     print(f"Lambda delivery benchmark: Synapse on {hs.url}, agent delay {AGENT_DELAY_S:.1f} s")
     print(f"  onboarding {len(people)} users at once           {onboarding:7.1f} s")

@@ -15,9 +15,7 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -25,7 +23,7 @@ import structlog
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from homeserver import LocalHomeserver  # noqa: E402
+from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.bot import run_bot  # noqa: E402
@@ -81,24 +79,15 @@ def ms(values: list[float]) -> str:
 
 
 async def bench(chats: int, samples: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="lambda-bench-"))
-    hs = LocalHomeserver(work / "synapse")
-    hs.start()
-    try:
-        bot_account = hs.register("benchbot", "benchbot-pw")
+    with throwaway_homeserver("lambda-bench-") as (hs, work):
+        config = bot_config(hs, work, "benchbot")
         user_account = hs.register("benchuser", "benchuser-pw")
-        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
-                        password=bot_account.password, access_token=None,
-                        db_path=work / "bot.db", store_path=work / "matrix_store",
-                        log_format="json", log_level="info")
-        cli_config = replace(config, user_id=hs.register("clibot", "clibot-pw").user_id,
-                             password="clibot-pw", db_path=work / "cli.db",
-                             store_path=work / "cli_store")
+        cli_config = bot_config(hs, work, "clibot")
         cli = {"first start": await cli_start_seconds(cli_config),
                "restart": await cli_start_seconds(cli_config)}
         bot = BotProcess(config)
         person = await ScriptedUser.log_in(hs.url, user_account.user_id,
-                                           user_account.password, bot_account.user_id)
+                                           user_account.password, config.user_id)
         with structlog.testing.capture_logs() as logs:
             starts = {"first start (password login)": await bot.start(logs)}
             lobby = await person.invite_bot()
@@ -129,9 +118,6 @@ async def bench(chats: int, samples: int) -> None:
             cold_heals = [e for e in logs[mark:] if e["event"] == "state.healed"]
             await bot.stop()
         await person.close()
-    finally:
-        hs.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
     requests = [e["hs_requests"] for e in healed]
     print(f"Lambda healing benchmark: {chats} chats, {samples} samples, Synapse on {hs.url}")

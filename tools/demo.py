@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from homeserver import LocalHomeserver  # noqa: E402
+from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
-from adapter.matrix.config import Config  # noqa: E402
 
 SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
          "state.heal_failed", "sync.catchup", "sync.gap_backfilled", "bot.stopped"}
@@ -65,22 +62,15 @@ def step(text: str) -> None:
 
 
 async def demo() -> None:
-    work = Path(tempfile.mkdtemp(prefix="lambda-demo-"))
-    hs = LocalHomeserver(work / "synapse")
-    hs.start()
-    try:
-        bot_account = hs.register("lambda", "lambda-demo-pw")
+    with throwaway_homeserver("lambda-demo-") as (hs, work):
+        config = bot_config(hs, work, "lambda")
         alice = hs.register("alice", "alice-demo-pw")
-        config = Config(homeserver=hs.url, user_id=bot_account.user_id,
-                        password=bot_account.password, access_token=None,
-                        db_path=work / "lambda_matrix.db", store_path=work / "matrix_store",
-                        log_format="json", log_level="info")
         env = {**os.environ, **config.to_env()}
         bot = Bot(env)
         step(f"Start the bot on {hs.url}")
         await bot.start()
         user = await ScriptedUser.log_in(hs.url, alice.user_id, alice.password,
-                                         bot_account.user_id)
+                                         config.user_id)
         step(f"{alice.user_id} invites the bot")
         lobby = await user.invite_bot()
         welcome = await user.wait_for_bot(lobby, "Welcome")
@@ -113,9 +103,6 @@ async def demo() -> None:
                 print(f"    {json.dumps(line)}")
             raise SystemExit(1)
         step("Done: no room was re-created, nobody left anything, and no warning was logged.")
-    finally:
-        hs.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

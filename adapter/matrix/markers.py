@@ -5,7 +5,7 @@ whether a room's marker can be trusted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, Self, get_args
 
 from core.chat import ChatStatus
 
@@ -31,6 +31,16 @@ class Marker:
     TYPE: ClassVar[str]
     STATE_KEY: ClassVar[str] = ""
 
+    @classmethod
+    def parse(cls, content: dict) -> Self | None:
+        """None for empty content (a redacted marker counts as none); ``MalformedMarker`` if
+        a field is missing or wrong."""
+        return cls._from_content(content) if content else None
+
+    @classmethod
+    def _from_content(cls, content: dict) -> Self:
+        raise NotImplementedError
+
     def content(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -47,11 +57,7 @@ class SpaceMarker(Marker):
     owner: str
 
     @classmethod
-    def parse(cls, content: dict) -> SpaceMarker | None:
-        """None for empty content (a redacted marker counts as none); ``MalformedMarker`` if
-        a field is missing or wrong."""
-        if not content:
-            return None
+    def _from_content(cls, content: dict) -> SpaceMarker:
         return cls(_user_id(cls.TYPE, content.get("owner")))
 
     def content(self) -> dict[str, Any]:
@@ -68,11 +74,7 @@ class ChatMarker(Marker):
     status: ChatStatus
 
     @classmethod
-    def parse(cls, content: dict) -> ChatMarker | None:
-        """None for empty content (a redacted marker counts as none); ``MalformedMarker`` if
-        a field is missing or wrong."""
-        if not content:
-            return None
+    def _from_content(cls, content: dict) -> ChatMarker:
         owner = _user_id(cls.TYPE, content.get("owner"))
         chat_id, status = content.get("chat_id"), content.get("status")
         if not (isinstance(chat_id, str) and chat_id):

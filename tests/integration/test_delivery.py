@@ -27,6 +27,16 @@ async def wait_echoes(user, room_id: str, bot_id: str, sent: list[str]) -> list[
     return echoes(user, room_id, bot_id, prefix)
 
 
+async def sent_while_down(bot, alice, prefix: str, count: int) -> tuple[str, list[str]]:
+    """Alice's first chat, and ``count`` messages she sent there while the bot was stopped."""
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    sent = [f"{prefix} {i}" for i in range(count)]
+    for body in sent:
+        await alice.send(chat, body)
+    return chat, sent
+
+
 async def test_message_sent_at_once_after_a_reset_is_answered(bot, make_user):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
@@ -58,11 +68,7 @@ async def test_catch_up_skips_messages_older_than_the_window(bot_config, logs, m
 @pytest.mark.parametrize("count", [120])
 async def test_long_gap_is_backfilled_and_answered_in_order_exactly_once(bot, make_user, count):
     alice = await make_user("alice")
-    _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    sent = [f"gap {i}" for i in range(count)]
-    for body in sent:
-        await alice.send(chat, body)
+    chat, sent = await sent_while_down(bot, alice, "gap", count)
     await bot.start()
     assert await wait_echoes(alice, chat, bot.user_id, sent) == sent
     backfilled = bot.logs.named("sync.gap_backfilled", room_id=chat)
@@ -133,11 +139,7 @@ async def test_kill_9_mid_message_answers_it_exactly_once(bot, make_user, agent,
 
 async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make_user):
     alice = await make_user("alice")
-    _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    sent = [f"lost {i}" for i in range(110)]
-    for body in sent:
-        await alice.send(chat, body)
+    chat, sent = await sent_while_down(bot, alice, "lost", 110)
     proc = BotProcess(bot.config)
     await proc.start()
     await proc.wait_log("sync.gap_backfilled")
@@ -151,11 +153,7 @@ async def test_a_gap_past_the_bound_tells_the_owner_how_many_went_unanswered(
         bot, make_user, monkeypatch):
     monkeypatch.setattr(ingest, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room
     alice = await make_user("alice")
-    _, _, chat = await alice.onboard(bot.user_id)
-    await bot.stop()
-    sent = [f"flood {i}" for i in range(112)]
-    for body in sent:
-        await alice.send(chat, body)
+    chat, sent = await sent_while_down(bot, alice, "flood", 112)
     await bot.start()
     notice = await alice.wait_reply(chat, bot.user_id, "missed 7 older messages")
     assert await wait_echoes(alice, chat, bot.user_id, sent[7:]) == sent[7:]

@@ -24,18 +24,22 @@ CRASH_POINTS = {
 }
 
 
-async def killed_at(step: str, config, proxy, start_onboarding) -> None:
-    """Start the bot behind the proxy, let ``start_onboarding()`` begin, kill -9 at ``step``.
-    (The restart must use the proxy too: a session is kept for one homeserver URL.)"""
+async def killed_mid_onboarding(step: str, user, bot_config, proxy, logs
+                                ) -> tuple[str, BotRunner]:
+    """Start the bot behind the proxy, let ``user`` invite it, kill -9 at ``step``. Returns
+    the lobby and a (stopped) runner for the restart, behind the proxy too: a session is
+    kept for one homeserver URL, and the welcome's dedupe needs the same device."""
+    config = replace(bot_config, homeserver=proxy.url)
     method, path, nth, forward = CRASH_POINTS[step]
     reached = proxy.hold(method, path, nth, forward)
     bot = BotProcess(config)
     await bot.start()
     await bot.wait_log("bot.ready")
-    await start_onboarding()
+    lobby = await user.open_lobby(config.user_id)
     await asyncio.wait_for(reached.wait(), TIMEOUT)
     await bot.kill()
     proxy.heal()
+    return lobby, BotRunner(config, logs)
 
 
 async def assert_one_space_and_one_usable_chat(user, bot_id: str, lobby: str, runner: BotRunner):
@@ -57,15 +61,7 @@ async def assert_one_space_and_one_usable_chat(user, bot_id: str, lobby: str, ru
 async def test_a_kill_at_any_step_of_onboarding_is_completed_by_the_restart(
         step, bot_config, proxy, make_user, logs):
     alice = await make_user("alice")
-    lobby = ""
-
-    async def invite() -> None:
-        nonlocal lobby
-        lobby = await alice.open_lobby(bot_config.user_id)
-
-    config = replace(bot_config, homeserver=proxy.url)
-    await killed_at(step, config, proxy, invite)
-    runner = BotRunner(config, logs)
+    lobby, runner = await killed_mid_onboarding(step, alice, bot_config, proxy, logs)
     await runner.start()  # the invite is still in the inbox: onboarding resumes by itself
     try:
         await assert_one_space_and_one_usable_chat(alice, bot_config.user_id, lobby, runner)
@@ -77,15 +73,7 @@ async def test_a_kill_at_any_step_of_onboarding_is_completed_by_the_restart(
 async def test_a_lobby_message_completes_an_onboarding_cut_short_by_a_crash_and_a_total_loss(
         step, bot_config, proxy, make_user, logs):
     alice = await make_user("alice")
-    lobby = ""
-
-    async def invite() -> None:
-        nonlocal lobby
-        lobby = await alice.open_lobby(bot_config.user_id)
-
-    config = replace(bot_config, homeserver=proxy.url)
-    await killed_at(step, config, proxy, invite)
-    runner = BotRunner(config, logs)
+    lobby, runner = await killed_mid_onboarding(step, alice, bot_config, proxy, logs)
     await runner.lose("everything")  # the invite is lost with the inbox
     await runner.start()
     try:
