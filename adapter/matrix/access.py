@@ -9,7 +9,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-CREATIONS_PER_WINDOW = 5
 CREATION_WINDOW_S = 60.0
 
 
@@ -17,7 +16,7 @@ CREATION_WINDOW_S = 60.0
 class Access:
     allowed: tuple[str, ...]
     max_chats: int
-    creations_per_window: int = CREATIONS_PER_WINDOW
+    creations_per_window: int = 5
     window_s: float = CREATION_WINDOW_S
     _created: defaultdict[str, deque[float]] = field(
         default_factory=lambda: defaultdict(deque), repr=False)

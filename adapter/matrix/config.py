@@ -35,6 +35,7 @@ class Config:
     catchup_hours: float = 24.0
     allowed_users: tuple[str, ...] = ()  # empty: everyone on the bot's own server
     max_chats: int = 100
+    creations_per_minute: int = 5  # not an environment variable: benchmarks raise it
 
     @property
     def allowed_patterns(self) -> tuple[str, ...]:
