@@ -8,8 +8,11 @@ middleware chain) -> ``handlers``."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
+import sqlite3
+from pathlib import Path
 
 import structlog
 from aiohttp import ClientError
@@ -18,13 +21,13 @@ from nio import AsyncClient, AsyncClientConfig, SyncResponse
 from adapter.matrix.access import Access
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery import Delivery
-from adapter.matrix.dispatcher import Dispatcher
+from adapter.matrix.delivery import Delivery, RetryLater
+from adapter.matrix.dispatcher import Dispatcher, Handler
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healer import Healer
 from adapter.matrix.healing import HealingMiddleware
 from adapter.matrix.homeserver import Homeserver, HomeserverError
-from adapter.matrix.inbox import Inbox
+from adapter.matrix.inbox import Inbox, WriteFailed
 from adapter.matrix.ingest import Ingest, sync_token_refused
 from adapter.matrix.middlewares import (
     allowed_users_only,
@@ -32,12 +35,12 @@ from adapter.matrix.middlewares import (
     owner_only,
     resolve_route,
 )
-from adapter.matrix.room_router import RoomRouter
+from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, Route
 from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
 from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager
-from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable
+from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable, lock_path
 
 log = structlog.get_logger()
 
@@ -60,6 +63,31 @@ class SyncTokenRefused(Exception):
 
 GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
            "long. Please send it again.")
+STORE_DOWN = ("I can't save anything just now: my local storage is full or read-only. Your "
+              "message is not lost; I'll answer it as soon as that is fixed.")
+
+
+async def tell_store_down(services: Services, update: Update, route: Route | None) -> None:
+    """Tell a room's owner that their message waits for the DB to take writes again. The
+    transaction id makes it one notice per message, however often it is retried."""
+    if update.kind == "message" and isinstance(route, ChatRoute | LobbyRoute) \
+            and update.sender == route.owner:
+        await services.try_reply(update, STORE_DOWN, part="store-down")
+
+
+async def store_faults(handler: Handler, update: Update, data: EventData) -> None:
+    """The outermost link: a write the DB refuses (disk full, read-only) is a fault of the
+    machine, not of the update. The update stays in the inbox and is retried with backoff,
+    so it is answered once the DB takes writes again."""
+    try:
+        await handler(update, data)
+    except sqlite3.OperationalError as err:
+        services = data["services"]
+        fault = WriteFailed(services.store.db.path, err)
+        log.error("store.write_failed", during="handling", room_id=update.room_id,
+                  event_id=update.event_id, error=str(fault), remedy=fault.remedy)
+        await tell_store_down(services, update, data.get("route"))
+        raise RetryLater(f"store: {fault}") from err
 
 
 class Bot:
@@ -74,20 +102,25 @@ class Bot:
         hs = Homeserver(client, config.server_name)
         self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
                                  agent=agent, router=RoomRouter(self.store),
-                                 access=Access(config.allowed_patterns, config.max_chats))
+                                 access=Access(config.allowed_patterns, config.max_chats,
+                                               config.creations_per_minute))
         self.ingest = Ingest(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
-            [allowed_users_only, resolve_route, HealingMiddleware(Healer(self.services)),
-             owner_only, catchup_in_chats_only],
+            [store_faults, allowed_users_only, resolve_route,
+             HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only],
             handle_update, EventData(services=self.services))
 
-    async def fetch(self, since: str | None, long_poll: bool) -> SyncResponse:
-        """One sync request; the only part of the loop that a stop may interrupt."""
+    async def fetch(self, since: str | None, long_poll: bool, again: bool = False
+                    ) -> SyncResponse:
+        """One sync request; the only part of the loop that a stop may interrupt. ``again``:
+        the same ``since`` as a round the DB could not record."""
+        # Synapse caches a sync answer for ~2 min keyed by (since, timeout, filter, ...): a
+        # restart (no token) or a round asked again would get a stale one and miss what came
+        # since. A timeout unique to this call keeps the key unique.
         if since is None:
-            # Synapse answers an initial sync at once, and caches that answer for ~2 min keyed
-            # by (timeout, filter, ...): a restart within that window would get a stale one
-            # and miss fresh invites. A timeout unique to this call keeps the key unique.
-            timeout = 1 + secrets.randbelow(10**9)
+            timeout = 1 + secrets.randbelow(10**9)  # an initial sync is answered at once
+        elif again:
+            timeout = 1 + secrets.randbelow(1000)
         else:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
@@ -117,8 +150,9 @@ class Bot:
     async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
                          delivery: Delivery) -> None:
         ready, backoff = False, 1.0
+        waiting: set[str] | None = None  # while the DB refuses writes: the messages held back
         while not stop.is_set():
-            fetch = asyncio.ensure_future(self.fetch(since, long_poll=ready))
+            fetch = asyncio.ensure_future(self.fetch(since, ready, again=waiting is not None))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -142,16 +176,52 @@ class Bot:
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            delivery.push(await inbox.ingest(updates, resp.next_batch))
+            try:
+                delivery.push(await inbox.ingest(updates, resp.next_batch))
+            except WriteFailed as fault:
+                # Nothing was recorded and the token stays where it was: the homeserver hands
+                # these events again on the next try, so none is lost.
+                log.error("store.write_failed", during="sync", error=str(fault),
+                          remedy=fault.remedy, updates=len(updates), retry_in_s=backoff)
+                waiting = waiting if waiting is not None else set()
+                await self._tell_store_down(updates, waiting)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
             since = resp.next_batch
             if updates:
                 log.debug("sync.ingested", updates=len(updates), queued=delivery.queued)
+            if waiting is not None:
+                log.info("store.recovered", waited=len(waiting))
+                waiting = None
+            elif ready and backoff > 1.0:
+                log.info("sync.recovered")
             if not ready:
                 ready = True
                 log.info("bot.ready")
-            elif backoff > 1.0:
-                log.info("sync.recovered")
             backoff = 1.0
+
+    async def _tell_store_down(self, updates: list[Update], waiting: set[str]) -> None:
+        for update in updates:
+            if update.kind == "message" and update.event_id not in waiting:
+                waiting.add(update.event_id)
+                try:
+                    route = await self.services.router.resolve(update.room_id)
+                except sqlite3.OperationalError:
+                    continue  # the DB cannot even be read: the log line is all there is
+                await tell_store_down(self.services, update, route)
+
+
+def unwritable(db_path: Path) -> Path | None:
+    """The file or folder that keeps the bot from using its DB, if any. SQLite writes beside
+    the file too (-wal, -shm), so the folder must be writable as well."""
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"), lock_path(db_path)):
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            return path
+    folder = db_path.parent
+    while not folder.exists():  # the bot creates what is missing, from the first that exists
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
@@ -185,6 +255,13 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
         except AgentLoadError as err:
             log.error("config.invalid", error=str(err))
             return 2
+    if (read_only := unwritable(config.db_path)) is not None:
+        log.error("store.read_only", db=str(config.db_path), path=str(read_only),
+                  error=f"{read_only} is not writable by this user",
+                  remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
+                         "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
+                         "DB is intact: do not reset it")
+        return 1
     lock = ProcessLock(config.db_path)
     try:
         lock.acquire()

@@ -1,17 +1,58 @@
 """The durable inbox (SPEC §5, Delivery): a sync round's updates are written together with
 the round's sync token, in one transaction, before any of them is handled. An update leaves
-the inbox only when its handling is finished, so a crash at any point loses nothing."""
+the inbox only when its handling is finished, so a crash at any point loses nothing.
+
+A write the file refuses (disk full, read-only, locked) loses nothing either: a round that
+cannot be recorded raises ``WriteFailed`` and its token is not kept, so the homeserver hands
+the same events again; a finished entry that cannot be removed is removed with the next round.
+"""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import structlog
 
 from adapter.matrix.context import Update
 from adapter.matrix.store import SYNC_TOKEN_KEY
-from core.store import SQLiteStore
+from core.store import SQLiteStore, StoreError
+
+log = structlog.get_logger()
 
 PREFIX = "inbox:"
+
+
+class WriteFailed(StoreError):
+    """The SQLite file refused a write: a fault of the machine, not of the data. Nothing of
+    that write was kept, and the same write may succeed later. ``remedy`` says what to fix."""
+
+    def __init__(self, path: Path, err: sqlite3.OperationalError) -> None:
+        cause = str(first_error(err))
+        super().__init__(cause)
+        self.remedy = write_remedy(cause, path)
+
+
+def first_error(err: BaseException) -> BaseException:
+    """The error that started it: after SQLite rolled a failed write back by itself, the
+    store's own ROLLBACK fails too, and that second error hides the first."""
+    while isinstance(err.__context__, sqlite3.Error):
+        err = err.__context__
+    return err
+
+
+def write_remedy(error: str, db: Path) -> str:
+    """What the operator should do about a refused write, from SQLite's message."""
+    retries = "the bot keeps its place and retries by itself"
+    if "full" in error:
+        return f"free disk space on the filesystem holding {db}; {retries}"
+    if "readonly" in error or "read-only" in error:
+        return f"make {db} and its folder writable by the bot's user; {retries}"
+    if "locked" in error:
+        return f"another process holds {db} (an open sqlite3 shell?): close it; {retries}"
+    return f"check the disk holding {db} (full, read-only or failing); {retries}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,7 @@ class Inbox:
     def __init__(self, db: SQLiteStore, next_seq: int) -> None:
         self._db = db
         self._next_seq = next_seq
+        self._finished: set[str] = set()  # keys of finished entries the file refused to drop
 
     @classmethod
     async def open(cls, db: SQLiteStore) -> tuple[Inbox, list[Entry]]:
@@ -50,21 +92,43 @@ class Inbox:
         return cls(db, pending[-1].seq + 1 if pending else 0), pending
 
     async def ingest(self, updates: list[Update], sync_token: str) -> list[Entry]:
-        """Record a round: its updates and the token that follows it, atomically."""
+        """Record a round: its updates and the token that follows it, atomically. Raises
+        ``WriteFailed`` when the file refuses it; then nothing is recorded."""
         entries = [Entry(self._next_seq + i, update) for i, update in enumerate(updates)]
-        async with self._db.transaction() as tx:
-            for entry in entries:
-                tx.set(entry.key, entry.to_json())
-            tx.set(SYNC_TOKEN_KEY, sync_token)
+        try:
+            async with self._db.transaction() as tx:
+                for key in self._finished:
+                    tx.delete(key)
+                for entry in entries:
+                    tx.set(entry.key, entry.to_json())
+                tx.set(SYNC_TOKEN_KEY, sync_token)
+        except sqlite3.OperationalError as err:
+            raise WriteFailed(self._db.path, err) from err
+        self._finished.clear()
         self._next_seq += len(entries)
         return entries
 
     async def done(self, entry: Entry) -> None:
-        await self._db.delete(entry.key)
+        """The entry is finished. If the file refuses to drop it now, the next round drops it
+        (a restart before then handles it again; its reply's transaction id dedups that)."""
+        try:
+            await self._db.delete(entry.key)
+        except sqlite3.OperationalError as err:
+            self._finished.add(entry.key)
+            self._refused("done", entry, err)
 
     async def postpone(self, entry: Entry, delay_s: float) -> Entry:
-        """Keep the entry for another attempt in ``delay_s`` seconds (survives a restart)."""
+        """Keep the entry for another attempt in ``delay_s`` seconds (survives a restart, unless
+        the file refuses the write: then only this run remembers the attempt)."""
         later = Entry(entry.seq, replace(entry.update, attempt=entry.update.attempt + 1),
                       time.time() + delay_s)
-        await self._db.set(later.key, later.to_json())
+        try:
+            await self._db.set(later.key, later.to_json())
+        except sqlite3.OperationalError as err:
+            self._refused("postpone", entry, err)
         return later
+
+    def _refused(self, during: str, entry: Entry, err: sqlite3.OperationalError) -> None:
+        fault = WriteFailed(self._db.path, err)
+        log.error("store.write_failed", during=during, room_id=entry.update.room_id,
+                  event_id=entry.update.event_id, error=str(fault), remedy=fault.remedy)
