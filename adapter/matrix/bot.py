@@ -184,7 +184,7 @@ class Bot:
                 log.error("store.write_failed", during="sync", error=str(fault),
                           remedy=fault.remedy, updates=len(updates), retry_in_s=backoff)
                 waiting = waiting if waiting is not None else set()
-                await self._tell_store_down(updates, waiting)
+                await self._tell_held_back(updates, waiting)
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
@@ -201,7 +201,8 @@ class Bot:
                 log.info("bot.ready")
             backoff = 1.0
 
-    async def _tell_store_down(self, updates: list[Update], waiting: set[str]) -> None:
+    async def _tell_held_back(self, updates: list[Update], waiting: set[str]) -> None:
+        """Tell the owners of a round's messages, each once, that they wait for the DB."""
         for update in updates:
             if update.kind == "message" and update.event_id not in waiting:
                 waiting.add(update.event_id)
