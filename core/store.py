@@ -91,6 +91,18 @@ class ProcessLock:
             return "?"
 
 
+def unwritable(db_path: Path) -> Path | None:
+    """The file or folder that keeps the DB from taking writes, if any. SQLite writes beside
+    the file too (-wal, -shm), so the folder must be writable as well."""
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"), lock_path(db_path)):
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            return path
+    folder = db_path.parent
+    while not folder.exists():  # what is missing is created, from the first that exists
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder
+
+
 class Transaction:
     """Buffered multi-key writes, applied atomically when the block exits."""
 
@@ -196,7 +208,8 @@ class SQLiteStore:
                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                             (key, value))
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back by itself
+                    await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
 

@@ -8,11 +8,9 @@ middleware chain) -> ``handlers``."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
 import sqlite3
-from pathlib import Path
 
 import structlog
 from aiohttp import ClientError
@@ -21,8 +19,8 @@ from nio import AsyncClient, AsyncClientConfig, SyncResponse
 from adapter.matrix.access import Access
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery import Delivery, RetryLater
-from adapter.matrix.dispatcher import Dispatcher, Handler
+from adapter.matrix.delivery import Delivery
+from adapter.matrix.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healer import Healer
 from adapter.matrix.healing import HealingMiddleware
@@ -34,13 +32,15 @@ from adapter.matrix.middlewares import (
     catchup_in_chats_only,
     owner_only,
     resolve_route,
+    store_faults,
 )
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, Route
+from adapter.matrix.notices import tell_store_down
+from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
 from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager
-from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable, lock_path
+from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable, unwritable
 
 log = structlog.get_logger()
 
@@ -63,31 +63,6 @@ class SyncTokenRefused(Exception):
 
 GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
            "long. Please send it again.")
-STORE_DOWN = ("I can't save anything just now: my local storage is full or read-only. Your "
-              "message is not lost; I'll answer it as soon as that is fixed.")
-
-
-async def tell_store_down(services: Services, update: Update, route: Route | None) -> None:
-    """Tell a room's owner that their message waits for the DB to take writes again. The
-    transaction id makes it one notice per message, however often it is retried."""
-    if update.kind == "message" and isinstance(route, ChatRoute | LobbyRoute) \
-            and update.sender == route.owner:
-        await services.try_reply(update, STORE_DOWN, part="store-down")
-
-
-async def store_faults(handler: Handler, update: Update, data: EventData) -> None:
-    """The outermost link: a write the DB refuses (disk full, read-only) is a fault of the
-    machine, not of the update. The update stays in the inbox and is retried with backoff,
-    so it is answered once the DB takes writes again."""
-    try:
-        await handler(update, data)
-    except sqlite3.OperationalError as err:
-        services = data["services"]
-        fault = WriteFailed(services.store.db.path, err)
-        log.error("store.write_failed", during="handling", room_id=update.room_id,
-                  event_id=update.event_id, error=str(fault), remedy=fault.remedy)
-        await tell_store_down(services, update, data.get("route"))
-        raise RetryLater(f"store: {fault}") from err
 
 
 class Bot:
@@ -211,18 +186,6 @@ class Bot:
                 except sqlite3.OperationalError:
                     continue  # the DB cannot even be read: the log line is all there is
                 await tell_store_down(self.services, update, route)
-
-
-def unwritable(db_path: Path) -> Path | None:
-    """The file or folder that keeps the bot from using its DB, if any. SQLite writes beside
-    the file too (-wal, -shm), so the folder must be writable as well."""
-    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"), lock_path(db_path)):
-        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-            return path
-    folder = db_path.parent
-    while not folder.exists():  # the bot creates what is missing, from the first that exists
-        folder = folder.parent
-    return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -30,17 +30,8 @@ class WriteFailed(StoreError):
     that write was kept, and the same write may succeed later. ``remedy`` says what to fix."""
 
     def __init__(self, path: Path, err: sqlite3.OperationalError) -> None:
-        cause = str(first_error(err))
-        super().__init__(cause)
-        self.remedy = write_remedy(cause, path)
-
-
-def first_error(err: BaseException) -> BaseException:
-    """The error that started it: after SQLite rolled a failed write back by itself, the
-    store's own ROLLBACK fails too, and that second error hides the first."""
-    while isinstance(err.__context__, sqlite3.Error):
-        err = err.__context__
-    return err
+        super().__init__(str(err))
+        self.remedy = write_remedy(str(err), path)
 
 
 def write_remedy(error: str, db: Path) -> str:

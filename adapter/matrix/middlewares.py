@@ -1,8 +1,10 @@
-"""The plain links of the chain: who may use the bot, routing and command parsing, the owner
-check, and the catch-up scope. (The bot's own events never reach the chain: ``ingest``
-drops them.)"""
+"""The plain links of the chain: store faults, who may use the bot, routing and command
+parsing, the owner check, and the catch-up scope. (The bot's own events never reach the
+chain: ``ingest`` drops them.)"""
 
 from __future__ import annotations
+
+import sqlite3
 
 import structlog
 
@@ -11,9 +13,26 @@ from adapter.matrix.context import EventData, Update
 from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.inbox import WriteFailed
+from adapter.matrix.notices import tell_store_down
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
 
 log = structlog.get_logger()
+
+
+async def store_faults(handler: Handler, update: Update, data: EventData) -> None:
+    """The outermost link: a write the DB refuses (disk full, read-only) is a fault of the
+    machine, not of the update. The update stays in the inbox and is retried with backoff,
+    so it is answered once the DB takes writes again."""
+    try:
+        await handler(update, data)
+    except sqlite3.OperationalError as err:
+        svc = data["services"]
+        fault = WriteFailed(svc.store.db.path, err)
+        log.error("store.write_failed", during="handling", room_id=update.room_id,
+                  event_id=update.event_id, error=str(fault), remedy=fault.remedy)
+        await tell_store_down(svc, update, data.get("route"))
+        raise RetryLater(f"store: {fault}") from err
 
 
 async def allowed_users_only(handler: Handler, update: Update, data: EventData) -> None:

@@ -1,6 +1,7 @@
 """What the bot tells a user whose update it cannot act on now: a notice about a room it
-refuses to heal (at most one an hour per room), and the one notice before an update is
-postponed after a homeserver failure."""
+refuses to heal (at most one an hour per room), the one notice before an update is
+postponed after a homeserver failure, and the one notice per message while the DB refuses
+writes."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import structlog
 from adapter.matrix.context import Services, Update
 from adapter.matrix.delivery import RetryLater
 from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.room_router import ChatRoute, LobbyRoute, Route
 from adapter.matrix.room_state import HealRefused
 
 log = structlog.get_logger()
 
 REFUSAL_NOTICE_EVERY_S = 3600.0
+STORE_DOWN = ("I can't save anything just now: my local storage is full or read-only. Your "
+              "message is not lost; I'll answer it as soon as that is fixed.")
 
 
 class RefusalNotices:
@@ -54,3 +58,11 @@ async def postpone(update: Update, err: HomeserverError, svc: Services, notice: 
     if update.attempt == 0 and update.kind != "invite":
         await svc.try_reply(update, notice, part="retry-notice")
     raise RetryLater(str(err), err.retry_after_ms) from err
+
+
+async def tell_store_down(svc: Services, update: Update, route: Route | None) -> None:
+    """Tell a room's owner that their message waits for the DB to take writes again. The
+    transaction id makes it one notice per message, however often it is retried."""
+    if update.kind == "message" and isinstance(route, ChatRoute | LobbyRoute) \
+            and update.sender == route.owner:
+        await svc.try_reply(update, STORE_DOWN, part="store-down")
