@@ -51,16 +51,35 @@ def new_chat_id() -> str:
     return secrets.token_hex(6)
 
 
+# Characters a title may not hold: controls (newlines, NUL), lone surrogates, line and
+# paragraph separators, and the bidi embeddings, overrides and isolates that reorder what
+# follows them in a client's room list.
+_FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+_BIDI_CONTROLS = {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def forbidden_in_title(ch: str) -> bool:
+    return unicodedata.category(ch) in _FORBIDDEN_CATEGORIES or ch in _BIDI_CONTROLS
+
+
+def visible(ch: str) -> bool:
+    """Not whitespace and not an invisible format character (zero-width space, joiners)."""
+    return not ch.isspace() and unicodedata.category(ch) != "Cf"
+
+
 def validate_title(title: str) -> str:
     """Return the stripped title or raise ``InvalidTitle`` with a user-facing reason."""
     title = title.strip()
     if not title:
         raise InvalidTitle("The title cannot be empty.")
+    if not any(visible(ch) for ch in title):
+        raise InvalidTitle("The title has no visible characters.")
     if len(title) > MAX_TITLE_LENGTH:
         raise InvalidTitle(f"The title is too long ({len(title)} characters, "
                            f"the limit is {MAX_TITLE_LENGTH}).")
-    if any(unicodedata.category(ch) == "Cc" for ch in title):
-        raise InvalidTitle("The title cannot contain control characters (such as newlines).")
+    if any(forbidden_in_title(ch) for ch in title):
+        raise InvalidTitle("The title cannot contain control characters (such as newlines "
+                           "or text-direction overrides).")
     return title
 
 

@@ -46,7 +46,8 @@ UNKNOWN = CommandSpec("unknown", "", "", in_lobby=True)
 
 
 def parse_command(body: str) -> Command:
-    """``"!rename  New title"`` -> Command("rename", "New title"). Names are case-insensitive."""
-    head, _, args = body.strip()[1:].partition(" ")
+    """``"!rename  New title"`` -> Command("rename", "New title"). Names are case-insensitive;
+    any whitespace (a tab, a newline) ends the name."""
+    head, args = (body.strip()[1:].split(maxsplit=1) + ["", ""])[:2]
     name = head.lower()
     return Command(name, args.strip(), COMMANDS.get(name, UNKNOWN))

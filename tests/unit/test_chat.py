@@ -50,3 +50,14 @@ def test_bad_titles_are_rejected_with_reason(title, reason):
 
 def test_title_of_255_characters_is_fine():
     assert validate_title("é" * 255) == "é" * 255
+
+
+@pytest.mark.parametrize("title", ["\u200b", " \u200b\u200d ", "a\u202eb", "a\u2028b",
+                                   "a\ud800b", "x\u2066y"])
+def test_invisible_titles_and_direction_overrides_are_refused(title):
+    with pytest.raises(InvalidTitle):
+        validate_title(title)
+
+
+def test_emoji_sequences_with_joiners_are_fine():
+    assert validate_title("Family 👨\u200d👩\u200d👧") == "Family 👨\u200d👩\u200d👧"

@@ -32,7 +32,13 @@ NAME_CASINGS = st.sampled_from(sorted(COMMANDS)).flatmap(
 
 
 def is_control(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
+    """Controls, surrogates, line/paragraph separators, bidi overrides (as core.chat says)."""
+    return any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")
+               or 0x202A <= ord(ch) <= 0x202E or 0x2066 <= ord(ch) <= 0x2069 for ch in text)
+
+
+def invisible(text: str) -> bool:
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 @given(st.one_of(TEXT, LONG), st.one_of(TEXT, LONG))
@@ -43,7 +49,7 @@ def test_parsing_any_command_string_never_fails(head: str, tail: str):
     assert Update("message", "!r:x", "@a:x", "$e", body=body).is_command
     cmd = parse_command(body)
     assert cmd.spec is COMMANDS.get(cmd.name, UNKNOWN)
-    assert " " not in cmd.name and cmd.name == cmd.name.lower()
+    assert not any(ch.isspace() for ch in cmd.name) and cmd.name == cmd.name.lower()
     assert cmd.args == cmd.args.strip()
     assert cmd.args in body
 
@@ -72,11 +78,11 @@ def test_a_title_is_accepted_only_within_the_limits_and_refused_only_with_invali
     except InvalidTitle as err:
         message = str(err)
         assert message.endswith(".") and 0 < len(message) < 200  # one clear sentence
-        assert not stripped or len(stripped) > MAX_TITLE_LENGTH or is_control(stripped)
+        assert invisible(stripped) or len(stripped) > MAX_TITLE_LENGTH or is_control(stripped)
         return
     assert title == stripped
     assert 1 <= len(title) <= MAX_TITLE_LENGTH
-    assert not is_control(title)
+    assert not is_control(title) and not invisible(title)
     assert validate_title(title) == title  # idempotent: a stored title stays valid
 
 

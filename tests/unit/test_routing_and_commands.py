@@ -89,3 +89,8 @@ async def test_a_crashing_handler_is_logged_and_the_sender_told():
         await dispatcher.feed(update)
     assert [e["event"] for e in logs] == ["event.handler_crashed"]
     assert services.replies == [CRASHED]
+
+
+def test_any_whitespace_ends_a_command_name():
+    assert parse_command("!rename\tTrip").name == "rename"
+    assert parse_command("!rename\nTrip").args == "Trip"
