@@ -28,7 +28,7 @@ async def store_faults(handler: Handler, update: Update, data: EventData) -> Non
         await handler(update, data)
     except sqlite3.OperationalError as err:
         svc = data["services"]
-        fault = WriteFailed(svc.store.db.path, err)
+        fault = WriteFailed(svc.store.path, err)
         log.error("store.write_failed", during="handling", room_id=update.room_id,
                   event_id=update.event_id, error=str(fault), remedy=fault.remedy)
         await tell_store_down(svc, update, data.get("route"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from core.store import Birth, SQLiteStore, Transaction
@@ -73,6 +74,10 @@ class MatrixStore:
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Several records written at once (the writers below take it as ``tx``)."""
         return self.db.transaction()
+
+    @property
+    def path(self) -> Path:
+        return self.db.path
 
     @property
     def birth(self) -> Birth | None:
