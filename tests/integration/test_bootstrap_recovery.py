@@ -43,7 +43,7 @@ async def test_crash_after_creating_the_space_ends_with_one_space_and_one_first_
     await bot.start()
 
     lobby = await alice.open_lobby(bot.user_id)
-    welcome = await alice.wait_reply(lobby, bot.user_id, "Welcome back")
+    welcome = await alice.wait_reply(lobby, bot.user_id, "Welcome! Your Space")
     assert linked_rooms(welcome["content"]["body"])[0] == orphan_space
     assert not bot.logs.named("space.created")
     assert len(bot.logs.named("chat.created")) == 1

@@ -56,11 +56,13 @@ async def _onboard(update: Update, data: EventData) -> None:
         if user.lobby_room_id is None:
             user = UserMeta(user.space_id, lobby_id)
             await svc.store.set_user(owner, user)
-        greeting = "Welcome back! Your Space is"
+        greeting = None
     data["user"] = user
     if await svc.store.get_room(lobby_id) is None:
         await svc.store.set_room(lobby_id, RoomMeta("lobby", owner))
-    first = await _first_chat(svc, owner, user.space_id, update.event_id)
+    first, made_now = await _first_chat(svc, owner, user.space_id, update.event_id)
+    # A Space found with no chat in it: maybe a returning user, maybe onboarding cut short.
+    greeting = greeting or ("Welcome! Your Space is" if made_now else "Welcome back! Your Space is")
     space_link, chat_link = (matrix_to(room, svc.hs.server_name) for room in (user.space_id, first))
     await svc.reply(update,
                     f"{greeting} “Lambda”: {space_link}\n"
@@ -79,15 +81,16 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
             "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err))
 
 
-async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str) -> str:
+async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str
+                      ) -> tuple[str, bool]:
     """An active chat room of the owner, created if they have none (also after a crash
-    between creating the Space and its first chat)."""
+    between creating the Space and its first chat); and whether it was made now."""
     room_id = next(iter((await active_chat_rooms(svc, owner)).values()), None)
     if room_id is not None:
         await _reinvite(svc, room_id, owner)
-        return room_id
+        return room_id, False
     # No chat at all: a crash may have left one unrecorded, and a loss of the DB its intent.
     adopt = not await svc.store.chat_rooms_of(owner)
     room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
                                    adopt_orphan=adopt)
-    return room_id
+    return room_id, True
