@@ -10,7 +10,7 @@ from typing import Literal, TypedDict
 import structlog
 
 from adapter.matrix.access import Access
-from adapter.matrix.commands import Command
+from adapter.matrix.command_table import Command
 from adapter.matrix.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta

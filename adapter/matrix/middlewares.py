@@ -8,7 +8,7 @@ import sqlite3
 
 import structlog
 
-from adapter.matrix.commands import parse_command
+from adapter.matrix.command_table import parse_command
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.delivery import RetryLater
 from adapter.matrix.dispatcher import Handler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.commands import COMMANDS
+from adapter.matrix.command_table import COMMANDS
 from adapter.matrix.context import EventData, Update
 from adapter.matrix.delivery import RetryLater
 from adapter.matrix.homeserver import HomeserverError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.commands import COMMANDS, UNKNOWN, parse_command
+from adapter.matrix.command_table import COMMANDS, UNKNOWN, parse_command
 from adapter.matrix.context import Update
 from adapter.matrix.dispatcher import CRASHED, Dispatcher, build_chain
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
