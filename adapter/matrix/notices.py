@@ -20,6 +20,7 @@ from adapter.matrix.room_state import HealRefused
 log = structlog.get_logger()
 
 REFUSAL_NOTICE_EVERY_S = 3600.0
+RATE_LIMITED = "The homeserver is rate-limiting me. I'll retry in {s} s and answer you then."
 STORE_DOWN = ("I can't save anything just now: my local storage is full or read-only. Your "
               "message is not lost; I'll answer it as soon as that is fixed.")
 
@@ -54,8 +55,11 @@ class RefusalNotices:
 
 async def postpone(update: Update, err: HomeserverError, svc: Services, notice: str) -> NoReturn:
     """The homeserver failed: tell the user once (on the first attempt, and never for an
-    invite), then hand the update back to the inbox, which retries it with backoff."""
+    invite), then hand the update back to the inbox, which retries it with backoff.
+    ``notice`` is for a homeserver that failed; one that rate-limits says when instead."""
     if update.attempt == 0 and update.kind != "invite":
+        if err.retry_after_ms:
+            notice = RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
         await svc.try_reply(update, notice, part="retry-notice")
     raise RetryLater(str(err), err.retry_after_ms) from err
 

@@ -53,6 +53,7 @@ async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot
     await alice.send(chat, "patience")
     failed = await bot.logs.wait_for("state.heal_failed", room_id=chat)
     assert "M_LIMIT_EXCEEDED" in failed[0]["error"]
+    await alice.wait_reply(chat, bot.user_id, "rate-limiting me. I'll retry in 4 s")
     await alice.wait_reply(chat, bot.user_id, "Echo: patience")
 
 

@@ -61,7 +61,17 @@ async def test_postpone_tells_once_then_hands_the_update_back(store, kind, attem
     with pytest.raises(RetryLater) as raised:
         await postpone(message(ROOM, "hi", kind=kind, attempt=attempt), err, svc, "I'll retry.")
     assert raised.value.retry_after_ms == 2500 and raised.value.__cause__ is err
-    assert svc.hs.bodies == (["I'll retry."] if told else [])
+    # A rate limit says when, whatever the caller's notice for a failure.
+    assert svc.hs.bodies == (["The homeserver is rate-limiting me. I'll retry in 2 s and "
+                              "answer you then."] if told else [])
+
+
+async def test_postpone_tells_the_callers_notice_when_the_homeserver_failed(store):
+    svc = make_services(store)
+    with pytest.raises(RetryLater):
+        await postpone(message(ROOM, "hi"), HomeserverError("x", "unreachable", ""), svc,
+                       "I'll retry.")
+    assert svc.hs.bodies == ["I'll retry."]
 
 
 async def test_postpone_still_hands_back_when_even_the_notice_fails(store):

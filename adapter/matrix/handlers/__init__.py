@@ -21,7 +21,6 @@ log = structlog.get_logger()
 
 FAILED = "Sorry, the homeserver refused that just now. Please try again."
 WILL_RETRY = "The homeserver is not answering me just now. I'll retry and answer you then."
-RATE_LIMITED = "The homeserver is rate-limiting me. I'll retry in {s} s and answer you then."
 
 
 async def handle_update(update: Update, data: EventData) -> None:
@@ -50,6 +49,4 @@ async def handle_update(update: Update, data: EventData) -> None:
             if update.kind != "invite":
                 await svc.try_reply(update, FAILED, part="failed")
             return
-        notice = (RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
-                  if err.retry_after_ms else WILL_RETRY)
-        await postpone(update, err, svc, notice)
+        await postpone(update, err, svc, WILL_RETRY)
