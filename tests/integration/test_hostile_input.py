@@ -111,6 +111,6 @@ async def test_a_body_whose_echo_is_over_the_event_size_limit_gets_a_refusal_not
     event_id = sent.event_id  # its echo is longer than that, by "Echo: " and the source key
     await alice.wait_for(lambda: answers_to(alice, chat, bot.user_id, event_id))
     [answer] = answers_to(alice, chat, bot.user_id, event_id)
-    assert "refused" in answer["content"]["body"]
+    assert "too large for the homeserver" in answer["content"]["body"]
     assert not bot.logs.named("event.handler_crashed")
     await alice.ask(chat, bot.user_id, "still there?", "Echo: still there?")

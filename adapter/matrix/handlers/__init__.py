@@ -20,6 +20,8 @@ from adapter.matrix.room_router import LobbyRoute
 log = structlog.get_logger()
 
 FAILED = "Sorry, the homeserver refused that just now. Please try again."
+TOO_LARGE = ("Sorry, my answer is too large for the homeserver to carry (over its event size "
+             "limit), so I can't send it. Please ask for something shorter.")
 WILL_RETRY = "The homeserver is not answering me just now. I'll retry and answer you then."
 
 
@@ -47,6 +49,7 @@ async def handle_update(update: Update, data: EventData) -> None:
         svc = data["services"]
         if not err.transient:  # refused for good: say so, and the update is done
             if update.kind != "invite":
-                await svc.try_reply(update, FAILED, part="failed")
+                await svc.try_reply(update, TOO_LARGE if err.status == "M_TOO_LARGE" else FAILED,
+                                    part="failed")
             return
         await postpone(update, err, svc, WILL_RETRY)
