@@ -47,6 +47,16 @@ class StoreUnreadable(StoreError):
         self.path = path
 
 
+class StoreUnwritable(StoreError):
+    """The SQLite file does not exist and cannot be created (disk full, read-only folder).
+    Nothing is wrong with any data, so the remedy is the disk, never the reset tool."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"cannot create the local database {path} ({detail}): free disk "
+                         "space, or make its folder writable, or set LAMBDA_MATRIX_DB elsewhere")
+        self.path = path
+
+
 class StoreLocked(StoreError):
     """Another process (a running bot or the reset tool) holds the database."""
 
@@ -137,10 +147,11 @@ class SQLiteStore:
         if not created and not os.access(path, os.R_OK | os.W_OK):
             raise StoreUnreadable(path, "no read/write permission")
         path.parent.mkdir(parents=True, exist_ok=True)
+        refused = StoreUnwritable if created else StoreUnreadable
         try:
             conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as err:
-            raise StoreUnreadable(path, str(err)) from err
+            raise refused(path, str(err)) from err
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=NORMAL")
@@ -156,7 +167,10 @@ class SQLiteStore:
             birth = await _read_birth(conn)
         except sqlite3.Error as err:
             await conn.close()
-            raise StoreUnreadable(path, str(err)) from err
+            if created:  # a half-made file holds nothing: the next start makes it anew
+                for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                    leftover.unlink(missing_ok=True)
+            raise refused(path, str(err)) from err
         except StoreUnreadable:
             await conn.close()
             raise

@@ -40,7 +40,14 @@ from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionCl
 from adapter.matrix.store import MatrixStore
 from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager
-from core.store import ProcessLock, SQLiteStore, StoreLocked, StoreUnreadable, unwritable
+from core.store import (
+    ProcessLock,
+    SQLiteStore,
+    StoreLocked,
+    StoreUnreadable,
+    StoreUnwritable,
+    unwritable,
+)
 
 log = structlog.get_logger()
 
@@ -239,6 +246,11 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
         except StoreUnreadable as err:
             log.error("store.unreadable", db=str(config.db_path), error=str(err),
                       remedy="python tools/reset_local.py")
+            return 1
+        except StoreUnwritable as err:
+            log.error("store.write_failed", during="start", db=str(config.db_path),
+                      error=str(err), remedy="free disk space or make the folder writable; "
+                                             "there is no DB yet, nothing to reset")
             return 1
         client = SessionClient(config, client_config())
         try:

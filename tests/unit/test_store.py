@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +115,24 @@ async def test_a_legacy_reset_marker_reads_as_a_local_reset_birth(tmp_path):
     s = await SQLiteStore.open(tmp_path / "t.db")
     assert s.birth == Birth(1767323045, "local_reset")
     await s.close()
+
+
+def test_a_db_that_cannot_be_created_is_unwritable_not_unreadable(tmp_path):
+    """A full disk (here: a file-size limit of 0 for the process) at the first start: the
+    error names the disk, not the reset tool, and no half-made file is left."""
+    code = ("import asyncio, sys\n"
+            "from core.store import SQLiteStore, StoreUnwritable\n"
+            "try:\n"
+            f"    asyncio.run(SQLiteStore.open({str(tmp_path / 'new.db')!r}))\n"
+            "except StoreUnwritable as err:\n"
+            "    print(err)\n"
+            "    sys.exit(3)\n")
+
+    def no_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          preexec_fn=no_disk, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 3, done.stderr
+    assert "free disk space" in done.stdout and "reset" not in done.stdout
+    assert not (tmp_path / "new.db").exists()
