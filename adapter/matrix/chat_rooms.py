@@ -44,6 +44,11 @@ async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:
             if c.chat_id in rooms}
 
 
+async def knows_a_chat(svc: Services, owner: str) -> bool:
+    """Whether the DB knows any chat of the owner, active or archived (one key range)."""
+    return bool(await svc.chats.list_all(owner))
+
+
 async def create_chat(svc: Services, owner: str, space_id: str, title: str,
                       source_event_id: str, *, adopt_orphan: bool = False) -> tuple[str, Chat]:
     """The chat room that ``source_event_id`` creates in the owner's Space: made once.

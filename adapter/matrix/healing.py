@@ -5,6 +5,7 @@ records; fetching and deciding is done by ``healer.Healer``, and what the user i
 
 from __future__ import annotations
 
+from adapter.matrix.chat_rooms import knows_a_chat
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.dispatcher import Handler
 from adapter.matrix.healer import Healer
@@ -82,5 +83,5 @@ class HealingMiddleware:
         command = data.get("command")
         if command is not None and command.spec.lists_space or update.kind == "invite":
             return True
-        return self._onboarding(update, data) and not await data["services"].store.chat_rooms_of(
-            update.sender)
+        return self._onboarding(update, data) and not await knows_a_chat(data["services"],
+                                                                          update.sender)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import structlog
 
-from adapter.matrix.chat_rooms import active_chat_rooms, create_chat, matrix_to
+from adapter.matrix.chat_rooms import active_chat_rooms, create_chat, knows_a_chat, matrix_to
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.homeserver import HomeserverError
 from adapter.matrix.store import RoomMeta, UserMeta
@@ -27,8 +27,7 @@ async def handle_invite(update: Update, data: EventData) -> None:
 async def onboarded(update: Update, data: EventData) -> bool:
     """Whether the sender has a Space with a chat room, active or archived (the healing link
     has looked on the server when the DB knew none)."""
-    return data.get("user") is not None and bool(
-        await data["services"].store.chat_rooms_of(update.sender))
+    return data.get("user") is not None and await knows_a_chat(data["services"], update.sender)
 
 
 async def complete_onboarding(update: Update, data: EventData) -> None:
@@ -90,7 +89,7 @@ async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id:
         await _reinvite(svc, room_id, owner)
         return room_id, False
     # No chat at all: a crash may have left one unrecorded, and a loss of the DB its intent.
-    adopt = not await svc.store.chat_rooms_of(owner)
+    adopt = not await knows_a_chat(svc, owner)
     room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
                                    adopt_orphan=adopt)
     return room_id, True
