@@ -45,8 +45,10 @@ async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:
 
 
 async def knows_a_chat(svc: Services, owner: str) -> bool:
-    """Whether the DB knows any chat of the owner, active or archived (one key range)."""
-    return bool(await svc.chats.list_all(owner))
+    """Whether the DB knows any chat (room) of the owner, active or archived. The owner's
+    chat records are one key range; only without them (a partial loss, or no chat at all)
+    are the room records scanned."""
+    return bool(await svc.chats.list_all(owner) or await svc.store.chat_rooms_of(owner))
 
 
 async def create_chat(svc: Services, owner: str, space_id: str, title: str,
