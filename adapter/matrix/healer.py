@@ -48,11 +48,9 @@ class Healer:
             return "inconsistent"
         return birth.cause
 
-    async def _held(self, room_id: str, plan: HealPlan | None = None) -> bool:
-        """Whether the DB still holds part of the room's own records (room, chat)."""
-        if await self.svc.store.get_room(room_id) is not None:
-            return True
-        if plan is None or plan.chat is None:
+    async def _holds_chat(self, plan: HealPlan) -> bool:
+        """Whether the DB still holds the chat record of the room the plan restores."""
+        if plan.chat is None:
             return False
         try:
             await self.svc.chats.get(plan.chat.user_id, plan.chat.chat_id)
@@ -79,7 +77,8 @@ class Healer:
 
     async def _heal_room(self, room_id: str) -> HealPlan:
         started, bot = time.monotonic(), self.svc.bot_id
-        held = await self._held(room_id)
+        # Part of the room's own records still in the DB: its room record, or (below) its chat.
+        held = await self.svc.store.get_room(room_id) is not None
         snap = await self._snapshot(room_id, self.cause(held=held))
         requests = 1
         try:
@@ -94,7 +93,7 @@ class Healer:
                         cause=self.cause(snap.created_at, held), hs_requests=requests)
             self._refused[room_id] = (refusal, time.monotonic() + REFUSAL_MEMORY_S)
             raise
-        cause = self.cause(snap.created_at, held or await self._held(room_id, plan))
+        cause = self.cause(snap.created_at, held or await self._holds_chat(plan))
         restored = await self._write(plan)
         (log.warning if cause == "inconsistent" else log.info)(
             "state.healed", room_id=room_id, restored=restored, source=plan.source, cause=cause,

@@ -260,13 +260,8 @@ class TestUser:
         rooms = sorted(self.invites)
         for room_id in rooms:
             await self.join(room_id)
-        space, chat = self._space_and_chat(welcome["content"]["body"])
+        space, chat = linked_rooms(welcome["content"]["body"])[:2]
         return lobby, space, chat
-
-    @staticmethod
-    def _space_and_chat(body: str) -> tuple[str, str]:
-        links = linked_rooms(body)
-        return links[0], links[1]
 
 
 @pytest.fixture

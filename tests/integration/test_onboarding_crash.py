@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from adapter.matrix.chat_rooms import linked_rooms
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner
 
 pytestmark = pytest.mark.warnings_expected("rooms a crash kept from the DB heal as inconsistent")
@@ -45,7 +46,7 @@ async def killed_mid_onboarding(step: str, user, bot_config, proxy, logs
 async def assert_one_space_and_one_usable_chat(user, bot_id: str, lobby: str, runner: BotRunner):
     welcome = await user.wait_reply(lobby, bot_id, "Space")
     await user.wait_for(lambda: len(user.invites) >= 2)
-    space, chat = user._space_and_chat(welcome["content"]["body"])
+    space, chat = linked_rooms(welcome["content"]["body"])[:2]
     assert user.invites == {space, chat}
     for room_id in sorted(user.invites):
         await user.join(room_id)
