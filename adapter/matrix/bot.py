@@ -16,27 +16,27 @@ import structlog
 from aiohttp import ClientError
 from nio import AsyncClient, AsyncClientConfig, SyncResponse
 
-from adapter.matrix.access import Access
+from adapter.matrix.chain.access import Access
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery import Delivery
-from adapter.matrix.dispatcher import Dispatcher
+from adapter.matrix.delivery.lanes import Delivery
+from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
-from adapter.matrix.healer import Healer
-from adapter.matrix.healing import HealingMiddleware
-from adapter.matrix.homeserver import Homeserver, HomeserverError
-from adapter.matrix.inbox import Inbox, WriteFailed
-from adapter.matrix.ingest import Ingest, sync_token_refused
-from adapter.matrix.middlewares import (
+from adapter.matrix.healing.healer import Healer
+from adapter.matrix.healing.middleware import HealingMiddleware
+from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
+from adapter.matrix.delivery.inbox import Inbox, WriteFailed
+from adapter.matrix.transport.ingest import Ingest, sync_token_refused
+from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     catchup_in_chats_only,
     owner_only,
     resolve_route,
     store_faults,
 )
-from adapter.matrix.notices import tell_store_down
+from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.room_router import RoomRouter
-from adapter.matrix.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
+from adapter.matrix.transport.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
 from core.agent import Agent, AgentLoadError, load_agent
 from core.chat import ChatManager

@@ -16,8 +16,8 @@ from urllib.parse import quote, unquote
 import structlog
 
 from adapter.matrix.context import Services
-from adapter.matrix.markers import ChatMarker
-from adapter.matrix.room_state import HealRefused, RoomSnapshot, trusted_marker
+from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.healing.room_state import HealRefused, RoomSnapshot, trusted_marker
 from adapter.matrix.store import Creation, RoomMeta
 from core.chat import Chat, new_chat_id
 

@@ -9,9 +9,9 @@ from typing import Literal, TypedDict
 
 import structlog
 
-from adapter.matrix.access import Access
-from adapter.matrix.command_table import Command
-from adapter.matrix.homeserver import Homeserver, HomeserverError, reply_txn_id
+from adapter.matrix.chain.access import Access
+from adapter.matrix.chain.command_table import Command
+from adapter.matrix.transport.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
 from core.agent import Agent

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from nio import AsyncClient
 
-from adapter.matrix.access import Access
+from adapter.matrix.chain.access import Access
 from adapter.matrix.chat_rooms import create_chat, linked_rooms
 from adapter.matrix.context import Services
-from adapter.matrix.homeserver import Homeserver
+from adapter.matrix.transport.homeserver import Homeserver
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.store import MatrixStore
 from core.agent import EchoAgent

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.matrix.inbox import PREFIX as INBOX_PREFIX
+from adapter.matrix.delivery.inbox import PREFIX as INBOX_PREFIX
 from core.store import SQLiteStore
 from tests.integration.conftest import BotProcess, BotRunner
 

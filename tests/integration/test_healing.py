@@ -8,7 +8,7 @@ import pytest
 from nio import RoomCreateResponse
 
 from adapter.matrix.chat_rooms import linked_rooms, matrix_to
-from adapter.matrix.markers import ChatMarker
+from adapter.matrix.healing.markers import ChatMarker
 
 LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
           "matrix_store"]

@@ -8,7 +8,7 @@ from homeserver import LocalHomeserver  # tools/ is on sys.path (tests/conftest.
 from nio import RoomPutStateError, RoomPutStateResponse
 
 from adapter.matrix.chat_rooms import linked_rooms
-from adapter.matrix.markers import ChatMarker, SpaceMarker
+from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
 
 VERSION = "10"
 

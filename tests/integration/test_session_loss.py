@@ -16,7 +16,7 @@ from aiohttp import ClientSession
 from nio import AsyncClient, LoginResponse
 
 from adapter.matrix.config import Config
-from adapter.matrix.session import session_file
+from adapter.matrix.transport.session import session_file
 from adapter.matrix.store import SYNC_TOKEN_KEY
 from core.store import SQLiteStore
 from tests.integration.agents import GatedAgent

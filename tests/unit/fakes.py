@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from adapter.matrix.access import Access
-from adapter.matrix.command_table import parse_command
+from adapter.matrix.chain.access import Access
+from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.room_router import ChatRoute, RoomRouter
 from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta

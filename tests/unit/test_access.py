@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapter.matrix.access import Access
+from adapter.matrix.chain.access import Access
 
 
 def test_glob_patterns_over_user_ids_are_case_sensitive_and_anchored():

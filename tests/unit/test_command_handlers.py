@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from adapter.matrix.access import Access
+from adapter.matrix.chain.access import Access
 from adapter.matrix.chat_rooms import matrix_to
-from adapter.matrix.command_table import COMMANDS, UNKNOWN
+from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN
 from adapter.matrix.handlers.commands import CONFIRM_TTL_S, NO_SPACE, RUNS, handle_command
-from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.transport.homeserver import HomeserverError
 from adapter.matrix.store import Pending, RoomMeta
 from tests.unit.fakes import (
     ALICE,

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from adapter.matrix import delivery as delivery_module
+from adapter.matrix.delivery import lanes as delivery_module
 from adapter.matrix.context import Update
-from adapter.matrix.delivery import Delivery, RetryLater, retry_delay
-from adapter.matrix.inbox import Inbox
+from adapter.matrix.delivery.lanes import Delivery, RetryLater, retry_delay
+from adapter.matrix.delivery.inbox import Inbox
 from adapter.matrix.store import MatrixStore
 
 

@@ -10,10 +10,10 @@ import pytest
 import structlog
 from nio import AsyncClient, MatrixRoom
 
-from adapter.matrix.healer import Healer
-from adapter.matrix.homeserver import Homeserver, SyncedRoom
-from adapter.matrix.markers import ChatMarker
-from adapter.matrix.room_state import HealRefused
+from adapter.matrix.healing.healer import Healer
+from adapter.matrix.transport.homeserver import Homeserver, SyncedRoom
+from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.healing.room_state import HealRefused
 from adapter.matrix.store import MatrixStore, RoomMeta
 from core.chat import ChatManager
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery import RetryLater
-from adapter.matrix.dispatcher import build_chain
-from adapter.matrix.healing import FAILURE_NOTICE, HealingMiddleware
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.middlewares import resolve_route
+from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.chain.dispatcher import build_chain
+from adapter.matrix.healing.middleware import FAILURE_NOTICE, HealingMiddleware
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.middlewares import resolve_route
 from adapter.matrix.room_router import ChatRoute
-from adapter.matrix.room_state import HealPlan, HealRefused
+from adapter.matrix.healing.room_state import HealPlan, HealRefused
 from adapter.matrix.store import RoomMeta, UserMeta
 from core.chat import Chat
 from tests.unit.fakes import (

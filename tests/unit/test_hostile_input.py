@@ -8,7 +8,7 @@ import unicodedata
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adapter.matrix.command_table import COMMANDS, UNKNOWN, parse_command
+from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, parse_command
 from adapter.matrix.context import Update
 from core.chat import MAX_TITLE_LENGTH, InvalidTitle, validate_title
 

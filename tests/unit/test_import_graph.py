@@ -91,7 +91,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_is_read_from_the_tree():
     edges = graph()
-    assert "adapter.matrix.command_table" in edges["adapter.matrix.middlewares"]
+    assert "adapter.matrix.chain.command_table" in edges["adapter.matrix.chain.middlewares"]
     assert "reset_tool.plan" in edges["reset_local"]
 
 

@@ -7,8 +7,8 @@ import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix import ingest
-from adapter.matrix.ingest import Ingest, catch_up, sync_token_refused, to_update
+from adapter.matrix.transport import ingest
+from adapter.matrix.transport.ingest import Ingest, catch_up, sync_token_refused, to_update
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.command_table import COMMANDS
+from adapter.matrix.chain.command_table import COMMANDS
 from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery import RetryLater
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.middlewares import (
+from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     catchup_in_chats_only,
     owner_only,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.delivery import RetryLater
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.notices import RefusalNotices, postpone
-from adapter.matrix.room_state import HealRefused
+from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.notices import RefusalNotices, postpone
+from adapter.matrix.healing.room_state import HealRefused
 from tests.unit.fakes import MALLORY, FakeHomeserver, make_services, message
 
 ROOM = "!shared:x"

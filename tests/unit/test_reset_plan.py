@@ -7,7 +7,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from adapter.matrix.inbox import Inbox
+from adapter.matrix.delivery.inbox import Inbox
 from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
 from core.chat import ChatManager
 from core.store import SQLiteStore

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.matrix.markers import ChatMarker, SpaceMarker
-from adapter.matrix.room_state import (
+from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.healing.room_state import (
     HealRefused,
     RoomSnapshot,
     assess_room,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.command_table import COMMANDS, UNKNOWN, parse_command
+from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, parse_command
 from adapter.matrix.context import Update
-from adapter.matrix.dispatcher import CRASHED, Dispatcher, build_chain
+from adapter.matrix.chain.dispatcher import CRASHED, Dispatcher, build_chain
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
 from adapter.matrix.store import MatrixStore, RoomMeta
 

@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
-from adapter.matrix.ingest import sync_token_refused
-from adapter.matrix.session import (
+from adapter.matrix.transport.ingest import sync_token_refused
+from adapter.matrix.transport.session import (
     LoginFailed,
     SessionClient,
     TokenRefused,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.matrix.session import session_file
+from adapter.matrix.transport.session import session_file
 from reset_tool.facts import DbFacts, LocalFacts, StoreFacts
 
 FORCE_HINT = "to delete it anyway, rerun with --force"
@@ -21,7 +21,7 @@ DAMAGED_HINT = ("If the bot stopped with store.unreadable naming this file, it i
 
 
 def bot_session_files(store_path: Path) -> tuple[Path, Path]:
-    """What the bot writes in MATRIX_STORE_PATH (adapter/matrix/session.py): the session,
+    """What the bot writes in MATRIX_STORE_PATH (adapter/matrix/transport/session.py): the session,
     and its temporary copy, left behind by a crash between the write and the rename."""
     path = session_file(store_path)
     return path, path.with_suffix(".tmp")

@@ -7,8 +7,8 @@ import sys
 from nio import AsyncClient, ErrorResponse, JoinedRoomsResponse, RoomGetStateResponse
 
 from adapter.matrix.config import Config
-from adapter.matrix.room_state import RoomSnapshot
-from adapter.matrix.session import load_session
+from adapter.matrix.healing.room_state import RoomSnapshot
+from adapter.matrix.transport.session import load_session
 
 KICK_REASON = "Lambda dev reset"
 

@@ -13,8 +13,8 @@ from adapter.matrix.handlers.messages import (
     handle_room_name,
     handle_text,
 )
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.notices import postpone
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.notices import postpone
 from adapter.matrix.room_router import LobbyRoute
 
 log = structlog.get_logger()

@@ -9,7 +9,7 @@ import structlog
 
 from adapter.matrix.chat_rooms import active_chat_rooms, create_chat, knows_a_chat, matrix_to
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.transport.homeserver import HomeserverError
 from adapter.matrix.store import RoomMeta, UserMeta
 
 log = structlog.get_logger()

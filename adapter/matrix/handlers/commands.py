@@ -1,5 +1,5 @@
 """Chat-management commands: ``!new``, ``!rename``, ``!archive``/``!confirm``/``!cancel``,
-``!chats``, ``!help``: what each one of the command table (``adapter.matrix.command_table``)
+``!chats``, ``!help``: what each one of the command table (``adapter.matrix.chain.command_table``)
 runs. Handlers read the healed context; they never heal themselves."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from adapter.matrix.chat_rooms import create_chat, matrix_to
-from adapter.matrix.command_table import COMMANDS, UNKNOWN, Command
+from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, Command
 from adapter.matrix.context import EventData, Services, Update
 from adapter.matrix.room_router import ChatRoute
 from adapter.matrix.store import Pending
@@ -153,7 +153,7 @@ async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
                f"<p>Your chats:</p><ul>{''.join(items)}</ul><p>{footer}</p>")
 
 
-# What each command of the table (``adapter.matrix.command_table``) runs.
+# What each command of the table (``adapter.matrix.chain.command_table``) runs.
 RUNS: dict[str, Run] = {
     "new": cmd_new, "chats": cmd_chats, "rename": cmd_rename, "archive": cmd_archive,
     "confirm": cmd_confirm, "cancel": cmd_cancel, "help": cmd_help, UNKNOWN.name: cmd_unknown,

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 import structlog
 
 from adapter.matrix.context import EventData, Update
-from adapter.matrix.homeserver import Homeserver, HomeserverError
+from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute
 from core.agent import agent_timeout
 from core.chat import InvalidTitle

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from adapter.matrix.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
+from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
 from adapter.matrix.store import RoomMeta, UserMeta
 from core.chat import Chat
 

@@ -12,8 +12,8 @@ from typing import Literal
 import structlog
 
 from adapter.matrix.context import Services
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.room_state import (
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.healing.room_state import (
     SPACE_TYPE,
     HealPlan,
     HealRefused,

@@ -18,7 +18,7 @@ import structlog
 from nio import InviteMemberEvent, SyncResponse
 
 from adapter.matrix.context import Update
-from adapter.matrix.homeserver import SOURCE_KEY, Homeserver
+from adapter.matrix.transport.homeserver import SOURCE_KEY, Homeserver
 
 log = structlog.get_logger()
 

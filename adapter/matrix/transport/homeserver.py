@@ -26,7 +26,7 @@ from nio import (
 )
 from nio.api import Api, MessageDirection, RoomPreset, RoomVisibility
 
-from adapter.matrix.markers import ChatMarker, SpaceMarker
+from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
 from core.chat import ChatStatus
 
 R = TypeVar("R")

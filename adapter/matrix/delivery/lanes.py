@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from adapter.matrix.context import Update
-from adapter.matrix.inbox import Entry, Inbox
+from adapter.matrix.delivery.inbox import Entry, Inbox
 from core.store import StoreError
 
 log = structlog.get_logger()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from adapter.matrix.chat_rooms import knows_a_chat
 from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.dispatcher import Handler
-from adapter.matrix.healer import Healer
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.notices import RefusalNotices, postpone
+from adapter.matrix.chain.dispatcher import Handler
+from adapter.matrix.healing.healer import Healer
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.notices import RefusalNotices, postpone
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, Unregistered
-from adapter.matrix.room_state import HealRefused
+from adapter.matrix.healing.room_state import HealRefused
 from core.chat import Chat, ChatNotFound
 
 FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "

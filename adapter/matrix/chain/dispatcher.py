@@ -9,7 +9,7 @@ from typing import Protocol
 import structlog
 
 from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery import RetryLater
+from adapter.matrix.delivery.lanes import RetryLater
 
 log = structlog.get_logger()
 

@@ -12,10 +12,10 @@ from typing import NoReturn
 import structlog
 
 from adapter.matrix.context import Services, Update
-from adapter.matrix.delivery import RetryLater
-from adapter.matrix.homeserver import HomeserverError
+from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.transport.homeserver import HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, Route
-from adapter.matrix.room_state import HealRefused
+from adapter.matrix.healing.room_state import HealRefused
 
 log = structlog.get_logger()
 

@@ -8,13 +8,13 @@ import sqlite3
 
 import structlog
 
-from adapter.matrix.command_table import parse_command
+from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery import RetryLater
-from adapter.matrix.dispatcher import Handler
-from adapter.matrix.homeserver import HomeserverError
-from adapter.matrix.inbox import WriteFailed
-from adapter.matrix.notices import tell_store_down
+from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.chain.dispatcher import Handler
+from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.delivery.inbox import WriteFailed
+from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
 
 log = structlog.get_logger()
