@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from core.chat import Chat
 
@@ -14,11 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TIMEOUT_S = 300.0
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One earlier turn of a chat: the owner's message (as last edited) or the answer to it."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    event_id: str
+    ts: int  # origin_server_ts, ms
+
+
 class Agent(Protocol):
-    """An agent may also set ``timeout_s``: how long one answer may take (default 300 s)."""
+    """An agent may also set ``timeout_s``: how long one answer may take (default 300 s), and
+    take a keyword ``history`` (``list[Turn]``, oldest first) to see the conversation."""
 
     async def reply(self, chat: Chat, text: str) -> str:
-        """The assistant's answer to ``text`` in ``chat``."""
+        """The assistant's answer to ``text`` in ``chat``, in Markdown."""
         ...
 
 
@@ -35,6 +48,16 @@ class EchoAgent:
 
 def agent_timeout(agent: Agent) -> float:
     return float(getattr(agent, "timeout_s", DEFAULT_TIMEOUT_S))
+
+
+def wants_history(agent: Agent) -> bool:
+    """Whether ``agent.reply`` takes the keyword ``history`` (or any keyword)."""
+    try:
+        params = inspect.signature(agent.reply).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: call it the old way
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "history" and p.kind in (
+        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) for p in params)
 
 
 def load_agent(import_string: str) -> Agent:

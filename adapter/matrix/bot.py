@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import signal
 import sqlite3
+from dataclasses import replace
 
 import structlog
 from aiohttp import ClientError
@@ -19,6 +20,7 @@ from nio import AsyncClient, AsyncClientConfig, SyncResponse
 from adapter.matrix.chain.access import Access
 from adapter.matrix.config import Config
 from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.delivery.lanes import Delivery
 from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
@@ -29,6 +31,7 @@ from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
+    answered_once,
     catchup_in_chats_only,
     owner_only,
     resolve_route,
@@ -82,14 +85,17 @@ class Bot:
         self.config = config
         self.store = MatrixStore(store)
         hs = Homeserver(client, config.server_name)
+        conversation = Conversations(hs, config.history_turns)
         self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
                                  agent=agent, router=RoomRouter(self.store),
                                  access=Access(config.allowed_patterns, config.max_chats,
-                                               config.creations_per_minute))
-        self.ingest = Ingest(hs, config.catchup_hours)
+                                               config.creations_per_minute),
+                                 conversation=conversation)
+        self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.dispatcher = Dispatcher(
             [store_faults, allowed_users_only, resolve_route,
-             HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only],
+             HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only,
+             answered_once],
             handle_update, EventData(services=self.services))
 
     async def fetch(self, since: str | None, long_poll: bool, again: bool = False
@@ -121,7 +127,9 @@ class Bot:
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db)
         delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency)
-        delivery.push(pending)  # what an earlier run left unfinished goes first
+        # What an earlier run left unfinished goes first; it may have answered some of it.
+        delivery.push(replace(entry, update=replace(entry.update, replayed=True))
+                      for entry in pending)
         since = await self.store.get_sync_token()
         log.info("sync.starting", resume=since is not None, inbox=len(pending))
         try:

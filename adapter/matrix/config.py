@@ -35,6 +35,7 @@ class Config:
     catchup_hours: float = 24.0
     allowed_users: tuple[str, ...] = ()  # empty: everyone on the bot's own server
     max_chats: int = 100
+    history_turns: int = 20
     creations_per_minute: int = 5  # not an environment variable: benchmarks raise it
 
     @property
@@ -87,6 +88,8 @@ class Config:
             problems.append("LAMBDA_ALLOWED_USERS must be comma-separated patterns over user "
                             f"ids like @*:example.org or @ann:other.org, got {', '.join(bad)}")
         max_chats = _number(value("LAMBDA_MAX_CHATS"), int, 100, "LAMBDA_MAX_CHATS", problems)
+        history_turns = _number(value("LAMBDA_HISTORY_TURNS"), int, 20, "LAMBDA_HISTORY_TURNS",
+                                problems, zero_ok=True)
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
@@ -95,7 +98,7 @@ class Config:
             access_token=token, db_path=db_path, store_path=store_path,
             log_format=log_format, log_level=log_level, agent=agent,
             concurrency=concurrency, catchup_hours=catchup_hours, allowed_users=allowed,
-            max_chats=max_chats,
+            max_chats=max_chats, history_turns=history_turns,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -105,7 +108,8 @@ class Config:
                "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level,
                "LAMBDA_AGENT": self.agent, "LAMBDA_CONCURRENCY": str(self.concurrency),
                "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours),
-               "LAMBDA_MAX_CHATS": str(self.max_chats)}
+               "LAMBDA_MAX_CHATS": str(self.max_chats),
+               "LAMBDA_HISTORY_TURNS": str(self.history_turns)}
         if self.allowed_users:
             env["LAMBDA_ALLOWED_USERS"] = ",".join(self.allowed_users)
         if self.password:
@@ -116,16 +120,18 @@ class Config:
 
 
 def _number(raw: str | None, kind: type[int] | type[float], default: int | float, name: str,
-            problems: list[str]) -> int | float:
-    """A positive number from the environment (``kind`` is int or float)."""
+            problems: list[str], zero_ok: bool = False) -> int | float:
+    """A positive number from the environment (``kind`` is int or float); 0 too if
+    ``zero_ok``."""
     if raw is None:
         return default
     try:
         number = kind(raw)
     except ValueError:
-        number = 0
-    if number <= 0:
-        problems.append(f"{name} must be a positive {kind.__name__}, got {raw!r}")
+        number = -1
+    if number < 0 or (number == 0 and not zero_ok):
+        what = "non-negative" if zero_ok else "positive"
+        problems.append(f"{name} must be a {what} {kind.__name__}, got {raw!r}")
     return number
 
 

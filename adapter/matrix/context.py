@@ -11,7 +11,13 @@ import structlog
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import Command
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError, reply_txn_id
+from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.transport.homeserver import (
+    Homeserver,
+    HomeserverError,
+    message_content,
+    reply_txn_id,
+)
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
 from core.agent import Agent
@@ -34,10 +40,21 @@ class Update:
     ts: int = 0  # origin_server_ts, ms
     catchup: bool = False  # from the first sync after a start without a token (SPEC §5)
     attempt: int = 0  # how many times handling it was postponed (the inbox retries it)
+    replayed: bool = False  # left in the inbox by an earlier run, which may have answered it
 
     @property
     def is_command(self) -> bool:
         return self.kind == "message" and self.body.lstrip().startswith("!")
+
+    @property
+    def may_be_answered(self) -> bool:
+        """Whether an earlier attempt may have sent the answer already (SPEC §5)."""
+        return self.replayed or self.attempt > 0
+
+    @property
+    def is_event(self) -> bool:
+        """A room event a user sent (an invite or a missed-count update is not one)."""
+        return self.kind in ("message", "encrypted")
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class Services:
     agent: Agent
     router: RoomRouter
     access: Access
+    conversation: Conversations
     # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))
@@ -57,16 +75,25 @@ class Services:
         return self.hs.bot_id
 
     async def reply(self, update: Update, body: str, *, html: str | None = None,
-                    part: str = "reply", notice: bool = True) -> None:
-        """Answer ``update`` in its room; the transaction id is derived from its event id."""
-        await self.hs.send(update.room_id, body, html=html, notice=notice,
-                           txn_id=reply_txn_id(update.event_id, part),
-                           source_event_id=update.event_id)
+                    part: str = "reply", notice: bool = True, provisional: bool = False
+                    ) -> None:
+        """Answer ``update`` in its room; the transaction id is derived from its event id. An
+        answer that would not directly follow its question is a rich reply to it."""
+        follows = not update.is_event or self.conversation.follows(update.room_id,
+                                                                   update.event_id)
+        content = message_content(body, html=html, notice=notice,
+                                  source_event_id=update.event_id, provisional=provisional,
+                                  reply_to=None if follows else update.event_id)
+        event_id = await self.hs.send(update.room_id, content,
+                                      reply_txn_id(update.event_id, part))
+        self.conversation.sent(update.room_id, event_id, content)
 
-    async def try_reply(self, update: Update, body: str, part: str) -> None:
-        """A notice about a failure or refusal: if even that cannot be sent, log it."""
+    async def try_reply(self, update: Update, body: str, part: str,
+                        provisional: bool = False) -> None:
+        """A notice about a failure or refusal: if even that cannot be sent, log it.
+        ``provisional``: it promises the answer (a retry), it is not the answer."""
         try:
-            await self.reply(update, body, part=part)
+            await self.reply(update, body, part=part, provisional=provisional)
         except HomeserverError as err:
             log.warning("reply.failed", room_id=update.room_id, event_id=update.event_id,
                         error=str(err))

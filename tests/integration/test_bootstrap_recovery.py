@@ -7,6 +7,7 @@ from nio import AsyncClient
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chat_rooms import create_chat, linked_rooms
 from adapter.matrix.context import Services
+from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.transport.homeserver import Homeserver
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.store import MatrixStore
@@ -63,9 +64,11 @@ async def test_replayed_new_command_creates_its_room_once(bot, make_user):
     store = await SQLiteStore.open(bot.config.db_path)
     try:
         mstore = MatrixStore(store)
-        svc = Services(hs=Homeserver(client, "localhost"), store=mstore, chats=ChatManager(store),
+        hs = Homeserver(client, "localhost")
+        svc = Services(hs=hs, store=mstore, chats=ChatManager(store),
                        agent=EchoAgent(), router=RoomRouter(mstore),
-                       access=Access(("@*:localhost",), max_chats=100))
+                       access=Access(("@*:localhost",), max_chats=100),
+                       conversation=Conversations(hs, 20))
         rooms_before = len((await client.joined_rooms()).rooms)
         first = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")
         again = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")

@@ -4,13 +4,15 @@ and ``Services`` over it with the real stores on the test's SQLite file."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.room_router import ChatRoute, RoomRouter
 from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
+from adapter.matrix.transport.homeserver import SOURCE_KEY
 from core.agent import EchoAgent
 from core.chat import Chat, ChatManager
 from core.store import SQLiteStore
@@ -27,6 +29,7 @@ class Sent:
     notice: bool
     txn_id: str | None
     source_event_id: str | None
+    content: dict = field(default_factory=dict, compare=False)
 
 
 class FakeHomeserver:
@@ -51,12 +54,25 @@ class FakeHomeserver:
     def bodies(self) -> list[str]:
         return [sent.body for sent in self.sent]
 
-    async def send(self, room_id: str, body: str, *, txn_id: str | None = None,
-                   html: str | None = None, notice: bool = True,
-                   source_event_id: str | None = None) -> None:
+    async def send(self, room_id: str, content: dict, txn_id: str | None = None) -> str:
         if "send" in self.fail:
             raise self.fail["send"]
-        self.sent.append(Sent(room_id, body, html, notice, txn_id, source_event_id))
+        self.sent.append(Sent(room_id, content["body"], content.get("formatted_body"),
+                              content["msgtype"] == "m.notice", txn_id,
+                              content.get(SOURCE_KEY), content))
+        return f"$sent{len(self.sent)}"
+
+    async def messages(self, room_id: str, start: str | None, end: str | None, limit: int,
+                       types: list[str]) -> tuple[list[dict], str | None]:
+        self._call("messages", room_id)
+        return [], None
+
+    async def messages_after(self, room_id: str, event_id: str, limit: int,
+                             senders: list[str]) -> list[dict]:
+        self._call("messages_after", room_id, event_id)
+        return [{"type": "m.room.message", "sender": self.bot_id, "content": sent.content,
+                 "event_id": f"$sent{i}"} for i, sent in enumerate(self.sent, 1)
+                if sent.room_id == room_id]
 
     async def join(self, room_id: str) -> None:
         self._call("join", room_id)
@@ -89,10 +105,11 @@ class FakeHomeserver:
 
 def make_services(store: SQLiteStore, hs: FakeHomeserver | None = None,
                   access: Access | None = None) -> Services:
-    matrix = MatrixStore(store)
-    return Services(hs=hs or FakeHomeserver(), store=matrix,  # type: ignore[arg-type]
+    matrix, hs = MatrixStore(store), hs or FakeHomeserver()
+    return Services(hs=hs, store=matrix,  # type: ignore[arg-type]
                     chats=ChatManager(store), agent=EchoAgent(), router=RoomRouter(matrix),
-                    access=access or Access(("@*:x",), max_chats=100))
+                    access=access or Access(("@*:x",), max_chats=100),
+                    conversation=Conversations(hs, 20))  # type: ignore[arg-type]
 
 
 async def onboard(svc: Services, owner: str = ALICE) -> Chat:

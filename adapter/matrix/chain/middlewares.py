@@ -1,6 +1,6 @@
 """The plain links of the chain: store faults, who may use the bot, routing and command
-parsing, the owner check, and the catch-up scope. (The bot's own events never reach the
-chain: ``ingest`` drops them.)"""
+parsing, the owner check, the catch-up scope, and exactly once. (The bot's own events never
+reach the chain: ``ingest`` drops them.)"""
 
 from __future__ import annotations
 
@@ -85,4 +85,25 @@ async def catchup_in_chats_only(handler: Handler, update: Update, data: EventDat
         log.info("event.ignored", reason="catchup_outside_chat", room_id=update.room_id,
                  event_id=update.event_id)
         return
+    await handler(update, data)
+
+
+async def answered_once(handler: Handler, update: Update, data: EventData) -> None:
+    """Exactly once from the room itself (SPEC §5): an update that an earlier attempt or run
+    may have answered is done if the room holds the bot's answer naming it, whatever the
+    homeserver remembers of transaction ids (a day, per device)."""
+    if update.is_event and update.may_be_answered:
+        try:
+            answered = await data["services"].conversation.answered(update.room_id,
+                                                                    update.event_id)
+        except HomeserverError as err:
+            if err.transient:
+                raise RetryLater(str(err), err.retry_after_ms) from err
+            answered = False  # the room cannot say: the transaction id is the fallback
+            log.info("answer.lookup_failed", room_id=update.room_id,
+                     event_id=update.event_id, error=str(err))
+        if answered:
+            log.info("event.already_answered", room_id=update.room_id,
+                     event_id=update.event_id, attempt=update.attempt)
+            return
     await handler(update, data)

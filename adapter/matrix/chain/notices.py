@@ -60,7 +60,7 @@ async def postpone(update: Update, err: HomeserverError, svc: Services, notice: 
     if update.attempt == 0 and update.kind != "invite":
         if err.retry_after_ms:
             notice = RATE_LIMITED.format(s=max(1, round(err.retry_after_ms / 1000)))
-        await svc.try_reply(update, notice, part="retry-notice")
+        await svc.try_reply(update, notice, part="retry-notice", provisional=True)
     raise RetryLater(str(err), err.retry_after_ms) from err
 
 
@@ -69,4 +69,4 @@ async def tell_store_down(svc: Services, update: Update, route: Route | None) ->
     transaction id makes it one notice per message, however often it is retried."""
     if update.kind == "message" and isinstance(route, ChatRoute | LobbyRoute) \
             and update.sender == route.owner:
-        await svc.try_reply(update, STORE_DOWN, part="store-down")
+        await svc.try_reply(update, STORE_DOWN, part="store-down", provisional=True)

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager, suppress
 import structlog
 
 from adapter.matrix.context import EventData, Update
+from adapter.matrix.conversation.markdown import render
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute
-from core.agent import agent_timeout
+from core.agent import agent_timeout, wants_history
 from core.chat import InvalidTitle
 
 log = structlog.get_logger()
@@ -40,8 +41,12 @@ async def handle_text(update: Update, data: EventData) -> None:
         await svc.reply(update, ARCHIVED_HINT)
         return
     async with typing(svc.hs, update.room_id):
+        extra = {}
+        if wants_history(svc.agent):  # read before the agent runs: a read may be retried
+            extra["history"] = await svc.conversation.history(
+                update.room_id, route.owner, update.event_id, update.ts)
         try:
-            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body),
+            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body, **extra),
                                             agent_timeout(svc.agent))
         except Exception as err:  # third-party code: any failure is told, never retried
             log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
@@ -49,9 +54,11 @@ async def handle_text(update: Update, data: EventData) -> None:
                       exc_info=not isinstance(err, TimeoutError))
             await svc.reply(update, AGENT_FAILED)
             return
-        await svc.reply(update, answer, notice=False)
+        answer = str(answer)
+        await svc.reply(update, answer, html=render(answer), notice=False)
     log.info("message.answered", room_id=update.room_id, chat_id=chat.chat_id,
-             event_id=update.event_id, catchup=update.catchup, attempt=update.attempt)
+             event_id=update.event_id, catchup=update.catchup, attempt=update.attempt,
+             history=len(extra.get("history", ())))
 
 
 @asynccontextmanager

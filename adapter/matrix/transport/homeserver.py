@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from nio import (
     JoinedRoomsResponse,
     JoinResponse,
     Response,
+    RoomContextResponse,
     RoomCreateResponse,
     RoomGetStateResponse,
     RoomInviteResponse,
@@ -36,6 +38,9 @@ SPACE_NAME = "Lambda"
 SHORT_RATE_LIMIT_MS = 3000
 MAX_SHORT_RATE_LIMIT_RETRIES = 2
 SOURCE_KEY = "io.lambda.source"  # in every reply: the event it answers (SPEC §3)
+# On a notice that promises an answer still to come ("I'll retry"): it names its source, but
+# it is not the answer, so a replay still answers (see conversation.turns.answered_source).
+PROVISIONAL_KEY = "io.lambda.provisional"
 
 
 class HomeserverError(Exception):
@@ -120,6 +125,23 @@ class SyncedRoom:
 
     room_type: str | None
     members: frozenset[str]
+
+
+def message_content(body: str, *, html: str | None = None, notice: bool = True,
+                    source_event_id: str | None = None, reply_to: str | None = None,
+                    provisional: bool = False) -> dict[str, Any]:
+    """An ``m.room.message`` of the bot: a notice (bot texts) or ``m.text`` (answers), naming
+    its source; ``reply_to`` makes it a rich reply to that event."""
+    content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
+    if source_event_id is not None:
+        content[SOURCE_KEY] = source_event_id
+    if provisional:
+        content[PROVISIONAL_KEY] = True
+    if html is not None:
+        content.update(format="org.matrix.custom.html", formatted_body=html)
+    if reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
 
 
 def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
@@ -259,26 +281,34 @@ class Homeserver:
     async def set_name(self, room_id: str, name: str) -> None:
         await self.put_state(room_id, "m.room.name", {"name": name})
 
-    async def messages(self, room_id: str, start: str, end: str, limit: int,
+    async def messages(self, room_id: str, start: str | None, end: str | None, limit: int,
                        types: list[str]) -> tuple[list[dict], str | None]:
-        """One page of ``/messages`` backwards from ``start`` towards ``end``: the raw events,
-        newest first, and the token of the next page (None at ``end``)."""
-        resp = await self._call("fetch missed messages", lambda: self.client.room_messages(
+        """One page of ``/messages`` backwards from ``start`` (None: the room's latest event)
+        towards ``end``: the raw events, newest first, and the next page's token (None at
+        the end)."""
+        resp = await self._call("read messages", lambda: self.client.room_messages(
             room_id, start, end, MessageDirection.back, limit, {"types": types}),
             RoomMessagesResponse)
         return [ev.source for ev in resp.chunk], resp.end if resp.chunk else None
+
+    async def messages_after(self, room_id: str, event_id: str, limit: int,
+                             senders: list[str]) -> list[dict]:
+        """Up to ``limit`` messages of ``senders`` right after ``event_id`` (``/context``, which
+        nio offers without a filter): the raw events, oldest first."""
+        event_filter = json.dumps({"types": ["m.room.message"], "senders": senders})
+        path = Api._build_path(["rooms", room_id, "context", event_id],
+                               {"limit": 2 * limit, "filter": event_filter})
+        resp = await self._call("read messages after", lambda: self.client._send(
+            RoomContextResponse, "GET", path, response_data=(room_id,)), RoomContextResponse)
+        return [ev.source for ev in resp.events_after]
 
     async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
         await self._call("typing", lambda: self.client.room_typing(room_id, on, timeout_ms),
                          RoomTypingResponse)
 
-    async def send(self, room_id: str, body: str, *, txn_id: str | None = None,
-                   html: str | None = None, notice: bool = True,
-                   source_event_id: str | None = None) -> None:
-        content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
-        if source_event_id is not None:
-            content[SOURCE_KEY] = source_event_id
-        if html is not None:
-            content.update(format="org.matrix.custom.html", formatted_body=html)
-        await self._call("send message", lambda: self.client.room_send(
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str | None = None
+                   ) -> str:
+        """Send an ``m.room.message``; returns its event id."""
+        resp = await self._call("send message", lambda: self.client.room_send(
             room_id, "m.room.message", content, tx_id=txn_id), RoomSendResponse)
+        return resp.event_id

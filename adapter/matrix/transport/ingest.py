@@ -12,13 +12,15 @@ The rules over raw events are pure functions; ``Ingest`` is their thin I/O shell
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 from nio import InviteMemberEvent, SyncResponse
 
 from adapter.matrix.context import Update
-from adapter.matrix.transport.homeserver import SOURCE_KEY, Homeserver
+from adapter.matrix.conversation.turns import answered_source, is_legacy_reply, replaced_event
+from adapter.matrix.transport.homeserver import Homeserver
 
 log = structlog.get_logger()
 
@@ -26,6 +28,8 @@ MAX_BACKFILL = 1000  # missed events handled per room; older ones are counted an
 MAX_COUNTED = 10_000  # how far past that bound /messages is paged just to count
 PAGE = 100
 HANDLED_TYPES = ["m.room.message", "m.room.name", "m.room.encrypted"]
+# Who else reads each room's timeline (the conversation): (room id, events, limited).
+Observer = Callable[[str, Iterable[dict], bool], None]
 
 
 def to_update(ev: dict, bot_id: str, catchup: bool = False) -> Update | None:
@@ -37,7 +41,8 @@ def to_update(ev: dict, bot_id: str, catchup: bool = False) -> Update | None:
               "event_id": str(ev.get("event_id", "")), "ts": int(ev.get("origin_server_ts") or 0)}
     kind = ev.get("type")
     if kind == "m.room.message" and content.get("msgtype") == "m.text" \
-            and isinstance(content.get("body"), str):
+            and isinstance(content.get("body"), str) and replaced_event(ev) is None:
+        # An edit is not a new question: it changes the turn it edits (the conversation).
         return Update("message", body=content["body"], **common)
     if kind == "m.room.name" and ev.get("state_key") == "" \
             and isinstance(content.get("name"), str):
@@ -51,17 +56,16 @@ def catch_up(events: list[dict], bot_id: str, not_before_ms: int) -> tuple[list[
     """Of a first sync's timeline (oldest first): the text messages still to answer, and how
     many events are skipped as history.
 
-    Answered means a later bot message names it in ``io.lambda.source``, or (replies from
-    before that key existed) a later bot message carries no such key at all.
+    Answered means a later bot message names it in ``io.lambda.source`` (a provisional notice,
+    "I'll retry", does not answer), or (replies from before that key existed) a later bot
+    message carries no such key at all.
     """
-    own = [ev for ev in events if ev.get("sender") == bot_id]
-    named = {(ev.get("content") or {}).get(SOURCE_KEY) for ev in own}
+    named = {answered_source(ev, bot_id) for ev in events}
     answer: list[dict] = []
     skipped, legacy_reply_after = 0, False
     for ev in reversed(events):
         if ev.get("sender") == bot_id:
-            if ev.get("type") == "m.room.message" and SOURCE_KEY not in (ev.get("content") or {}):
-                legacy_reply_after = True
+            legacy_reply_after = legacy_reply_after or is_legacy_reply(ev, bot_id)
             continue
         update = to_update(ev, bot_id)
         if update is None:
@@ -111,9 +115,11 @@ class Backfill:
 class Ingest:
     """Turns sync responses into updates, fetching what a limited timeline left out."""
 
-    def __init__(self, hs: Homeserver, catchup_hours: float) -> None:
+    def __init__(self, hs: Homeserver, catchup_hours: float,
+                 observe: Observer | None = None) -> None:
         self.hs = hs
         self.catchup_hours = catchup_hours
+        self.observe = observe or (lambda room_id, events, limited: None)
 
     async def updates(self, resp: SyncResponse, since: str | None) -> list[Update]:
         bot_id = self.hs.bot_id
@@ -129,6 +135,7 @@ class Ingest:
         not_before_ms = int((time.time() - self.catchup_hours * 3600) * 1000)
         for room_id, info in resp.rooms.join.items():
             events = [{**ev.source, "room_id": room_id} for ev in info.timeline.events]
+            self.observe(room_id, events, info.timeline.limited)
             if since is None:
                 events, skipped = catch_up(events, bot_id, not_before_ms)
                 catchup["answered"] += len(events)
