@@ -78,12 +78,13 @@ class Services:
                     part: str = "reply", notice: bool = True, provisional: bool = False
                     ) -> None:
         """Answer ``update`` in its room; the transaction id is derived from its event id. An
-        answer that would not directly follow its question is a rich reply to it."""
-        follows = not update.is_event or self.conversation.follows(update.room_id,
-                                                                   update.event_id)
+        answer that does not directly follow its question (after a burst, a catch-up or a
+        retry) is a rich reply to it."""
+        rich = update.is_event and (update.catchup or update.may_be_answered or not
+                                    self.conversation.follows(update.room_id, update.event_id))
         content = message_content(body, html=html, notice=notice,
                                   source_event_id=update.event_id, provisional=provisional,
-                                  reply_to=None if follows else update.event_id)
+                                  reply_to=update.event_id if rich else None)
         event_id = await self.hs.send(update.room_id, content,
                                       reply_txn_id(update.event_id, part))
         self.conversation.sent(update.room_id, event_id, content)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import structlog
 
+from core.agent import Turn
 from core.chat import Chat
 
 log = structlog.get_logger()
@@ -45,4 +47,37 @@ class FaultyAgent:
             raise RuntimeError("the model is on fire")
         if text == "hang":
             await asyncio.Event().wait()
+        return f"Echo: {text}"
+
+
+class RecordingAgent:
+    """Takes the conversation; remembers what each call was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Turn]]] = []
+
+    async def reply(self, chat: Chat, text: str, history: list[Turn]) -> str:
+        self.calls.append((text, history))
+        return f"Echo: {text}"
+
+    def history_of(self, text: str) -> list[tuple[str, str]]:
+        """(role, text) of the history the last call for ``text`` was given."""
+        history = next(h for t, h in reversed(self.calls) if t == text)
+        return [(turn.role, turn.text) for turn in history]
+
+
+class MarkdownAgent:
+    """An agent of the old style (no history) that answers in Markdown, hostile bits too."""
+
+    async def reply(self, chat: Chat, text: str) -> str:
+        return (f"**Echo:** {text}\n\n<script>alert(1)</script> <b onmouseover=\"x()\">raw</b>\n\n"
+                "[click](javascript:alert(1))\n\n```python\nprint('hi')\n```")
+
+
+class CountingAgent:
+    """Appends each text it is asked to TEST_AGENT_CALLS (a file), across processes."""
+
+    async def reply(self, chat: Chat, text: str, history: list[Turn]) -> str:
+        with Path(os.environ["TEST_AGENT_CALLS"]).open("a") as calls:
+            calls.write(text + "\n")
         return f"Echo: {text}"

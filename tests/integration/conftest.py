@@ -228,8 +228,10 @@ class TestUser:
         return await self.wait_for(find, timeout)
 
     async def send(self, room_id: str, body: str) -> str:
-        resp = await self.client.room_send(room_id, "m.room.message",
-                                           {"msgtype": "m.text", "body": body})
+        return await self.send_content(room_id, {"msgtype": "m.text", "body": body})
+
+    async def send_content(self, room_id: str, content: dict) -> str:
+        resp = await self.client.room_send(room_id, "m.room.message", content)
         assert isinstance(resp, RoomSendResponse), resp
         return resp.event_id
 

@@ -1,0 +1,128 @@
+"""The conversation without a homeserver: the pure reader over plain event dicts, the
+Markdown renderer, which agents get history, and the cache's one read per room."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.conversation.markdown import render
+from adapter.matrix.conversation.turns import conversation_turns, history_before
+from adapter.matrix.transport.homeserver import message_content
+from adapter.matrix.transport.ingest import catch_up, to_update
+from core.agent import EchoAgent, Turn, wants_history
+
+BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
+
+
+def said(event_id: str, body: str, sender: str = ALICE, ts: int = 0, **content) -> dict:
+    return {"type": "m.room.message", "event_id": event_id, "sender": sender,
+            "origin_server_ts": ts, "content": {"msgtype": "m.text", "body": body, **content}}
+
+
+def answer(event_id: str, body: str, source: str, **options) -> dict:
+    return {"type": "m.room.message", "event_id": event_id, "sender": BOT,
+            "origin_server_ts": 0,
+            "content": message_content(body, source_event_id=source, **options)}
+
+
+def edit(event_id: str, target: str, body: str, sender: str = ALICE) -> dict:
+    return said(event_id, f"* {body}", sender, **{
+        "m.new_content": {"msgtype": "m.text", "body": body},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": target}})
+
+
+def texts(turns: list[Turn]) -> list[tuple[str, str]]:
+    return [(turn.role, turn.text) for turn in turns]
+
+
+def test_turns_are_the_owners_messages_and_the_answers_to_them():
+    events = [said("$1", "hello"), answer("$2", "Hi!", "$1", notice=False),
+              said("$3", "!chats"), answer("$4", "Your chats: ...", "$3"),
+              said("$5", "I am Bob", BOB), answer("$6", "I'll retry", "$7", provisional=True),
+              said("$7", "how are you?")]
+    assert texts(conversation_turns(events, ALICE, BOT)) == [
+        ("user", "hello"), ("assistant", "Hi!"), ("user", "how are you?")]
+
+
+def test_an_edit_changes_its_turn_and_a_redaction_removes_one():
+    events = [said("$1", "whats 2+2"), edit("$2", "$1", "what is 2+2?"),
+              said("$3", "oops"), {"type": "m.room.redaction", "event_id": "$4",
+                                   "sender": ALICE, "redacts": "$3", "content": {}},
+              said("$5", "gone too"), {"type": "m.room.redaction", "event_id": "$6",
+                                       "sender": ALICE, "content": {"redacts": "$5"}},
+              {"type": "m.room.message", "event_id": "$7", "sender": ALICE, "content": {},
+               "unsigned": {"redacted_because": {}}},
+              edit("$8", "$1", "forged", sender=BOB)]
+    turns = conversation_turns(events, ALICE, BOT)
+    assert [(t.event_id, t.text) for t in turns] == [("$1", "what is 2+2?")]
+
+
+def test_history_is_the_last_turns_before_the_question():
+    turns = [Turn("user", f"q{i}", f"${i}", i) for i in range(6)]
+    assert [t.text for t in history_before(turns, "$4", 4, 2)] == ["q2", "q3"]
+    assert [t.text for t in history_before(turns, "$unknown", 2, 10)] == ["q0", "q1", "q2"]
+    assert history_before(turns, "$4", 4, 0) == []
+
+
+def test_an_edit_is_never_a_new_question_and_a_provisional_notice_answers_nothing():
+    assert to_update(edit("$2", "$1", "new text"), BOT) is None
+    events = [said("$1", "hello", ts=10**13), answer("$2", "I'll retry", "$1", provisional=True)]
+    answered, _ = catch_up(events, BOT, 0)
+    assert [ev["event_id"] for ev in answered] == ["$1"]
+
+
+def test_markdown_is_rendered_and_raw_html_stays_text():
+    assert render("just text & more") is None  # plain: no formatted_body at all
+    html = render("**bold** <script>alert(1)</script> <b onclick=\"x()\">hi</b>\n\n"
+                  "[click](javascript:alert(1)) [ok](https://example.org)\n\n"
+                  "```python\nprint(1)\n```")
+    assert "<strong>bold</strong>" in html
+    assert "&lt;script&gt;" in html and "<script" not in html
+    assert "onclick" not in html.replace("&lt;b onclick", "")  # only as escaped text
+    assert 'href="javascript' not in html and '<a href="https://example.org">ok</a>' in html
+    assert '<code class="language-python">' in html
+    assert "rel=" not in html
+
+
+def test_only_agents_that_take_history_get_it():
+    class WithHistory:
+        async def reply(self, chat, text, *, history):
+            return text
+
+    class WithKeywords:
+        async def reply(self, chat, text, **options):
+            return text
+
+    assert wants_history(WithHistory()) and wants_history(WithKeywords())
+    assert not wants_history(EchoAgent())
+
+
+class ReadingHomeserver:
+    bot_id = BOT
+
+    def __init__(self, page: list[dict]) -> None:
+        self.page = page
+        self.reads = 0
+
+    async def messages(self, room_id, start, end, limit, types):
+        self.reads += 1
+        return list(reversed(self.page)), None
+
+
+@pytest.mark.asyncio
+async def test_a_room_is_read_once_then_kept_in_step_from_sync_and_answers():
+    hs = ReadingHomeserver([said("$1", "first"), answer("$2", "Echo: first", "$1", notice=False)])
+    conversation = Conversations(hs, 20)  # type: ignore[arg-type]
+    conversation.observe("!r", [said("$3", "second")])  # before the read: the read has it
+    hs.page.append(said("$3", "second"))
+    assert texts(await conversation.history("!r", ALICE, "$3", 0)) == [
+        ("user", "first"), ("assistant", "Echo: first")]
+    conversation.sent("!r", "$4", message_content("Echo: second", source_event_id="$3",
+                                                  notice=False))
+    conversation.observe("!r", [said("$5", "third"), edit("$6", "$5", "third, edited")])
+    assert conversation.follows("!r", "$6") and not conversation.follows("!r", "$5")
+    history = await conversation.history("!r", ALICE, "$7", 10**13)
+    assert texts(history)[-3:] == [("user", "second"), ("assistant", "Echo: second"),
+                                   ("user", "third, edited")]
+    assert hs.reads == 1
