@@ -26,6 +26,7 @@ from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.healing.middleware import HealingMiddleware
+from adapter.matrix.transport.catchup import INITIAL_TIMELINE, CatchUpReader
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
@@ -56,6 +57,9 @@ log = structlog.get_logger()
 
 SYNC_TIMEOUT_MS = 30_000
 SYNC_FILTER = {"room": {"timeline": {"limit": 100}}, "presence": {"not_types": ["*"]}}
+# A start without a token asks for little: the catch-up reads further only where needed.
+INITIAL_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
+    **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE}}}
 MAX_BACKOFF_S = 60.0
 
 
@@ -92,6 +96,7 @@ class Bot:
                                                config.creations_per_minute),
                                  conversation=conversation)
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
+        self.catchup = CatchUpReader(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
             [store_faults, allowed_users_only, resolve_route,
              HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only,
@@ -111,7 +116,8 @@ class Bot:
             timeout = 1 + secrets.randbelow(1000)
         else:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
-        resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
+        resp = await self.client.sync(timeout=timeout, since=since,
+                                      sync_filter=SYNC_FILTER if since else INITIAL_SYNC_FILTER)
         if isinstance(resp, SyncResponse):
             return resp
         transport = resp.transport_response
@@ -126,7 +132,8 @@ class Bot:
 
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db)
-        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency)
+        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency,
+                            expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
         delivery.push(replace(entry, update=replace(entry.update, replayed=True))
                       for entry in pending)

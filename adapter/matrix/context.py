@@ -25,7 +25,8 @@ from core.chat import Chat, ChatManager
 
 log = structlog.get_logger()
 
-UpdateKind = Literal["message", "room_name", "invite", "encrypted", "missed"]
+# "catchup" stands for a room's unanswered messages, read in its lane (transport.catchup).
+UpdateKind = Literal["message", "room_name", "invite", "encrypted", "missed", "catchup"]
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
-        self.hits: list[str] = []
+        self.hits: list[str] = []  # the paths of the requests a fault answered
+        self.requests: list[str] = []  # "METHOD path" of every request, in order
         self.holds: list[Hold] = []
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
@@ -72,6 +73,7 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        self.requests.append(f"{request.method} {path}")
         for fault in self.faults:
             if fault.remaining > 0 and fault.pattern.search(path):
                 fault.remaining -= 1

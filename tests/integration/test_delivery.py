@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from adapter.matrix.transport import ingest
+from adapter.matrix.transport import events
 from tests.integration.agents import FaultyAgent, GatedAgent
 from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 
@@ -151,7 +151,7 @@ async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make
 @pytest.mark.warnings_expected("messages lost past the bound")
 async def test_a_gap_past_the_bound_tells_the_owner_how_many_went_unanswered(
         bot, make_user, monkeypatch):
-    monkeypatch.setattr(ingest, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room
+    monkeypatch.setattr(events, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room
     alice = await make_user("alice")
     chat, sent = await sent_while_down(bot, alice, "flood", 112)
     await bot.start()

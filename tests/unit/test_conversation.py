@@ -9,7 +9,8 @@ from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.conversation.markdown import render
 from adapter.matrix.conversation.turns import conversation_turns, history_before
 from adapter.matrix.transport.homeserver import message_content
-from adapter.matrix.transport.ingest import catch_up, to_update
+from adapter.matrix.transport.catchup import catch_up
+from adapter.matrix.transport.events import to_update
 from core.agent import EchoAgent, Turn, wants_history
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
@@ -68,8 +69,7 @@ def test_history_is_the_last_turns_before_the_question():
 def test_an_edit_is_never_a_new_question_and_a_provisional_notice_answers_nothing():
     assert to_update(edit("$2", "$1", "new text"), BOT) is None
     events = [said("$1", "hello", ts=10**13), answer("$2", "I'll retry", "$1", provisional=True)]
-    answered, _ = catch_up(events, BOT, 0)
-    assert [ev["event_id"] for ev in answered] == ["$1"]
+    assert [ev["event_id"] for ev in catch_up(events, BOT, 0).answer] == ["$1"]
 
 
 def test_markdown_is_rendered_and_raw_html_stays_text():

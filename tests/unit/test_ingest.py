@@ -3,12 +3,16 @@ response gives (invites, a newly joined room, a limited timeline's backfill and 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.transport import ingest
-from adapter.matrix.transport.ingest import Ingest, catch_up, sync_token_refused, to_update
+from adapter.matrix.transport import events, ingest
+from adapter.matrix.transport.catchup import CatchUpReader, catch_up, deferred
+from adapter.matrix.transport.events import to_update
+from adapter.matrix.transport.ingest import Ingest, sync_token_refused
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000
@@ -44,22 +48,22 @@ def test_to_update_keeps_text_renames_and_encrypted_but_never_the_bots_own():
 def test_catch_up_answers_only_unanswered_recent_messages_in_order():
     events = [text("$old", "too old", ts=NOW - 10), text("$a", "answered"), reply("$a"),
               text("$b", "unanswered 1"), text("$c", "unanswered 2")]
-    answer, skipped = catch_up(events, BOT, not_before_ms=NOW - 5)
-    assert [ev["event_id"] for ev in answer] == ["$b", "$c"]
-    assert skipped == 2
+    found = catch_up(events, BOT, not_before_ms=NOW - 5)
+    assert [ev["event_id"] for ev in found.answer] == ["$b", "$c"]
+    assert found.skipped == 2 and found.complete  # the too old one ends it
 
 
 def test_catch_up_counts_a_legacy_reply_without_source_as_answering_what_came_before():
     events = [text("$a", "before the upgrade"), reply(None, "old style answer"),
               text("$b", "after it")]
-    answer, skipped = catch_up(events, BOT, not_before_ms=0)
-    assert [ev["event_id"] for ev in answer] == ["$b"] and skipped == 1
+    found = catch_up(events, BOT, not_before_ms=0)
+    assert [ev["event_id"] for ev in found.answer] == ["$b"] and found.complete
 
 
 def test_catch_up_answers_a_message_whose_reply_names_another_event():
     events = [text("$a", "one"), text("$b", "two"), reply("$b")]
-    answer, _ = catch_up(events, BOT, not_before_ms=0)
-    assert [ev["event_id"] for ev in answer] == ["$a"]
+    found = catch_up(events, BOT, not_before_ms=0)
+    assert [ev["event_id"] for ev in found.answer] == ["$a"] and not found.complete
 
 
 # Ingest.updates: a sync response (built with nio's own parser) -> the updates to handle.
@@ -146,7 +150,7 @@ async def test_backfill_stops_at_the_bots_own_join():
 
 
 async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(monkeypatch):
-    monkeypatch.setattr(ingest, "MAX_BACKFILL", 2)
+    monkeypatch.setattr(events, "MAX_BACKFILL", 2)
     hs = PagedHomeserver([text(f"${i}", str(i)) for i in range(5, 0, -1)])
     resp = sync(join={"!r:x": [text("$6", "6")]}, limited=True)
     with structlog.testing.capture_logs() as logs:
@@ -181,3 +185,30 @@ async def test_a_start_without_token_answers_only_recent_unanswered_messages(mon
 def test_only_synapses_invalid_stream_token_means_the_token_is_refused(status, errcode, message,
                                                                         refused):
     assert sync_token_refused(status, errcode, message) is refused
+
+
+async def test_a_first_sync_defers_only_rooms_whose_short_timeline_does_not_reach_back(
+        monkeypatch):
+    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    hs = PagedHomeserver()
+    resp = sync(limited=True, join={
+        "!busy:x": [text("$1", "unanswered 1"), text("$2", "unanswered 2")],
+        "!quiet:x": [text("$3", "answered"), reply("$3")]})
+    updates = await Ingest(hs, catchup_hours=1).updates(resp, since=None)
+    [deferred] = updates
+    assert (deferred.kind, deferred.room_id, deferred.body) == ("catchup", "!busy:x", "s2")
+    assert hs.asked == []  # the sync round itself reads nothing further back
+
+
+async def test_a_catch_up_read_pages_back_to_what_was_handled_and_answers_in_order(monkeypatch):
+    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    newest = [text("$4", "four"), text("$3", "three")]  # /messages: newest first
+    older = [reply("$1"), text("$2", "two"), text("$1", "one", ts=NOW - 10_000_000)]
+    hs = PagedHomeserver(newest, older)
+    reader = CatchUpReader(hs, catchup_hours=1)  # type: ignore[arg-type]
+    update = replace(deferred("!r:x", "s2"), replayed=True)
+    updates = await reader.expand(update)
+    assert ids(updates) == ["$2", "$3", "$4"]
+    assert all(u.catchup and u.replayed for u in updates)
+    assert [start for _, start, _ in hs.asked] == ["s2", "t1"]
+    assert await reader.expand(text_update := updates[0]) == [text_update]

@@ -22,6 +22,8 @@ from core.store import StoreError
 log = structlog.get_logger()
 
 Feed = Callable[[Update], Awaitable[None]]
+# What an entry stands for: itself, or (a catch-up) the messages a read of its room finds.
+Expand = Callable[[Update], Awaitable[list[Update]]]
 MAX_ATTEMPTS = 24  # with the backoff below: about 1.4 hours of retrying
 MAX_BACKOFF_S = 300.0
 
@@ -45,10 +47,12 @@ def retry_delay(attempt: int, retry_after_ms: int | None) -> float:
 class Delivery:
     """Drains the inbox through ``feed``: in order per room, concurrently across rooms."""
 
-    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed, concurrency: int) -> None:
+    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed, concurrency: int,
+                 expand: Expand | None = None) -> None:
         self._inbox = inbox
         self._feed = feed
         self._give_up = give_up
+        self._expand = expand or _itself
         self._gate = asyncio.Semaphore(concurrency)
         self._lanes: dict[str, deque[Entry]] = {}
         self._workers: dict[str, asyncio.Task] = {}
@@ -97,7 +101,8 @@ class Delivery:
         """Feed one entry. Returns None when it is finished, else its postponed self."""
         update = entry.update
         try:
-            await self._feed(update)
+            for each in await self._expand(update):  # in the lane: other rooms do not wait
+                await self._feed(each)
         except RetryLater as later:
             if update.attempt + 1 < MAX_ATTEMPTS:
                 delay = retry_delay(update.attempt, later.retry_after_ms)
@@ -117,3 +122,7 @@ class Delivery:
             return True
         except TimeoutError:
             return False
+
+
+async def _itself(update: Update) -> list[Update]:
+    return [update]
