@@ -1,8 +1,10 @@
 """The doctor's comparison (pure), over plain records and hand-built room state: each room
-is ok, missing_locally (with the cause its heal will log), stale_locally or mismatch."""
+is ok, missing_locally (with the cause its heal will log), stale_locally or mismatch; and
+the two reports of it."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from doctor_tool.compare import ServerRooms, compare, parents_to_read  # noqa: E402
 from doctor_tool.diagnosis import Diagnosis, inbox_summary  # noqa: E402
 from doctor_tool.local import LocalRecords, records_from  # noqa: E402
+from doctor_tool.report import as_json, as_text  # noqa: E402
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
 SPACE, CHAT, LOBBY, SHARED = "!space:x", "!chat:x", "!lobby:x", "!shared:x"
@@ -206,3 +209,19 @@ def test_records_are_read_from_raw_rows():
     assert local.birth == Birth(5.0, "local_reset") and local.sync_token == "s1"
     assert local.users[ALICE].space_id == SPACE and local.rooms[CHAT].chat_id == "c1"
     assert local.chats[(ALICE, "c1")].title == "T" and local.inbox[0].seq == 7
+
+
+def test_the_reports_say_the_same_in_the_specs_json_shape_and_in_text():
+    lost = replace(HEALTHY, rooms={k: v for k, v in HEALTHY.rooms.items() if k != CHAT})
+    diagnosis = Diagnosis(lost.birth, inbox_summary((), 0), tuple(compare(lost, SERVER, BOT)))
+    report = json.loads(as_json(diagnosis))
+    assert set(report) == {"consistent", "birth", "inbox", "rooms"}
+    assert report["consistent"] is False and report["birth"] == {"at": 9e8, "cause":
+                                                                 "store_missing"}
+    assert report["inbox"] == {"pending": 0, "oldest_s": None}
+    assert {tuple(sorted(room)) for room in report["rooms"]} == {
+        ("detail", "kind", "owner", "room_id", "state")}
+    text = as_text(diagnosis, BOT, "http://hs", "/db", now=9e8 + 60)
+    assert f"\n{ALICE}\n  ok               space  {SPACE}  Space" in text
+    assert "missing_locally  chat   !chat:x  Trip" in text and "(exit 0)" in text
+    assert "born 1998-07-09 16:00:00 UTC (1.0 min ago), cause store_missing" in text

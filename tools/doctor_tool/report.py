@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict
+from typing import get_args
 
 from doctor_tool.compare import Finding, RoomState
 from doctor_tool.diagnosis import Diagnosis
 
 WIDTH = 92
-STATES: tuple[RoomState, ...] = ("ok", "missing_locally", "stale_locally", "mismatch")
+STATES: tuple[RoomState, ...] = get_args(RoomState)
 LEGEND = """\
 Legend:
   ok               the DB and the homeserver agree
@@ -20,7 +22,8 @@ Legend:
                    that heal logs the cause shown. local_reset / store_missing: the DB was
                    reset or lost after the room was made. inconsistent: the DB should have
                    known it (made after the DB, or partly held): suspect a bug or a crash
-  stale_locally    the DB names a room the bot is not in (any more), or a chat no room carries
+  stale_locally    the DB names a room the bot is not in (any more), a lobby its owner left,
+                   or a chat no room carries
   mismatch         title, status, owner, kind, chat id or Space differ; a rename the bot has
                    not handled yet is said so, and follows by itself
 Exit: 0 everything agrees or heals by itself; 1 a difference will not heal by itself
@@ -47,12 +50,9 @@ def as_text(diagnosis: Diagnosis, bot_id: str, homeserver: str, db: str,
              f"  rooms  {len(diagnosis.findings)} examined: "
              + ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
              + f" ({diagnosis.requests} homeserver requests)"]
-    owner: str | None | bool = False
-    for finding in diagnosis.findings:
-        if finding.owner != owner:
-            owner = finding.owner
-            lines += ["", owner or "Other rooms the bot is in"]
-        lines += _finding(finding)
+    for owner, findings in itertools.groupby(diagnosis.findings, key=lambda f: f.owner):
+        lines += ["", owner or "Other rooms the bot is in"]
+        lines += [line for finding in findings for line in _finding(finding)]
     lines += ["", *textwrap.wrap(_verdict(diagnosis), WIDTH), "", LEGEND]
     return "\n".join(lines)
 
@@ -84,15 +84,15 @@ def _inbox(diagnosis: Diagnosis) -> str:
 def _verdict(diagnosis: Diagnosis) -> str:
     if diagnosis.consistent:
         return "The DB and the homeserver agree (exit 0)."
-    if not diagnosis.heals_by_itself:
-        stuck = sum(1 for f in diagnosis.findings if not f.heals)
-        return (f"{stuck} difference{'s' if stuck > 1 else ''} will not heal by itself: "
-                "suspect a bug (exit 1).")
+    stuck = sum(1 for f in diagnosis.findings if not f.heals)
     odd = sum(1 for f in diagnosis.findings if f.cause == "inconsistent")
-    return "Every difference heals by itself (exit 0)" + (
-        f"; {odd} of those heals will log cause=inconsistent, at warning: the DB should have "
-        "known those rooms, suspect a bug or a crash." if odd else
-        ": the causes say the DB was reset or lost after those rooms were made.")
+    warned = (f" {odd} heal{'s' if odd > 1 else ''} will log cause=inconsistent, at warning: "
+              "the DB should have known; suspect a bug or a crash.") if odd else ""
+    if stuck:
+        return (f"{stuck} difference{'s' if stuck > 1 else ''} will not heal by itself: "
+                f"suspect a bug (exit 1).{warned}")
+    return "Every difference heals by itself (exit 0)." + (
+        warned or " The causes say the DB was reset or lost after those rooms were made.")
 
 
 def _age(seconds: float) -> str:

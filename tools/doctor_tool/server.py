@@ -106,4 +106,7 @@ def _cannot_ask(err: HomeserverError) -> CannotAsk:
     if err.status == "M_UNKNOWN_TOKEN":
         return CannotAsk(f"the homeserver refused the saved session's token ({err}): the bot "
                          "logs in again on its next start; run the doctor after that")
-    return CannotAsk(f"the homeserver did not answer: {err}")
+    if err.status == "unreachable":
+        return CannotAsk(f"the homeserver did not answer ({err}): is MATRIX_HOMESERVER right, "
+                         "and is it up?")
+    return CannotAsk(f"the homeserver refused a read ({err})")
