@@ -10,7 +10,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,11 +252,21 @@ async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:
                             (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)) as cur:
         rows = dict(await cur.fetchall())
     try:
+        return birth_from(rows)
+    except ValueError as err:
+        raise sqlite3.DatabaseError(f"unreadable birth record: {err}") from err
+
+
+def birth_from(rows: Mapping[str, str]) -> Birth | None:
+    """The birth record among raw ``kv`` rows (key -> JSON text), also from a file older than
+    birth records that the reset tool marked; None if neither is there. ``ValueError`` if
+    the record is damaged."""
+    try:
         if BIRTH_KEY in rows:
             return Birth(**json.loads(rows[BIRTH_KEY]))
         if LEGACY_RESET_MARKER_KEY in rows:  # {"at": "2026-…Z", "by": "reset_local"}
             at = json.loads(rows[LEGACY_RESET_MARKER_KEY])["at"]
             return Birth(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")), "local_reset")
     except (ValueError, TypeError, KeyError) as err:
-        raise sqlite3.DatabaseError(f"unreadable birth record: {err}") from err
+        raise ValueError(str(err)) from err
     return None

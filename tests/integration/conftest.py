@@ -183,6 +183,17 @@ async def reset_tool(config: Config, *args: str, stdin: bytes = b"") -> tuple[in
     return proc.returncode, out.decode()
 
 
+async def doctor_tool(config: Config, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run ``tools/doctor.py`` with the bot's environment (``env`` overrides a variable):
+    (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "tools/doctor.py", *args, cwd=ROOT,
+        env={**os.environ, **config.to_env(), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
 class TestUser:
     """A person with a Matrix client: sends, accepts invites, waits for the bot's answers."""
 

@@ -9,9 +9,11 @@ from adapter.matrix.healing.room_state import (
     HealRefused,
     RoomSnapshot,
     assess_room,
+    heal_cause,
     legacy_chat_id,
     parent_to_verify,
 )
+from core.store import Birth
 
 BOT, ALICE, BOB = "@lambda:localhost", "@alice:localhost", "@bob:localhost"
 SPACE, ROOM = "!space:localhost", "!room:localhost"
@@ -199,3 +201,12 @@ def test_unreadable_parent_space_is_a_foreign_parent():
     with pytest.raises(HealRefused) as err:
         assess_room(snap(chat_events()), BOT, RoomSnapshot(SPACE))
     assert err.value.reason == "foreign_parent"
+
+
+def test_the_cause_is_the_births_for_an_older_room_the_db_held_nothing_of():
+    birth = Birth(at=2_000.0, cause="local_reset")
+    assert heal_cause(birth, created_at=1_000.0) == "local_reset"
+    assert heal_cause(birth) == "local_reset"  # state not read yet: taken as older
+    assert heal_cause(birth, created_at=1_000.0, held=True) == "inconsistent"
+    assert heal_cause(birth, created_at=3_000.0) == "inconsistent"
+    assert heal_cause(None, created_at=1_000.0) == "inconsistent"

@@ -7,6 +7,8 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -109,8 +111,10 @@ def inspect_db(db_path: Path) -> DbFacts:
         return DbFacts(db_path, "unreadable", str(err), files)
 
 
-def _read_sqlite(db_path: Path, files: tuple[FileFact, ...]) -> DbFacts:
-    # Read a copy: even a read-only connection may create -wal/-shm next to the real file.
+@contextmanager
+def read_only_copy(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a copy of the file and its WAL: even a read-only connection
+    may create -wal/-shm next to the real file. For a file no process is writing."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "copy.db"
         for src in db_files(db_path)[:2]:
@@ -118,19 +122,31 @@ def _read_sqlite(db_path: Path, files: tuple[FileFact, ...]) -> DbFacts:
                 shutil.copyfile(src, str(copy) + src.name[len(db_path.name):])
         conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
         try:
-            tables = [name for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-            columns = [(name, type_, notnull, pk) for _, name, type_, notnull, _, pk
-                       in conn.execute("PRAGMA table_info(kv)")]
-            if tables != ["kv"] or columns != BOT_KV_COLUMNS:
-                return DbFacts(db_path, "foreign", _schema_summary(tables), files)
-            try:
-                records = _read_records(conn)
-            except (sqlite3.Error, ValueError) as err:
-                return DbFacts(db_path, "bot", files=files, damaged=str(err))
+            yield conn
         finally:
             conn.close()
+
+
+def schema_problem(conn: sqlite3.Connection) -> str | None:
+    """Why the database is not the bot's, judged by its schema; None when it is."""
+    tables = [name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' "
+        "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    columns = [(name, type_, notnull, pk) for _, name, type_, notnull, _, pk
+               in conn.execute("PRAGMA table_info(kv)")]
+    if tables != ["kv"] or columns != BOT_KV_COLUMNS:
+        return _schema_summary(tables)
+    return None
+
+
+def _read_sqlite(db_path: Path, files: tuple[FileFact, ...]) -> DbFacts:
+    with read_only_copy(db_path) as conn:
+        if problem := schema_problem(conn):
+            return DbFacts(db_path, "foreign", problem, files)
+        try:
+            records = _read_records(conn)
+        except (sqlite3.Error, ValueError) as err:
+            return DbFacts(db_path, "bot", files=files, damaged=str(err))
     counts = Counter(key.split(":", 1)[0] for key in records)
     return DbFacts(db_path, "bot", files=files, counts=counts, rooms=known_rooms(records))
 

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Literal
 
 import structlog
 
@@ -15,10 +14,12 @@ from adapter.matrix.context import Services
 from adapter.matrix.transport.homeserver import HomeserverError
 from adapter.matrix.healing.room_state import (
     SPACE_TYPE,
+    HealCause,
     HealPlan,
     HealRefused,
     RoomSnapshot,
     assess_room,
+    heal_cause,
     parent_to_verify,
 )
 from adapter.matrix.store import UserMeta
@@ -26,7 +27,6 @@ from core.chat import ChatNotFound
 
 log = structlog.get_logger()
 
-HealCause = Literal["local_reset", "store_missing", "inconsistent"]
 REFUSAL_MEMORY_S = 600.0
 SPACE_HEAL_CONCURRENCY = 8
 
@@ -40,13 +40,8 @@ class Healer:
         self._refused: dict[str, tuple[HealRefused, float]] = {}
 
     def cause(self, created_at: float = 0.0, held: bool = False) -> HealCause:
-        """SPEC §6: the DB's birth cause for a room older than the DB that it holds nothing
-        of; else ``inconsistent`` (the DB should have known the room). Before the room's state
-        is read, ``created_at`` is unknown (0): the room is taken as older."""
-        birth = self.svc.store.birth
-        if held or birth is None or created_at >= birth.at:
-            return "inconsistent"
-        return birth.cause
+        """The cause a heal logs, by ``room_state.heal_cause`` over this DB's birth."""
+        return heal_cause(self.svc.store.birth, created_at, held)
 
     async def _holds_chat(self, plan: HealPlan) -> bool:
         """Whether the DB still holds the chat record of the room the plan restores."""

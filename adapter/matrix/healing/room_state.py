@@ -13,12 +13,14 @@ from typing import Literal, TypeVar
 from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
 from adapter.matrix.store import RoomMeta, UserMeta
 from core.chat import Chat
+from core.store import Birth
 
 M = TypeVar("M", SpaceMarker, ChatMarker)
 SPACE_TYPE = "m.space"
 _PRESENT = ("join", "invite")
 
 HealSource = Literal["marker", "legacy"]
+HealCause = Literal["local_reset", "store_missing", "inconsistent"]
 
 # Reason code -> what the user is told. Written once, here.
 REFUSALS: dict[str, str] = {
@@ -133,6 +135,15 @@ class HealPlan:
     source: HealSource
     chat: Chat | None = None
     user: UserMeta | None = None  # the owner's Space, when the state proves it
+
+
+def heal_cause(birth: Birth | None, created_at: float = 0.0, held: bool = False) -> HealCause:
+    """SPEC §6: the DB's birth cause for a room older than the DB that it holds nothing of;
+    else ``inconsistent`` (the DB should have known the room). ``created_at`` 0 (the room's
+    state not read yet) counts as older."""
+    if held or birth is None or created_at >= birth.at:
+        return "inconsistent"
+    return birth.cause
 
 
 def legacy_chat_id(room_id: str) -> str:
