@@ -11,6 +11,8 @@ import structlog
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import Command
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError, reply_txn_id
 from adapter.matrix.room_router import RoomRouter, Route
 from adapter.matrix.store import MatrixStore, UserMeta
@@ -48,6 +50,8 @@ class Services:
     agent: Agent
     router: RoomRouter
     access: Access
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
     # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))

@@ -41,8 +41,8 @@ async def handle_text(update: Update, data: EventData) -> None:
         return
     async with typing(svc.hs, update.room_id):
         try:
-            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body),
-                                            agent_timeout(svc.agent))
+            answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
+                svc.agent.reply(chat, update.body)), agent_timeout(svc.agent))
         except Exception as err:  # third-party code: any failure is told, never retried
             log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
                       error=str(err) or type(err).__name__,
@@ -52,6 +52,7 @@ async def handle_text(update: Update, data: EventData) -> None:
         await svc.reply(update, answer, notice=False)
     log.info("message.answered", room_id=update.room_id, chat_id=chat.chat_id,
              event_id=update.event_id, catchup=update.catchup, attempt=update.attempt)
+    svc.metrics.answered(update.ts)
 
 
 @asynccontextmanager
