@@ -100,7 +100,9 @@ class Bot:
     async def fetch(self, since: str | None, long_poll: bool, again: bool = False
                     ) -> SyncResponse:
         """One sync request; the only part of the loop that a stop may interrupt. ``again``:
-        the same ``since`` as a round the DB could not record."""
+        the same ``since`` as a round that failed (the homeserver's, or the DB's), answered at
+        once, so that a recovery shows (``sync.recovered``, ``/health``) without waiting out a
+        long-poll."""
         # Synapse caches a sync answer for ~2 min keyed by (since, timeout, filter, ...): a
         # restart (no token) or a round asked again would get a stale one and miss what came
         # since. A timeout unique to this call keeps the key unique.
@@ -140,7 +142,8 @@ class Bot:
         ready, backoff = False, 1.0
         waiting: set[str] | None = None  # while the DB refuses writes: the messages held back
         while not stop.is_set():
-            fetch = asyncio.ensure_future(self.fetch(since, ready, again=waiting is not None))
+            fetch = asyncio.ensure_future(self.fetch(since, ready,
+                                                     again=waiting is not None or backoff > 1))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -184,8 +187,9 @@ class Bot:
             since = resp.next_batch
             if updates:
                 log.debug("sync.ingested", updates=len(updates), queued=delivery.queued)
-            if waiting is not None:
-                log.info("store.recovered", waited=len(waiting))
+            if waiting is not None or self.health.store_refusing:
+                # Whichever write was refused (this sync's, or a handler's), this one worked.
+                log.info("store.recovered", waited=len(waiting or ()))
                 waiting = None
             elif ready and backoff > 1.0:
                 log.info("sync.recovered")
