@@ -11,6 +11,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 T = TypeVar("T")
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 # An LLM answers in a fraction of a second to a couple of minutes.
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0, 90.0,
                120.0)
@@ -78,6 +79,3 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``TEXT_FORMAT``)."""
         return generate_latest(self.registry)
-
-
-TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
