@@ -3,7 +3,10 @@
 Prints, from one run on one machine (so compare the ratios, not the absolute numbers):
 - a healthy reply's latency, and the first reply in a room after a total local loss;
 - homeserver requests per healed room (from the `state.healed` log lines);
-- `!chats` with N chats, warm and after a total local loss (it heals the whole Space).
+- `!chats` with N chats, warm and after a total local loss (it heals the whole Space);
+- what metrics cost: healthy replies with and without LAMBDA_METRICS_ADDR (scraped every
+  100 ms, 150 times Prometheus' default rate), in alternating runs, as a ratio (and the ratio
+  between plain runs, the noise); what recording one answered message and one scrape take.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +34,11 @@ from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.bot import run_bot  # noqa: E402
 from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
-from adapter.matrix.config import Config  # noqa: E402
+from adapter.matrix.config import Config, ListenAddr  # noqa: E402
+from adapter.matrix.observe.metrics import Metrics  # noqa: E402
 from core.agent import Agent  # noqa: E402
+
+SCRAPE_EVERY_S = 0.1
 
 
 class BotProcess:
@@ -75,6 +83,78 @@ async def cli_start_seconds(config: Config) -> float:
     return seconds
 
 
+async def scrape_every(url: str, seconds: float, scrapes: list[int]) -> None:
+    """GET ``url`` every ``seconds`` until cancelled, like a (very eager) Prometheus."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(url) as resp:
+                await resp.read()
+            scrapes[0] += 1
+            await asyncio.sleep(seconds)
+
+
+async def metrics_cost(bot: BotProcess, person: ScriptedUser, room: str, logs: list[dict],
+                       samples: int) -> dict:
+    """Healthy replies in alternating runs without and with a metrics listener being scraped
+    (plain, metered, metered, plain, twice: a drift of the machine weighs on both alike). The
+    plain runs that open and close each block, compared, show the noise between runs."""
+    runs: list[tuple[bool, list[float]]] = []
+    scrapes = [0]
+    for metered in [False, True, True, False] * 2:
+        await bot.stop()
+        bot.config = replace(bot.config, metrics_addr=ListenAddr("127.0.0.1", 0) if metered
+                             else None)
+        await bot.start(logs)
+        scraper = None
+        if metered:
+            url = [e for e in logs if e["event"] == "metrics.listening"][-1]["url"]
+            scraper = asyncio.create_task(scrape_every(f"{url}/metrics", SCRAPE_EVERY_S, scrapes))
+        replies = []
+        for i in range(samples):
+            text = f"metrics {len(runs)}.{i}"
+            replies.append((await person.ask(room, text, f"Echo: {text}"))[0])
+        runs.append((metered, replies))
+        if scraper is not None:
+            scraper.cancel()
+            with suppress(asyncio.CancelledError):
+                await scraper
+    return {"plain": [t for metered, r in runs if not metered for t in r],
+            "metered": [t for metered, r in runs if metered for t in r],
+            "opening": [t for i, (_, r) in enumerate(runs) if i % 4 == 0 for t in r],
+            "closing": [t for i, (_, r) in enumerate(runs) if i % 4 == 3 for t in r],
+            "scrapes": scrapes[0], **await recording_cost()}
+
+
+async def recording_cost(runs: int = 100_000) -> dict:
+    """Seconds to record what one answered message and its sync round record (the agent
+    call's timing wrapper included, an empty call's own cost taken off), and to build one
+    scrape."""
+    metrics = Metrics()
+
+    async def agent() -> str:
+        return "answer"
+
+    async def bare() -> float:
+        started = time.perf_counter()
+        for _ in range(runs):
+            await agent()
+        return time.perf_counter() - started
+
+    async def recorded() -> float:
+        started, ts = time.perf_counter(), int(time.time() * 1000)
+        for _ in range(runs):
+            await metrics.timed_agent_call(agent())
+            metrics.answered(ts)
+            metrics.sync_rounds.inc()
+        return time.perf_counter() - started
+
+    per_message = (await recorded() - await bare()) / runs
+    started = time.perf_counter()
+    for _ in range(100):
+        metrics.exposition()
+    return {"per_message": per_message, "per_scrape": (time.perf_counter() - started) / 100}
+
+
 def ms(values: list[float]) -> str:
     return f"median {statistics.median(values) * 1000:7.1f} ms  (n={len(values)})"
 
@@ -102,6 +182,7 @@ async def bench(chats: int, samples: int) -> None:
                        for i in range(samples)]
             warm_chats = [(await person.ask(lobby, "!chats", "Your chats"))[0]
                           for _ in range(3)]
+            cost = await metrics_cost(bot, person, rooms[0], logs, samples)
 
             await bot.stop()
             starts["restart, state intact"] = await bot.start(logs)
@@ -139,6 +220,15 @@ async def bench(chats: int, samples: int) -> None:
           f"({len(cold_heals)} rooms healed, "
           f"{sum(e['hs_requests'] for e in cold_heals)} state requests; listed "
           f"{listing.count('Bench ')} chats)")
+    plain, metered = statistics.median(cost["plain"]), statistics.median(cost["metered"])
+    print(f"  healthy reply, no metrics listener  {ms(cost['plain'])}")
+    print(f"  healthy reply, /metrics scraped     {ms(cost['metered'])}   "
+          f"ratio {metered / plain:.2f}x  ({cost['scrapes']} scrapes, every "
+          f"{SCRAPE_EVERY_S * 1000:.0f} ms)")
+    print(f"    noise: plain runs closing / opening each block  ratio "
+          f"{statistics.median(cost['closing']) / statistics.median(cost['opening']):.2f}x")
+    print(f"  recording one answered message      {cost['per_message'] * 1e6:7.1f} µs;  one "
+          f"scrape built in {cost['per_scrape'] * 1e6:.0f} µs")
 
 
 def main() -> None:

@@ -39,6 +39,9 @@ from adapter.matrix.chain.middlewares import (
     store_faults,
 )
 from adapter.matrix.chain.notices import tell_store_down
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.room_router import RoomRouter
 from adapter.matrix.transport.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
 from adapter.matrix.store import MatrixStore
@@ -83,18 +86,20 @@ class Bot:
     """One sync loop that only ingests, and the workers that deliver what it ingested."""
 
     def __init__(self, client: AsyncClient, store: SQLiteStore, agent: Agent,
-                 config: Config) -> None:
+                 config: Config, metrics: Metrics, health: Health) -> None:
         self.client = client
         self.db = store
         self.config = config
         self.store = MatrixStore(store)
+        self.metrics, self.health = metrics, health
         hs = Homeserver(client, config.server_name)
         conversation = Conversations(hs, config.history_turns)
         self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
                                  agent=agent, router=RoomRouter(self.store),
                                  access=Access(config.allowed_patterns, config.max_chats,
                                                config.creations_per_minute),
-                                 conversation=conversation)
+                                 conversation=conversation, metrics=self.metrics,
+                                 health=self.health)
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
@@ -106,7 +111,9 @@ class Bot:
     async def fetch(self, since: str | None, long_poll: bool, again: bool = False
                     ) -> SyncResponse:
         """One sync request; the only part of the loop that a stop may interrupt. ``again``:
-        the same ``since`` as a round the DB could not record."""
+        the same ``since`` as a round that failed (the homeserver's, or the DB's), answered at
+        once, so that a recovery shows (``sync.recovered``, ``/health``) without waiting out a
+        long-poll."""
         # Synapse caches a sync answer for ~2 min keyed by (since, timeout, filter, ...): a
         # restart (no token) or a round asked again would get a stale one and miss what came
         # since. A timeout unique to this call keeps the key unique.
@@ -127,11 +134,12 @@ class Bot:
         raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
 
     async def give_up(self, update: Update) -> None:
+        self.metrics.updates_given_up.inc()
         if update.kind != "invite":
             await self.services.try_reply(update, GAVE_UP, part="gave-up")
 
     async def run(self, stop: asyncio.Event) -> None:
-        inbox, pending = await Inbox.open(self.db)
+        inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
         delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency,
                             expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
@@ -149,7 +157,8 @@ class Bot:
         ready, backoff = False, 1.0
         waiting: set[str] | None = None  # while the DB refuses writes: the messages held back
         while not stop.is_set():
-            fetch = asyncio.ensure_future(self.fetch(since, ready, again=waiting is not None))
+            fetch = asyncio.ensure_future(self.fetch(since, ready,
+                                                     again=waiting is not None or backoff > 1))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -159,6 +168,8 @@ class Bot:
             try:
                 resp = fetch.result()
                 updates = await self.ingest.updates(resp, since)
+                self.metrics.sync_rounds.inc()
+                self.health.homeserver_answered()
             except SyncTokenRefused as err:
                 # Start over without a token: the catch-up rules answer what was missed.
                 log.warning("sync.token_refused", since=since, error=str(err))
@@ -168,6 +179,8 @@ class Bot:
                     OSError) as err:
                 if stop.is_set():
                     break  # stopping; or the session was lost for good (run_bot says so)
+                self.metrics.sync_failures.inc()
+                self.health.homeserver_failed(str(err) or type(err).__name__)
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
@@ -178,6 +191,7 @@ class Bot:
             except WriteFailed as fault:
                 # Nothing was recorded and the token stays where it was: the homeserver hands
                 # these events again on the next try, so none is lost.
+                self.health.store_refused(str(fault))
                 log.error("store.write_failed", during="sync", error=str(fault),
                           remedy=fault.remedy, updates=len(updates), retry_in_s=backoff)
                 waiting = waiting if waiting is not None else set()
@@ -188,11 +202,13 @@ class Bot:
             since = resp.next_batch
             if updates:
                 log.debug("sync.ingested", updates=len(updates), queued=delivery.queued)
-            if waiting is not None:
-                log.info("store.recovered", waited=len(waiting))
+            if waiting is not None or self.health.store_refusing:
+                # Whichever write was refused (this sync's, or a handler's), this one worked.
+                log.info("store.recovered", waited=len(waiting or ()))
                 waiting = None
             elif ready and backoff > 1.0:
                 log.info("sync.recovered")
+            self.health.synced()
             if not ready:
                 ready = True
                 log.info("bot.ready")
@@ -217,14 +233,17 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
-async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event) -> bool:
+async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event,
+                               health: Health) -> bool:
     backoff = 1.0
     while not stop.is_set():
         try:
             session = await log_in(client, config)
             log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
+            health.homeserver_answered()
             return True
         except HomeserverUnreachable as err:
+            health.homeserver_failed(str(err))
             log.warning("homeserver.unreachable", homeserver=config.homeserver,
                         error=str(err), retry_in_s=backoff)
             await _sleep_or_stop(stop, backoff)
@@ -267,14 +286,23 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                       error=str(err), remedy="free disk space or make the folder writable; "
                                              "there is no DB yet, nothing to reset")
             return 1
+        metrics, health = Metrics(), Health(config.outage_after_s)
+        listener = None
+        if config.metrics_addr is not None:
+            try:  # after the DB checks: /health can then tell a homeserver outage at login
+                listener = await MetricsListener.start(config.metrics_addr, metrics, health)
+            except ListenerUnavailable as err:
+                log.error("config.invalid", error=str(err))
+                await store.close()
+                return 2
         client = SessionClient(config, client_config())
         try:
             log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
                      db=str(config.db_path), db_created=store.created)
-            if not await _log_in_with_backoff(client, config, stop):
+            if not await _log_in_with_backoff(client, config, stop, health):
                 return 0
-            client.renew_when_refused(on_lost=stop.set)
-            await Bot(client, store, agent, config).run(stop)
+            client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
+            await Bot(client, store, agent, config, metrics, health).run(stop)
             if client.lost is not None:
                 raise client.lost
             log.info("bot.stopped")
@@ -284,6 +312,8 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                       remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN")
             return 1
         finally:
+            if listener is not None:
+                await listener.stop()
             await client.close()
             await store.close()
     finally:

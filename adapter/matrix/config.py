@@ -13,11 +13,32 @@ from core.log_setup import LEVELS
 
 _USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
 _IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
+_LISTEN_ADDR = re.compile(  # host:port, or [IPv6]:port
+    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$")
 ECHO_AGENT = "core.agent:EchoAgent"
 
 
 class ConfigError(Exception):
     """A missing or invalid environment variable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ListenAddr:
+    """A ``host:port`` to listen on (``[::1]:9464`` for IPv6; port 0: any free port)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, raw: str) -> ListenAddr:
+        """Raises ValueError when ``raw`` is not ``host:port`` with a port up to 65535."""
+        match = _LISTEN_ADDR.match(raw)
+        if match is None or int(match["port"]) > 65535:
+            raise ValueError(raw)
+        return cls(match["ip6"] or match["host"], int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,8 @@ class Config:
     max_chats: int = 100
     history_turns: int = 20
     creations_per_minute: int = 5  # not an environment variable: benchmarks raise it
+    metrics_addr: ListenAddr | None = None  # None: no /metrics and /health listener at all
+    outage_after_s: float = 30.0  # not an environment variable: tests lower it
 
     @property
     def allowed_patterns(self) -> tuple[str, ...]:
@@ -90,6 +113,13 @@ class Config:
         max_chats = _number(value("LAMBDA_MAX_CHATS"), int, 100, "LAMBDA_MAX_CHATS", problems)
         history_turns = _number(value("LAMBDA_HISTORY_TURNS"), int, 20, "LAMBDA_HISTORY_TURNS",
                                 problems, zero_ok=True)
+        metrics_addr = None
+        if (raw_addr := value("LAMBDA_METRICS_ADDR")) is not None:
+            try:
+                metrics_addr = ListenAddr.parse(raw_addr)
+            except ValueError:
+                problems.append("LAMBDA_METRICS_ADDR must be host:port (for example "
+                                f"127.0.0.1:9464 or [::1]:9464), got {raw_addr!r}")
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
@@ -98,7 +128,7 @@ class Config:
             access_token=token, db_path=db_path, store_path=store_path,
             log_format=log_format, log_level=log_level, agent=agent,
             concurrency=concurrency, catchup_hours=catchup_hours, allowed_users=allowed,
-            max_chats=max_chats, history_turns=history_turns,
+            max_chats=max_chats, history_turns=history_turns, metrics_addr=metrics_addr,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -110,6 +140,8 @@ class Config:
                "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours),
                "LAMBDA_MAX_CHATS": str(self.max_chats),
                "LAMBDA_HISTORY_TURNS": str(self.history_turns)}
+        if self.metrics_addr is not None:
+            env["LAMBDA_METRICS_ADDR"] = str(self.metrics_addr)
         if self.allowed_users:
             env["LAMBDA_ALLOWED_USERS"] = ",".join(self.allowed_users)
         if self.password:

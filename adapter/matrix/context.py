@@ -12,6 +12,8 @@ import structlog
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import Command
 from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.transport.homeserver import (
     Homeserver,
     HomeserverError,
@@ -67,6 +69,8 @@ class Services:
     router: RoomRouter
     access: Access
     conversation: Conversations
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
     # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))

@@ -70,3 +70,16 @@ def test_who_may_use_the_bot_defaults_to_its_own_server_and_is_validated():
     with pytest.raises(ConfigError) as err:
         Config.from_env({**BASE, "LAMBDA_ALLOWED_USERS": "example.org", "LAMBDA_MAX_CHATS": "-1"})
     assert "LAMBDA_ALLOWED_USERS" in str(err.value) and "LAMBDA_MAX_CHATS" in str(err.value)
+
+
+def test_the_metrics_address_is_host_and_port_and_unset_means_none():
+    assert Config.from_env(BASE).metrics_addr is None
+    for raw, host, port in [("127.0.0.1:9464", "127.0.0.1", 9464), ("[::1]:9464", "::1", 9464),
+                            ("localhost:0", "localhost", 0)]:
+        config = Config.from_env({**BASE, "LOG_FORMAT": "json", "LAMBDA_METRICS_ADDR": raw})
+        assert (config.metrics_addr.host, config.metrics_addr.port) == (host, port)
+        assert config.to_env()["LAMBDA_METRICS_ADDR"] == raw
+        assert Config.from_env(config.to_env()) == config
+    for raw in ("9464", "127.0.0.1", "127.0.0.1:70000", ":9464", "http://127.0.0.1:9464", "::1:9"):
+        with pytest.raises(ConfigError, match="LAMBDA_METRICS_ADDR must be host:port"):
+            Config.from_env({**BASE, "LAMBDA_METRICS_ADDR": raw})

@@ -11,6 +11,7 @@ from adapter.matrix.delivery import lanes as delivery_module
 from adapter.matrix.context import Update
 from adapter.matrix.delivery.lanes import Delivery, RetryLater, retry_delay
 from adapter.matrix.delivery.inbox import Inbox
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store import MatrixStore
 
 
@@ -67,6 +68,21 @@ async def test_postpone_keeps_the_attempt_and_the_time_across_a_restart(store):
     _, [reopened] = await Inbox.open(store)
     assert reopened == later and reopened.update.attempt == 1
     assert reopened.not_before == pytest.approx(time.time() + 30, abs=2)
+
+
+async def test_the_inbox_counts_its_depth_and_the_retries_from_a_restart_on(store):
+    inbox, _ = await Inbox.open(store)
+    first, *_ = await inbox.ingest([msg("!a", 1), msg("!a", 2), msg("!b", 1)], "t1")
+    await inbox.postpone(first, 30)
+    await inbox.done(first)
+    metrics = Metrics()
+    await Inbox.open(store, metrics)
+    assert metrics.registry.get_sample_value("lambda_inbox_depth") == 2
+    reopened, _ = await Inbox.open(store, metrics)
+    [entry] = await reopened.ingest([msg("!c", 1)], "t2")
+    await reopened.postpone(entry, 30)
+    assert metrics.registry.get_sample_value("lambda_inbox_depth") == 3
+    assert metrics.registry.get_sample_value("lambda_retries_scheduled_total") == 1
 
 
 def test_retry_delay_prefers_the_servers_hint_else_doubles_to_a_cap():

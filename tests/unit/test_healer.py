@@ -4,7 +4,7 @@ state fetch (single-flight); and what the healer reads of sync, through ``Homese
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import structlog
@@ -14,6 +14,7 @@ from adapter.matrix.healing.healer import Healer
 from adapter.matrix.transport.homeserver import Homeserver, SyncedRoom
 from adapter.matrix.healing.markers import ChatMarker
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store import MatrixStore, RoomMeta
 from core.chat import ChatManager
 
@@ -60,6 +61,7 @@ class HealerServices:
     hs: CountingHomeserver
     store: MatrixStore
     chats: ChatManager
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def bot_id(self) -> str:
@@ -77,6 +79,8 @@ async def test_concurrent_heals_of_one_room_share_one_state_fetch(store):
     assert len(plans) == CALLERS and all(plan == plans[0] for plan in plans)
     assert plans[0].room == RoomMeta("chat", ALICE, "c1", SPACE)
     assert await MatrixStore(store).get_room(ROOM) == plans[0].room
+    assert healer.svc.metrics.registry.get_sample_value(
+        "lambda_heals_total", {"cause": "store_missing", "source": "marker"}) == 1
 
 
 def test_synced_room_tells_the_type_and_the_joined_or_invited_members():
@@ -103,4 +107,6 @@ async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembere
                 await healer.heal_room(ROOM)
     assert [e["event"] for e in logs] == ["state.heal_refused"]
     assert hs.fetches == 1  # the refusal is remembered: no fetch on the next message
+    assert healer.svc.metrics.registry.get_sample_value(
+        "lambda_heal_refusals_total", {"reason": "forged_marker"}) == 1  # counted as logged
     assert await MatrixStore(store).get_room(ROOM) is None

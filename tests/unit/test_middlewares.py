@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import structlog
 
@@ -14,7 +16,9 @@ from adapter.matrix.chain.middlewares import (
     catchup_in_chats_only,
     owner_only,
     resolve_route,
+    store_faults,
 )
+from adapter.matrix.chain.notices import STORE_DOWN
 from adapter.matrix.room_router import ChatRoute, LobbyRoute, Route, SpaceRoute, Unregistered
 from adapter.matrix.store import RoomMeta
 from tests.unit.fakes import (
@@ -131,3 +135,18 @@ async def test_catchup_is_answered_in_chat_rooms_only(svc, route, catchup, passe
     await catchup_in_chats_only(rest, message(route.room_id, "hi", catchup=catchup),
                                 EventData(services=svc, route=route))
     assert bool(rest.seen) is passes
+
+
+async def test_a_write_the_db_refuses_is_retried_and_makes_the_bot_unhealthy(svc):
+    async def refused(update: Update, data: EventData) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    await onboard(svc)
+    svc.health.synced()
+    update = message(CHAT, "hi")
+    with structlog.testing.capture_logs() as logs, pytest.raises(RetryLater):
+        await store_faults(refused, update, EventData(services=svc, route=CHAT_ROUTE))
+    assert [e["event"] for e in logs] == ["store.write_failed"]
+    assert svc.hs.bodies == [STORE_DOWN]  # the owner is told
+    [problem] = svc.health.report().problems
+    assert problem.reason == "store_refuses_writes" and "disk is full" in problem.detail

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.transport.ingest import sync_token_refused
 from adapter.matrix.transport.session import (
     LoginFailed,
@@ -165,6 +166,19 @@ async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(
     saved = json.loads(session_file(config.store_path).read_text())
     assert saved["access_token"] == client.access_token in fake_hs.tokens
     assert lost == []
+    await client.close()
+
+
+async def test_a_renewal_is_counted_once_for_all_the_requests_that_met_the_revoked_token(
+        fake_hs, tmp_path):
+    config = config_for(fake_hs, tmp_path)
+    client = SessionClient(config, client_config())
+    await log_in(client, config)
+    metrics = Metrics()
+    client.renew_when_refused(on_lost=lambda: None, on_renewed=metrics.session_renewals.inc)
+    fake_hs.revoke(client.access_token)
+    await asyncio.gather(*(client.joined_rooms() for _ in range(5)))
+    assert metrics.registry.get_sample_value("lambda_session_renewals_total") == 1
     await client.close()
 
 

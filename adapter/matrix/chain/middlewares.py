@@ -29,6 +29,7 @@ async def store_faults(handler: Handler, update: Update, data: EventData) -> Non
     except sqlite3.OperationalError as err:
         svc = data["services"]
         fault = WriteFailed(svc.store.path, err)
+        svc.health.store_refused(str(fault))
         log.error("store.write_failed", during="handling", room_id=update.room_id,
                   event_id=update.event_id, error=str(fault), remedy=fault.remedy)
         await tell_store_down(svc, update, data.get("route"))

@@ -17,6 +17,8 @@ from pathlib import Path
 import structlog
 
 from adapter.matrix.context import Update
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store import SYNC_TOKEN_KEY
 from core.store import SQLiteStore, StoreError
 
@@ -69,18 +71,26 @@ class Entry:
 
 
 class Inbox:
-    """The updates not yet fully handled, in the SQLite file. Open it with ``Inbox.open``."""
+    """The updates not yet fully handled, in the SQLite file. Open it with ``Inbox.open``.
+    It counts its depth and the retries in ``metrics``, and tells ``health`` of refused writes."""
 
-    def __init__(self, db: SQLiteStore, next_seq: int) -> None:
+    def __init__(self, db: SQLiteStore, next_seq: int, depth: int = 0,
+                 metrics: Metrics | None = None, health: Health | None = None) -> None:
         self._db = db
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the file refused to drop
+        self.depth = depth  # entries not finished yet (read when metrics are scraped)
+        self._metrics = metrics or Metrics()
+        self._metrics.inbox_depth.set_function(lambda: self.depth)
+        self._health = health or Health()
 
     @classmethod
-    async def open(cls, db: SQLiteStore) -> tuple[Inbox, list[Entry]]:
+    async def open(cls, db: SQLiteStore, metrics: Metrics | None = None,
+                   health: Health | None = None) -> tuple[Inbox, list[Entry]]:
         """The inbox, and what it still holds from an earlier run, in order."""
         pending = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
-        return cls(db, pending[-1].seq + 1 if pending else 0), pending
+        return cls(db, pending[-1].seq + 1 if pending else 0, len(pending), metrics,
+                   health), pending
 
     async def ingest(self, updates: list[Update], sync_token: str) -> list[Entry]:
         """Record a round: its updates and the token that follows it, atomically. Raises
@@ -97,11 +107,13 @@ class Inbox:
             raise WriteFailed(self._db.path, err) from err
         self._finished.clear()
         self._next_seq += len(entries)
+        self.depth += len(entries)
         return entries
 
     async def done(self, entry: Entry) -> None:
         """The entry is finished. If the file refuses to drop it now, the next round drops it
         (a restart before then handles it again; its reply's transaction id dedups that)."""
+        self.depth -= 1
         try:
             await self._db.delete(entry.key)
         except sqlite3.OperationalError as err:
@@ -111,6 +123,7 @@ class Inbox:
     async def postpone(self, entry: Entry, delay_s: float) -> Entry:
         """Keep the entry for another attempt in ``delay_s`` seconds (survives a restart, unless
         the file refuses the write: then only this run remembers the attempt)."""
+        self._metrics.retries_scheduled.inc()
         later = Entry(entry.seq, replace(entry.update, attempt=entry.update.attempt + 1),
                       time.time() + delay_s)
         try:
@@ -121,5 +134,6 @@ class Inbox:
 
     def _refused(self, during: str, entry: Entry, err: sqlite3.OperationalError) -> None:
         fault = WriteFailed(self._db.path, err)
+        self._health.store_refused(str(fault))
         log.error("store.write_failed", during=during, room_id=entry.update.room_id,
                   event_id=entry.update.event_id, error=str(fault), remedy=fault.remedy)

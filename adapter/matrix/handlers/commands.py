@@ -165,6 +165,7 @@ async def handle_command(update: Update, data: EventData) -> None:
     if cmd is None:
         return
     log.info("command.received", room_id=update.room_id, command=cmd.name, sender=update.sender)
+    data["services"].metrics.commands.labels(command=cmd.spec.name).inc()  # bounded: the table
     if not cmd.spec.in_lobby and not isinstance(data["route"], ChatRoute):
         await _say(update, data, f"!{cmd.name} works in a chat room. Send it there.")
         return

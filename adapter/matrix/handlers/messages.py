@@ -46,8 +46,8 @@ async def handle_text(update: Update, data: EventData) -> None:
             extra["history"] = await svc.conversation.history(
                 update.room_id, route.owner, update.event_id, update.ts)
         try:
-            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body, **extra),
-                                            agent_timeout(svc.agent))
+            answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
+                svc.agent.reply(chat, update.body, **extra)), agent_timeout(svc.agent))
         except Exception as err:  # third-party code: any failure is told, never retried
             log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
                       error=str(err) or type(err).__name__,
@@ -59,6 +59,7 @@ async def handle_text(update: Update, data: EventData) -> None:
     log.info("message.answered", room_id=update.room_id, chat_id=chat.chat_id,
              event_id=update.event_id, catchup=update.catchup, attempt=update.attempt,
              history=len(extra.get("history", ())))
+    svc.metrics.answered(update.ts)
 
 
 @asynccontextmanager

@@ -87,6 +87,7 @@ class Healer:
             log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason,
                         cause=self.cause(snap.created_at, held), hs_requests=requests)
             self._refused[room_id] = (refusal, time.monotonic() + REFUSAL_MEMORY_S)
+            self.svc.metrics.heal_refusals.labels(reason=refusal.reason).inc()
             raise
         cause = self.cause(snap.created_at, held or await self._holds_chat(plan))
         restored = await self._write(plan)
@@ -94,6 +95,7 @@ class Healer:
             "state.healed", room_id=room_id, restored=restored, source=plan.source, cause=cause,
             hs_requests=requests, duration_ms=round((time.monotonic() - started) * 1000, 1),
             kind=plan.room.kind, owner=plan.room.owner)
+        self.svc.metrics.heals.labels(cause=cause, source=plan.source).inc()
         return plan
 
     async def _snapshot(self, room_id: str, cause: HealCause, for_room: str | None = None

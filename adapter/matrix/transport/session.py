@@ -164,12 +164,15 @@ class SessionClient(AsyncClient):
         self.settings = settings
         self.lost: LoginFailed | None = None
         self._on_lost: Callable[[], object] | None = None  # None: not renewing (at startup)
+        self._on_renewed: Callable[[], object] = lambda: None
         self._renewal = asyncio.Lock()
         self._untried: str | None = None  # a renewed token that no request has succeeded with
 
-    def renew_when_refused(self, on_lost: Callable[[], object]) -> None:
-        """From now on, renew a refused token; call ``on_lost`` when that is impossible."""
-        self._on_lost = on_lost
+    def renew_when_refused(self, on_lost: Callable[[], object],
+                           on_renewed: Callable[[], object] = lambda: None) -> None:
+        """From now on, renew a refused token (then call ``on_renewed``); call ``on_lost``
+        when that is impossible."""
+        self._on_lost, self._on_renewed = on_lost, on_renewed
 
     async def _send(self, response_class: type, method: str, path: str,
                     *args: Any, **kwargs: Any) -> Any:
@@ -218,6 +221,7 @@ class SessionClient(AsyncClient):
             self._untried = session.access_token
         log.warning("session.relogin", old_device_id=old_device, device_id=session.device_id,
                     soft_logout=soft_logout, request=request)
+        self._on_renewed()
 
     def _lose(self, reason: str) -> NoReturn:
         self.lost = LoginFailed(reason)
