@@ -98,10 +98,13 @@ class Delivery:
             del self._lanes[lane]
 
     async def _handle(self, entry: Entry) -> Entry | None:
-        """Feed one entry. Returns None when it is finished, else its postponed self."""
+        """Feed one entry (or what it expands to). Returns None when it is finished, else its
+        postponed self (or itself, when a stop came before it was)."""
         update = entry.update
         try:
             for each in await self._expand(update):  # in the lane: other rooms do not wait
+                if self._stopping.is_set():  # a long catch-up: the rest waits in the inbox
+                    return entry
                 await self._feed(each)
         except RetryLater as later:
             if update.attempt + 1 < MAX_ATTEMPTS:
