@@ -49,15 +49,6 @@ def _own_join_index(timeline: list[dict], bot_id: str) -> int | None:
                  if is_own_join(timeline[i], bot_id)), None)
 
 
-def is_own_join(ev: dict, bot_id: str) -> bool:
-    """The bot's own join: nothing before it is the bot's to answer."""
-    if ev.get("type") != "m.room.member" or ev.get("state_key") != bot_id:
-        return False
-    prev = (ev.get("unsigned") or {}).get("prev_content") or {}
-    return (ev.get("content") or {}).get("membership") == "join" \
-        and prev.get("membership") != "join"
-
-
 @dataclass(frozen=True)
 class Backfill:
     events: list[dict]  # oldest first, at most MAX_BACKFILL
