@@ -26,7 +26,11 @@ from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.healing.middleware import HealingMiddleware
-from adapter.matrix.transport.catchup import INITIAL_TIMELINE, CatchUpReader
+from adapter.matrix.transport.catchup import (
+    INITIAL_TIMELINE,
+    INITIAL_TIMELINE_TYPES,
+    CatchUpReader,
+)
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
@@ -62,7 +66,8 @@ SYNC_TIMEOUT_MS = 30_000
 SYNC_FILTER = {"room": {"timeline": {"limit": 100}}, "presence": {"not_types": ["*"]}}
 # A start without a token asks for little: the catch-up reads further only where needed.
 INITIAL_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
-    **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE}}}
+    **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE,
+    "types": INITIAL_TIMELINE_TYPES}}}
 MAX_BACKOFF_S = 60.0
 
 

@@ -40,6 +40,7 @@ async def test_after_a_total_loss_only_the_room_with_unanswered_messages_reads_b
     [read] = logs.named("sync.catchup_read", room_id=busy)
     assert read["answered"] == len(sent)
     assert messages_reads(proxy, quiet) == 0  # nothing to answer there: no read at all
-    assert messages_reads(proxy, busy) == 3  # two refused, then one page
+    # Two refused; then one page back, and (a retry may follow a partial run) one forwards.
+    assert messages_reads(proxy, busy) == 4
     await alice.ask(busy, bot.user_id, "and now", "Echo: and now")
     assert echoes(alice, busy, bot.user_id, "while down") == sent

@@ -68,11 +68,11 @@ class FakeHomeserver:
         return [], None
 
     async def messages_after(self, room_id: str, event_id: str, limit: int,
-                             senders: list[str]) -> list[dict]:
+                             senders: list[str]) -> tuple[list[dict], str | None]:
         self._call("messages_after", room_id, event_id)
         return [{"type": "m.room.message", "sender": self.bot_id, "content": sent.content,
                  "event_id": f"$sent{i}"} for i, sent in enumerate(self.sent, 1)
-                if sent.room_id == room_id]
+                if sent.room_id == room_id], None
 
     async def join(self, room_id: str) -> None:
         self._call("join", room_id)

@@ -68,8 +68,11 @@ def test_history_is_the_last_turns_before_the_question():
 
 def test_an_edit_is_never_a_new_question_and_a_provisional_notice_answers_nothing():
     assert to_update(edit("$2", "$1", "new text"), BOT) is None
-    events = [said("$1", "hello", ts=10**13), answer("$2", "I'll retry", "$1", provisional=True)]
-    assert [ev["event_id"] for ev in catch_up(events, BOT, 0).answer] == ["$1"]
+    for notice in (answer("$2", "I'll retry", "$1", provisional=True),
+                   answer("$2", "The homeserver is not answering me just now. I'll retry and "
+                                "answer you then.", "$1")):  # sent before the key existed
+        events = [said("$1", "hello", ts=10**13), notice]
+        assert [ev["event_id"] for ev in catch_up(events, BOT, 0).answer] == ["$1"]
 
 
 def test_markdown_is_rendered_and_raw_html_stays_text():
@@ -126,3 +129,32 @@ async def test_a_room_is_read_once_then_kept_in_step_from_sync_and_answers():
     assert texts(history)[-3:] == [("user", "second"), ("assistant", "Echo: second"),
                                    ("user", "third, edited")]
     assert hs.reads == 1
+
+
+class AnsweringHomeserver:
+    """The bot's messages after a question: a burst's 60 other answers, then its own."""
+
+    bot_id = BOT
+
+    async def messages_after(self, room_id, event_id, limit, senders):
+        return [answer(f"$a{i}", "Echo", f"$q{i}") for i in range(limit)], "t1"
+
+    async def messages(self, room_id, start, end, limit, types, forward=False, senders=None):
+        assert forward and start == "t1"
+        return [answer(f"$b{i}", "Echo", f"$r{i}") for i in range(10)] + [
+            answer("$mine", "Echo: mine", "$q-late", notice=False)], None
+
+
+@pytest.mark.asyncio
+async def test_an_answer_far_after_its_question_is_still_found():
+    conversation = Conversations(AnsweringHomeserver(), 20)  # type: ignore[arg-type]
+    assert await conversation.answered("!r", "$q-late")
+    assert not await conversation.answered("!r", "$never")
+
+
+def test_a_reply_from_an_older_client_is_read_without_its_quote():
+    quoted = said("$2", "> <@lambda:x> Echo: one\n> more\n\nand two?",
+                  **{"m.relates_to": {"m.in_reply_to": {"event_id": "$1"}}})
+    assert to_update(quoted, BOT).body == "and two?"
+    assert texts(conversation_turns([quoted], ALICE, BOT)) == [("user", "and two?")]
+    assert to_update(said("$3", "> not a reply"), BOT).body == "> not a reply"

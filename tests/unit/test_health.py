@@ -78,3 +78,14 @@ def test_the_threshold_is_thirty_seconds_by_default():
     assert health.report().ok
     clock.now += 0.5
     assert reasons(health) == ["homeserver_failing"]
+
+
+def test_a_homeserver_that_hangs_is_failing_once_no_round_came_for_too_long():
+    now = [0.0]
+    health = Health(outage_after_s=30, clock=lambda: now[0])
+    health.synced()
+    now[0] = 59.0  # a long poll (30 s) and the outage threshold: still fine
+    assert health.report().ok
+    now[0] = 61.0
+    [problem] = health.report().problems
+    assert problem.reason == "homeserver_failing" and "no sync round" in problem.detail

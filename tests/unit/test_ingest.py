@@ -73,11 +73,14 @@ class PagedHomeserver:
 
     bot_id = BOT
 
-    def __init__(self, *pages: list[dict]) -> None:
+    def __init__(self, *pages: list[dict], since: list[dict] | None = None) -> None:
         self.pages = list(pages)
+        self.since = since or []  # forwards from a sync token: the bot's messages after it
         self.asked: list[tuple] = []
 
-    async def messages(self, room_id, start, end, limit, types):
+    async def messages(self, room_id, start, end, limit, types, forward=False, senders=None):
+        if forward:
+            return self.since, None
         self.asked.append((room_id, start, end))
         page = self.pages.pop(0)
         return page, (f"t{len(self.pages)}" if self.pages else None)
@@ -206,9 +209,16 @@ async def test_a_catch_up_read_pages_back_to_what_was_handled_and_answers_in_ord
     older = [reply("$1"), text("$2", "two"), text("$1", "one", ts=NOW - 10_000_000)]
     hs = PagedHomeserver(newest, older)
     reader = CatchUpReader(hs, catchup_hours=1)  # type: ignore[arg-type]
-    update = replace(deferred("!r:x", "s2"), replayed=True)
-    updates = await reader.expand(update)
-    assert ids(updates) == ["$2", "$3", "$4"]
-    assert all(u.catchup and u.replayed for u in updates)
+    updates = await reader.expand(deferred("!r:x", "s2"))
+    assert ids(updates) == ["$2", "$3", "$4"] and all(u.catchup for u in updates)
     assert [start for _, start, _ in hs.asked] == ["s2", "t1"]
     assert await reader.expand(text_update := updates[0]) == [text_update]
+
+
+async def test_a_catch_up_that_ran_before_leaves_out_what_it_answered_then(monkeypatch):
+    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    hs = PagedHomeserver([text("$3", "three"), text("$2", "two")],
+                         since=[reply("$2")])  # answered by the run a kill -9 ended
+    updates = await CatchUpReader(hs, 1).expand(  # type: ignore[arg-type]
+        replace(deferred("!r:x", "s2"), replayed=True))
+    assert ids(updates) == ["$3"] and not updates[0].may_be_answered  # asked once, above

@@ -23,7 +23,7 @@ from core.agent import Turn
 log = structlog.get_logger()
 
 MAX_READ = 1000  # the most events one read asks for, whatever LAMBDA_HISTORY_TURNS says
-ANSWER_LOOKAHEAD = 40  # the bot's messages after an event in which its answer is looked for
+ANSWER_PAGE = 50  # the bot's messages read at once when looking for its answer to an event
 
 
 def read_size(turns: int) -> int:
@@ -109,7 +109,17 @@ class Conversations:
 
     async def answered(self, room_id: str, event_id: str) -> bool:
         """Whether the room holds the bot's answer to ``event_id`` (asked of the homeserver,
-        never of a cache: exactly once must hold across a kill -9 and a new device)."""
-        later = await self.hs.messages_after(room_id, event_id, ANSWER_LOOKAHEAD,
-                                             senders=[self.hs.bot_id])
-        return any(answered_source(ev, self.hs.bot_id) == event_id for ev in later)
+        never of a cache: exactly once must hold across a kill -9 and a new device). Answers
+        come in order, so after a burst the answer may be far on: it reads on, bounded."""
+        bot = [self.hs.bot_id]
+        later, token = await self.hs.messages_after(room_id, event_id, ANSWER_PAGE, bot)
+        scanned = 0
+        while True:
+            if any(answered_source(ev, self.hs.bot_id) == event_id for ev in later):
+                return True
+            scanned += len(later)
+            if token is None or len(later) < ANSWER_PAGE or scanned >= MAX_READ:
+                return False
+            later, token = await self.hs.messages(room_id, token, None, ANSWER_PAGE,
+                                                  ["m.room.message"], forward=True,
+                                                  senders=bot)

@@ -8,7 +8,7 @@ from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 
 # The spec's "HTML tags to permit" (m.room.message msgtypes), less img: a client loads only
-# mxc:// images, and a model's image links point elsewhere.
+# mxc:// images, and a model's image links point elsewhere (they are rendered as links).
 TAGS = {"del", "s", "strike", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "p", "a",
         "ul", "ol", "sup", "sub", "li", "b", "i", "u", "strong", "em", "code", "hr", "br",
         "div", "table", "thead", "tbody", "tr", "th", "td", "caption", "pre", "span",
@@ -20,6 +20,16 @@ URL_SCHEMES = {"https", "http", "ftp", "mailto", "magnet"}
 # html=False: raw HTML in an answer is text, never markup. Tables and strikethrough are the
 # GFM extensions models use most, and every Matrix client renders them.
 _parser = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+
+
+def _image_as_link(renderer, tokens, idx, options, env) -> str:  # noqa: ANN001 (markdown-it)
+    """An image becomes a link to it, named by its alt text (see TAGS: no ``img``)."""
+    token = tokens[idx]
+    alt = renderer.renderInlineAsText(token.children or [], options, env) or "image"
+    return f'<a href="{escapeHtml(str(token.attrGet("src") or ""))}">{escapeHtml(alt)}</a>'
+
+
+_parser.add_render_rule("image", _image_as_link)
 
 
 def _keep_language_class(tag: str, attribute: str, value: str) -> str | None:
@@ -36,4 +46,5 @@ def render(markdown: str) -> str | None:
     if rendered == f"<p>{escapeHtml(markdown)}</p>\n":
         return None
     return nh3.clean(rendered, tags=TAGS, attributes=ATTRIBUTES, url_schemes=URL_SCHEMES,
-                     attribute_filter=_keep_language_class, link_rel=None).strip()
+                     attribute_filter=_keep_language_class, link_rel=None,
+                     url_relative="deny").strip()

@@ -23,14 +23,21 @@ def _content(ev: dict) -> dict:
     return content if isinstance(content, dict) else {}
 
 
+# Provisional notices sent before they carried PROVISIONAL_KEY: recognised by their words.
+LEGACY_PROVISIONAL = ("I'll retry", "I'll answer it as soon as that is fixed")
+
+
 def answered_source(ev: dict, bot_id: str) -> str | None:
     """The event that a bot message answers for good; None for anything else, including a
     provisional notice ("I'll retry"), which promises the answer rather than giving it."""
     if ev.get("sender") != bot_id or ev.get("type") != "m.room.message":
         return None
     content = _content(ev)
-    source = content.get(SOURCE_KEY)
+    source, body = content.get(SOURCE_KEY), content.get("body")
     if not isinstance(source, str) or content.get(PROVISIONAL_KEY):
+        return None
+    if content.get("msgtype") == "m.notice" and isinstance(body, str) \
+            and any(words in body for words in LEGACY_PROVISIONAL):
         return None
     return source
 
@@ -60,13 +67,28 @@ def redacted_event(ev: dict) -> str | None:
     return target if isinstance(target, str) else None
 
 
+def without_reply_fallback(content: dict) -> str | None:
+    """A message's body without the quote older clients put before a rich reply ("> <@x>
+    ...", dropped from the spec in v1.13); None if the body is not text."""
+    body = content.get("body")
+    if not isinstance(body, str):
+        return None
+    relation = content.get("m.relates_to")
+    if not (isinstance(relation, dict) and "m.in_reply_to" in relation
+            and body.startswith("> ")):
+        return body
+    lines = body.split("\n")
+    while lines and lines[0].startswith(">"):
+        lines.pop(0)
+    return "\n".join(lines).removeprefix("\n") if lines else body
+
+
 def _text(ev: dict) -> str | None:
     """The body of a plain text message, if ``ev`` is one."""
     content = _content(ev)
     if ev.get("type") != "m.room.message" or content.get("msgtype") != "m.text":
         return None
-    body = content.get("body")
-    return body if isinstance(body, str) else None
+    return without_reply_fallback(content)
 
 
 def conversation_turns(events: Iterable[dict], owner: str, bot_id: str) -> list[Turn]:

@@ -68,7 +68,9 @@ async def _onboard(update: Update, data: EventData) -> None:
                     f"Start chatting in {chat_link} — or send !help here.",
                     html=f'{greeting} <a href="{space_link}">Lambda</a>. '
                          f'Start chatting in <a href="{chat_link}">your chat</a>, '
-                         "or send <code>!help</code> here.", part="welcome")
+                         "or send <code>!help</code> here.", part="welcome",
+                    # A lobby command still runs after it: the welcome is not its answer.
+                    provisional=data.get("command") is not None)
 
 
 async def _reinvite(svc: Services, room_id: str, owner: str) -> None:

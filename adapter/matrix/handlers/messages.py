@@ -12,7 +12,7 @@ from adapter.matrix.context import EventData, Update
 from adapter.matrix.conversation.markdown import render
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.room_router import ChatRoute, LobbyRoute
-from core.agent import agent_timeout, wants_history
+from core.agent import Turn, agent_timeout, wants_history
 from core.chat import InvalidTitle
 
 log = structlog.get_logger()
@@ -43,8 +43,7 @@ async def handle_text(update: Update, data: EventData) -> None:
     async with typing(svc.hs, update.room_id):
         extra = {}
         if wants_history(svc.agent):  # read before the agent runs: a read may be retried
-            extra["history"] = await svc.conversation.history(
-                update.room_id, route.owner, update.event_id, update.ts)
+            extra["history"] = await _history(update, data)
         try:
             answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
                 svc.agent.reply(chat, update.body, **extra)), agent_timeout(svc.agent))
@@ -60,6 +59,21 @@ async def handle_text(update: Update, data: EventData) -> None:
              event_id=update.event_id, catchup=update.catchup, attempt=update.attempt,
              history=len(extra.get("history", ())))
     svc.metrics.answered(update.ts)
+
+
+async def _history(update: Update, data: EventData) -> list[Turn]:
+    """The conversation before ``update``. A homeserver that fails for now postpones the
+    answer (the inbox retries it); one that refuses for good gets an answer without it."""
+    svc, route = data["services"], data["route"]
+    try:
+        return await svc.conversation.history(update.room_id, route.owner, update.event_id,
+                                              update.ts)
+    except HomeserverError as err:
+        if err.transient:
+            raise
+        log.warning("conversation.read_failed", room_id=update.room_id,
+                    event_id=update.event_id, error=str(err))
+        return []
 
 
 @asynccontextmanager

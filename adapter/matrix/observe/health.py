@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 OUTAGE_AFTER_S = 30.0
+LONG_POLL_S = 30.0  # the sync loop's long poll: a round at least this often, events or not
 Reason = Literal["not_syncing_yet", "homeserver_failing", "store_refuses_writes"]
 
 
@@ -80,6 +81,12 @@ class Health:
             problems.append(Problem(
                 "homeserver_failing", f"the homeserver has been failing for "
                 f"{now - self._failing_since:.0f} s: {self._homeserver_error}"))
+        elif self._synced_at is not None \
+                and now - self._synced_at > self.outage_after_s + LONG_POLL_S:
+            # A homeserver that hangs fails no request for minutes (nio's own timeouts).
+            problems.append(Problem(
+                "homeserver_failing", f"no sync round for {now - self._synced_at:.0f} s: "
+                "the homeserver does not answer"))
         if self._store_error is not None:
             problems.append(Problem("store_refuses_writes",
                                     f"the local DB refuses writes: {self._store_error}"))

@@ -25,6 +25,9 @@ from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 log = structlog.get_logger()
 
 INITIAL_TIMELINE = 10  # events per room in a first sync; rooms that need more read more
+# What a first sync's timelines carry: what the rule reads, and what the conversation
+# follows (redactions, stickers), so that reactions or images cannot hide a question.
+INITIAL_TIMELINE_TYPES = [*READ_TYPES, "m.room.redaction", "m.sticker"]
 
 
 @dataclass(frozen=True)
@@ -34,30 +37,50 @@ class CatchUp:
     complete: bool  # the events reach what is not the bot's to answer: nothing older counts
 
 
-def catch_up(timeline: list[dict], bot_id: str, not_before_ms: int) -> CatchUp:
-    """Of a room's latest events (oldest first): the messages still to answer.
+class CatchUpWalk:
+    """The rule, walked from a room's newest event back, one event at a time (so a read back
+    page by page applies it once per event).
 
     Answered means a later bot message names it in ``io.lambda.source`` (a provisional notice,
     "I'll retry", does not answer), or (replies from before that key existed) a later bot
     message carries no such key at all. Older than ``not_before_ms`` or before the bot's own
     join, nothing is the bot's to answer any more.
     """
-    named = {answered_source(ev, bot_id) for ev in timeline}
-    answer: list[dict] = []
-    skipped = 0
+
+    def __init__(self, bot_id: str, not_before_ms: int) -> None:
+        self.bot_id, self.not_before_ms = bot_id, not_before_ms
+        self.named: set[str] = set()  # answers come after their questions: seen first
+        self.answer: list[dict] = []  # newest first
+        self.skipped = 0
+        self.complete = False
+
+    def step(self, ev: dict) -> bool:
+        """Take the next older event; True once nothing older can count."""
+        if is_own_join(ev, self.bot_id) or is_legacy_reply(ev, self.bot_id):
+            self.complete = True
+        elif (source := answered_source(ev, self.bot_id)) is not None:
+            self.named.add(source)
+        elif (update := to_update(ev, self.bot_id)) is not None:
+            if update.ts < self.not_before_ms:
+                self.skipped += 1
+                self.complete = True
+            elif update.kind == "message" and update.event_id not in self.named:
+                self.answer.append(ev)
+            else:
+                self.skipped += 1
+        return self.complete
+
+    def result(self) -> CatchUp:
+        return CatchUp(self.answer[::-1], self.skipped, self.complete)
+
+
+def catch_up(timeline: list[dict], bot_id: str, not_before_ms: int) -> CatchUp:
+    """Of a room's latest events (oldest first): the messages still to answer."""
+    walk = CatchUpWalk(bot_id, not_before_ms)
     for ev in reversed(timeline):
-        if is_own_join(ev, bot_id) or is_legacy_reply(ev, bot_id):
-            return CatchUp(answer[::-1], skipped, True)
-        update = to_update(ev, bot_id)
-        if update is None:
-            continue
-        if update.ts < not_before_ms:
-            return CatchUp(answer[::-1], skipped + 1, True)
-        if update.kind == "message" and update.event_id not in named:
-            answer.append(ev)
-        else:
-            skipped += 1
-    return CatchUp(answer[::-1], skipped, False)
+        if walk.step(ev):
+            break
+    return walk.result()
 
 
 def deferred(room_id: str, sync_token: str) -> Update:
@@ -75,42 +98,39 @@ class CatchUpReader:
 
     async def expand(self, update: Update) -> list[Update]:
         """What ``update`` stands for: itself, or for a ``catchup`` the room's unanswered
-        messages. A replay inherits ``replayed``/``attempt``, so each is checked against the
-        room before it is answered again."""
+        messages, oldest first. A catch-up that ran before (a replay, a retry) first reads
+        what the bot answered since, so each message is answered once and asked about once."""
         if update.kind != "catchup":
             return [update]
         try:
             found, dropped = await self._read_back(update.room_id, update.body)
+            answered = (await self._answered_since(update.room_id, update.body)
+                        if update.may_be_answered else set())
         except HomeserverError as err:
             if not err.transient:  # the bot left the room, say: nothing of it to answer
                 log.info("sync.catchup_skipped", room_id=update.room_id, error=str(err))
                 return []
             raise RetryLater(str(err), err.retry_after_ms) from err
-        inherited = {"replayed": update.replayed, "attempt": update.attempt}
-        updates = [replace(u, **inherited) for ev in found.answer
-                   if (u := to_update(ev, self.hs.bot_id, catchup=True)) is not None]
+        updates = [u for ev in found.answer if ev.get("event_id") not in answered
+                   and (u := to_update(ev, self.hs.bot_id, catchup=True)) is not None]
         if dropped:
             updates.insert(0, Update("missed", update.room_id, dropped[-1].get("sender", ""),
-                                     f"missed|{update.event_id}", str(len(dropped)),
-                                     **inherited))
+                                     f"missed|{update.event_id}", str(len(dropped))))
         return updates
 
     async def _read_back(self, room_id: str, token: str | None
                          ) -> tuple[CatchUp, list[dict]]:
         """Page back from ``token`` until the rule is complete, the room begins, or the bound:
         the rule's result over what was read, and the messages past the bound."""
-        bot_id, started = self.hs.bot_id, time.monotonic()
-        not_before_ms = int((time.time() - self.catchup_hours * 3600) * 1000)
-        timeline: list[dict] = []
-        pages = 0
-        while True:
+        started = time.monotonic()
+        walk = CatchUpWalk(self.hs.bot_id, int((time.time() - self.catchup_hours * 3600) * 1000))
+        pages = read = 0
+        while token is not None and read < events.MAX_BACKFILL + events.MAX_COUNTED:
             page, token = await self.hs.messages(room_id, token, None, events.PAGE, READ_TYPES)
-            pages += 1
-            timeline[:0] = [{**raw, "room_id": room_id} for raw in reversed(page)]
-            found = catch_up(timeline, bot_id, not_before_ms)
-            if found.complete or token is None \
-                    or len(found.answer) >= events.MAX_BACKFILL + events.MAX_COUNTED:
+            pages, read = pages + 1, read + len(page)
+            if any(walk.step({**raw, "room_id": room_id}) for raw in page):
                 break
+        found = walk.result()
         cut = max(0, len(found.answer) - events.MAX_BACKFILL)
         dropped, found = found.answer[:cut], replace(found, answer=found.answer[cut:])
         log.info("sync.catchup_read", room_id=room_id, answered=len(found.answer),
@@ -120,3 +140,15 @@ class CatchUpReader:
             log.warning("sync.timeline_gap", room_id=room_id, handled=len(found.answer),
                         unanswered=len(dropped))
         return found, dropped
+
+    async def _answered_since(self, room_id: str, token: str | None) -> set[str]:
+        """The events the bot answered after ``token`` (its own messages, read forwards)."""
+        answered: set[str] = set()
+        bot, read = [self.hs.bot_id], 0
+        while token is not None and read < events.MAX_BACKFILL + events.MAX_COUNTED:
+            page, token = await self.hs.messages(room_id, token, None, events.PAGE,
+                                                 ["m.room.message"], forward=True, senders=bot)
+            read += len(page)
+            answered.update(s for ev in page
+                            if (s := answered_source(ev, self.hs.bot_id)) is not None)
+        return answered

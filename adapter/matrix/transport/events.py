@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from adapter.matrix.context import Update
-from adapter.matrix.conversation.turns import replaced_event
+from adapter.matrix.conversation.turns import replaced_event, without_reply_fallback
 
 MAX_BACKFILL = 1000  # missed events handled per room; older ones are counted and reported
 MAX_COUNTED = 10_000  # how far past that bound /messages is paged just to count
@@ -22,9 +22,10 @@ def to_update(ev: dict, bot_id: str, catchup: bool = False) -> Update | None:
               "event_id": str(ev.get("event_id", "")), "ts": int(ev.get("origin_server_ts") or 0)}
     kind = ev.get("type")
     if kind == "m.room.message" and content.get("msgtype") == "m.text" \
-            and isinstance(content.get("body"), str) and replaced_event(ev) is None:
+            and (body := without_reply_fallback(content)) is not None \
+            and replaced_event(ev) is None:
         # An edit is not a new question: it changes the turn it edits (the conversation).
-        return Update("message", body=content["body"], **common)
+        return Update("message", body=body, **common)
     if kind == "m.room.name" and ev.get("state_key") == "" \
             and isinstance(content.get("name"), str):
         return Update("room_name", body=content["name"], **common)

@@ -282,25 +282,30 @@ class Homeserver:
         await self.put_state(room_id, "m.room.name", {"name": name})
 
     async def messages(self, room_id: str, start: str | None, end: str | None, limit: int,
-                       types: list[str]) -> tuple[list[dict], str | None]:
-        """One page of ``/messages`` backwards from ``start`` (None: the room's latest event)
-        towards ``end``: the raw events, newest first, and the next page's token (None at
-        the end)."""
+                       types: list[str], *, forward: bool = False,
+                       senders: list[str] | None = None) -> tuple[list[dict], str | None]:
+        """One page of ``/messages`` from ``start`` (None: the room's latest event) towards
+        ``end``, backwards unless ``forward``: the raw events in that order, and the next
+        page's token (None at the end)."""
+        event_filter: dict[str, Any] = {"types": types}
+        if senders is not None:
+            event_filter["senders"] = senders
+        direction = MessageDirection.front if forward else MessageDirection.back
         resp = await self._call("read messages", lambda: self.client.room_messages(
-            room_id, start, end, MessageDirection.back, limit, {"types": types}),
-            RoomMessagesResponse)
+            room_id, start, end, direction, limit, event_filter), RoomMessagesResponse)
         return [ev.source for ev in resp.chunk], resp.end if resp.chunk else None
 
     async def messages_after(self, room_id: str, event_id: str, limit: int,
-                             senders: list[str]) -> list[dict]:
+                             senders: list[str]) -> tuple[list[dict], str | None]:
         """Up to ``limit`` messages of ``senders`` right after ``event_id`` (``/context``, which
-        nio offers without a filter): the raw events, oldest first."""
+        nio offers without a filter; Synapse gives half its ``limit`` to each side): the raw
+        events, oldest first, and the token to read on forwards."""
         event_filter = json.dumps({"types": ["m.room.message"], "senders": senders})
         path = Api._build_path(["rooms", room_id, "context", event_id],
                                {"limit": 2 * limit, "filter": event_filter})
         resp = await self._call("read messages after", lambda: self.client._send(
             RoomContextResponse, "GET", path, response_data=(room_id,)), RoomContextResponse)
-        return [ev.source for ev in resp.events_after]
+        return [ev.source for ev in resp.events_after], resp.end
 
     async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
         await self._call("typing", lambda: self.client.room_typing(room_id, on, timeout_ms),
