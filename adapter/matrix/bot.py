@@ -85,6 +85,9 @@ class SyncTokenRefused(Exception):
 
 GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
            "long. Please send it again.")
+GAVE_UP_CATCHING_UP = ("Sorry, I could not catch up on the messages sent here while I was "
+                       "away: the homeserver kept failing for too long. Please send again "
+                       "what still needs an answer.")
 
 
 class Bot:
@@ -141,7 +144,9 @@ class Bot:
     async def give_up(self, update: Update) -> None:
         self.metrics.updates_given_up.inc()
         if update.kind != "invite":
-            await self.services.try_reply(update, GAVE_UP, part="gave-up")
+            await self.services.try_reply(
+                update, GAVE_UP_CATCHING_UP if update.kind == "catchup" else GAVE_UP,
+                part="gave-up")
 
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
