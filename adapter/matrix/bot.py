@@ -85,7 +85,8 @@ class Bot:
         self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
                                  agent=agent, router=RoomRouter(self.store),
                                  access=Access(config.allowed_patterns, config.max_chats,
-                                               config.creations_per_minute))
+                                               config.creations_per_minute),
+                                 agent_slots=asyncio.Semaphore(config.concurrency))
         self.ingest = Ingest(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
             [store_faults, allowed_users_only, resolve_route,
@@ -120,7 +121,7 @@ class Bot:
 
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db)
-        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency)
+        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up)
         delivery.push(pending)  # what an earlier run left unfinished goes first
         since = await self.store.get_sync_token()
         log.info("sync.starting", resume=since is not None, inbox=len(pending))

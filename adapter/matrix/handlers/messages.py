@@ -41,8 +41,9 @@ async def handle_text(update: Update, data: EventData) -> None:
         return
     async with typing(svc.hs, update.room_id):
         try:
-            answer = await asyncio.wait_for(svc.agent.reply(chat, update.body),
-                                            agent_timeout(svc.agent))
+            async with svc.agent_slots:  # the agent's call alone holds a slot, not the room
+                answer = await asyncio.wait_for(svc.agent.reply(chat, update.body),
+                                                agent_timeout(svc.agent))
         except Exception as err:  # third-party code: any failure is told, never retried
             log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
                       error=str(err) or type(err).__name__,
