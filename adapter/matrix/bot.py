@@ -52,7 +52,20 @@ from core.store import (
 log = structlog.get_logger()
 
 SYNC_TIMEOUT_MS = 30_000
-SYNC_FILTER = {"room": {"timeline": {"limit": 100}}, "presence": {"not_types": ["*"]}}
+# Only what the bot uses (SPEC §7, Scale). No presence, no account data, no ephemeral events:
+# other users' typing and read receipts would each end the long poll and cost a sync round.
+# Members are loaded lazily (those of the timeline's senders): the bot reads a room's members
+# from its state when it heals it.
+SYNC_FILTER = {
+    "presence": {"not_types": ["*"]},
+    "account_data": {"not_types": ["*"]},
+    "room": {
+        "timeline": {"limit": 100, "lazy_load_members": True},
+        "state": {"lazy_load_members": True},
+        "ephemeral": {"not_types": ["*"]},
+        "account_data": {"not_types": ["*"]},
+    },
+}
 MAX_BACKOFF_S = 60.0
 
 

@@ -1,6 +1,7 @@
 """A reverse proxy on 127.0.0.1 in front of the real Synapse that can inject failures
 (error statuses, 429 with retry_after_ms, dropped connections) into chosen requests, or
-hold one request (before or after Synapse handled it) to kill the bot at that point."""
+hold one request (before or after Synapse handled it) to kill the bot at that point. It
+notes the path of every request it receives (``requests``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class FaultProxy:
         self.upstream = upstream
         self.faults: list[Fault] = []
         self.hits: list[str] = []
+        self.requests: list[str] = []  # every request's path, as it arrives
         self.holds: list[Hold] = []
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
@@ -72,6 +74,7 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        self.requests.append(path)
         for fault in self.faults:
             if fault.remaining > 0 and fault.pattern.search(path):
                 fault.remaining -= 1
@@ -95,6 +98,11 @@ class FaultProxy:
             hold.reached.set()
             await asyncio.Event().wait()
         return web.Response(status=upstream.status, body=payload, headers=out)
+
+    def count(self, path_regex: str) -> int:
+        """How many requests so far had a path matching ``path_regex``."""
+        pattern = re.compile(path_regex)
+        return sum(1 for path in self.requests if pattern.search(path))
 
     def _hold_for(self, method: str, path: str) -> Hold | None:
         for hold in self.holds:
