@@ -54,8 +54,8 @@ log = structlog.get_logger()
 SYNC_TIMEOUT_MS = 30_000
 # Only what the bot uses (SPEC §7, Scale). No presence, no account data, no ephemeral events:
 # other users' typing and read receipts would each end the long poll and cost a sync round.
-# Members are loaded lazily (those of the timeline's senders): the bot reads a room's members
-# from its state when it heals it.
+# Members are loaded lazily (those of the timeline's senders): a heal reads a room's members
+# from its state; finding a user's Space goes by the Space markers sync shows (note_sync).
 SYNC_FILTER = {
     "presence": {"not_types": ["*"]},
     "account_data": {"not_types": ["*"]},
@@ -121,6 +121,7 @@ class Bot:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=SYNC_FILTER)
         if isinstance(resp, SyncResponse):
+            self.services.hs.note_sync(resp)
             return resp
         transport = resp.transport_response
         if since is not None and sync_token_refused(transport.status if transport else None,

@@ -146,7 +146,8 @@ class Healer:
 
     async def _find_space(self, user_id: str) -> None:
         # Cheapest first: a Space the cache still knows, then the bot's joined rooms that
-        # sync showed to be Spaces, then joined rooms of unknown type. Each is verified by state.
+        # sync showed to be Spaces (the user's first, by the marker or the members sync showed),
+        # then joined rooms of unknown type. Each is verified by state.
         for room_id in await self._space_candidates(user_id):
             try:
                 plan = await self.heal_room(room_id)
@@ -173,7 +174,7 @@ class Healer:
                 continue
             room = self.svc.hs.synced_room(room_id)
             if room is not None and room.room_type == SPACE_TYPE:
-                if user_id in room.members:
+                if room.space_owner == user_id or user_id in room.members:
                     spaces.insert(0, room_id)
                 else:
                     spaces.append(room_id)
