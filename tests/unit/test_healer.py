@@ -175,3 +175,10 @@ async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembere
     assert [e["event"] for e in logs] == ["state.heal_refused"]
     assert hs.fetches == 1  # the refusal is remembered: no fetch on the next message
     assert await MatrixStore(store).get_room(ROOM) is None
+
+
+async def test_a_new_users_space_search_fetches_no_space_whose_marker_names_another(store):
+    hs = SpacesHomeserver({BOB_SPACE: space_state(BOB), SPACE: space_state(ALICE)})
+    healer = Healer(HealerServices(hs, MatrixStore(store), ChatManager(store)))  # type: ignore
+    assert await healer.user_space("@carol:x") is None
+    assert hs.fetched == []  # after a total loss, inviting the bot costs no walk over Spaces
