@@ -22,6 +22,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
 	$(PY) tools/bench_delivery.py
+	$(PY) tools/bench_scale.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
