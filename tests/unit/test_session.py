@@ -68,6 +68,8 @@ class FakeHomeserver:
     expired: set[str] = field(default_factory=set)  # soft-logged-out tokens
     revoke_every_login: bool = False
     requests: int = 0
+    together: int = 0  # joined_rooms answers none until this many are in at once
+    _arrived: list[asyncio.Event] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def issue(self, device: str | None = None) -> str:
@@ -119,6 +121,12 @@ class FakeHomeserver:
 
     async def _joined_rooms(self, request: web.Request) -> web.Response:
         await asyncio.sleep(0.01)  # concurrent requests overlap
+        if self.together:
+            self._arrived.append(asyncio.Event())
+            if len(self._arrived) >= self.together:
+                for arrived in self._arrived:
+                    arrived.set()
+            await self._arrived[-1].wait()
         return web.json_response({"joined_rooms": ["!a:fake"]})
 
 
@@ -165,6 +173,16 @@ async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(
     saved = json.loads(session_file(config.store_path).read_text())
     assert saved["access_token"] == client.access_token in fake_hs.tokens
     assert lost == []
+    await client.close()
+
+
+async def test_a_burst_of_requests_past_a_hundred_is_not_held_back_in_the_bot(
+        fake_hs, tmp_path):
+    client, _ = await logged_in(config_for(fake_hs, tmp_path))
+    fake_hs.together = 150  # answers of 150 agent calls, say, sent at the same moment
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(client.joined_rooms() for _ in range(150))), 10)
+    assert all(isinstance(a, JoinedRoomsResponse) for a in answers)
     await client.close()
 
 
