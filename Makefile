@@ -23,6 +23,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
 	$(PY) tools/bench_delivery.py
 	$(PY) tools/bench_conversation.py
+	$(PY) tools/bench_scale.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py

@@ -63,7 +63,20 @@ from core.store import (
 log = structlog.get_logger()
 
 SYNC_TIMEOUT_MS = 30_000
-SYNC_FILTER = {"room": {"timeline": {"limit": 100}}, "presence": {"not_types": ["*"]}}
+# Only what the bot uses (SPEC §7, Scale). No presence, no account data, no ephemeral events:
+# other users' typing and read receipts would each end the long poll and cost a sync round.
+# Members are loaded lazily (those of the timeline's senders): a heal reads a room's members
+# from its state; finding a user's Space goes by the Space markers sync shows (note_sync).
+SYNC_FILTER = {
+    "presence": {"not_types": ["*"]},
+    "account_data": {"not_types": ["*"]},
+    "room": {
+        "timeline": {"limit": 100, "lazy_load_members": True},
+        "state": {"lazy_load_members": True},
+        "ephemeral": {"not_types": ["*"]},
+        "account_data": {"not_types": ["*"]},
+    },
+}
 # A start without a token asks for little: the catch-up reads further only where needed.
 INITIAL_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
     **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE,
@@ -107,7 +120,8 @@ class Bot:
                                  access=Access(config.allowed_patterns, config.max_chats,
                                                config.creations_per_minute),
                                  conversation=conversation, metrics=self.metrics,
-                                 health=self.health)
+                                 health=self.health,
+                                 agent_slots=asyncio.Semaphore(config.concurrency))
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
         self.dispatcher = Dispatcher(
@@ -134,6 +148,7 @@ class Bot:
         resp = await self.client.sync(timeout=timeout, since=since,
                                       sync_filter=SYNC_FILTER if since else INITIAL_SYNC_FILTER)
         if isinstance(resp, SyncResponse):
+            self.services.hs.note_sync(resp)
             return resp
         transport = resp.transport_response
         if since is not None and sync_token_refused(transport.status if transport else None,
@@ -150,7 +165,7 @@ class Bot:
 
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
-        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, self.config.concurrency,
+        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up,
                             expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
         delivery.push(replace(entry, update=replace(entry.update, replayed=True))

@@ -16,6 +16,12 @@ _IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
 _LISTEN_ADDR = re.compile(  # host:port, or [IPv6]:port
     r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$")
 ECHO_AGENT = "core.agent:EchoAgent"
+# Agent calls at once (LAMBDA_CONCURRENCY). An agent is I/O-bound (a call to a model's API): a
+# call in flight costs the bot a coroutine and a socket, so the cap is there for the agent's
+# backend, not for the bot. 256 is twice the 128 users of SPEC §3 writing at once; a room
+# holds at most one slot (its lane is in order), and past that the homeserver, not the agent,
+# limits how fast answers are posted.
+DEFAULT_CONCURRENCY = 256
 
 
 class ConfigError(Exception):
@@ -52,7 +58,7 @@ class Config:
     log_format: str
     log_level: str
     agent: str = ECHO_AGENT
-    concurrency: int = 32
+    concurrency: int = DEFAULT_CONCURRENCY  # agent calls at once, not rooms
     catchup_hours: float = 24.0
     allowed_users: tuple[str, ...] = ()  # empty: everyone on the bot's own server
     max_chats: int = 100
@@ -101,8 +107,8 @@ class Config:
         agent = value("LAMBDA_AGENT") or ECHO_AGENT
         if not _IMPORT_STRING.match(agent):
             problems.append(f"LAMBDA_AGENT must be an import string module:factory, got {agent!r}")
-        concurrency = _number(value("LAMBDA_CONCURRENCY"), int, 32, "LAMBDA_CONCURRENCY",
-                              problems)
+        concurrency = _number(value("LAMBDA_CONCURRENCY"), int, DEFAULT_CONCURRENCY,
+                              "LAMBDA_CONCURRENCY", problems)
         catchup_hours = _number(value("LAMBDA_CATCHUP_HOURS"), float, 24.0,
                                 "LAMBDA_CATCHUP_HOURS", problems)
         allowed = tuple(p.strip() for p in (value("LAMBDA_ALLOWED_USERS") or "").split(",")

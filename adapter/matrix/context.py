@@ -11,6 +11,7 @@ import structlog
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import Command
+from adapter.matrix.config import DEFAULT_CONCURRENCY
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
@@ -71,6 +72,10 @@ class Services:
     conversation: Conversations
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
+    # At most LAMBDA_CONCURRENCY agent calls at once: held by the call alone, so a room that
+    # waits on the homeserver (a heal, a send, a retry) never keeps another room's answer back.
+    agent_slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(DEFAULT_CONCURRENCY))
     # Rooms are handled concurrently; one user's bootstrap (two invites, say) is serialized.
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))

@@ -1,6 +1,7 @@
 """A reverse proxy on 127.0.0.1 in front of the real Synapse that can inject failures
 (error statuses, 429 with retry_after_ms, dropped connections) into chosen requests, or
-hold one request (before or after Synapse handled it) to kill the bot at that point."""
+hold one request (before or after Synapse handled it) to kill the bot at that point. It
+notes the path of every request it receives (``requests``)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,11 @@ class FaultProxy:
             hold.reached.set()
             await asyncio.Event().wait()
         return web.Response(status=upstream.status, body=payload, headers=out)
+
+    def count(self, path_regex: str) -> int:
+        """How many requests so far had a path matching ``path_regex``."""
+        pattern = re.compile(path_regex)
+        return sum(1 for path in self.requests if pattern.search(path))
 
     def _hold_for(self, method: str, path: str) -> Hold | None:
         for hold in self.holds:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from nio import AsyncClient
 
 from adapter.matrix.chain.access import Access
@@ -28,6 +30,20 @@ async def test_invite_after_total_loss_reuses_space_and_first_chat(bot, make_use
     assert linked_rooms(welcome["content"]["body"]) == [space, chat]
     assert await bot.server_room_count() == rooms_before + 1  # only the new lobby was joined
     assert len(bot.logs.named("space.created")) == 1  # the first onboarding's, no other
+
+
+async def test_a_new_users_invite_after_a_total_loss_reads_no_other_users_room(
+        proxied_bot, proxy, make_user):
+    """Bob has no Space, and his new Space has no chat to adopt: knowing it reads no state
+    of Alice's rooms (after a total loss the DB knows none of them: at scale, all rooms)."""
+    alice, bob = await make_user("alice"), await make_user("bob")
+    alice_rooms = await alice.onboard(proxied_bot.user_id)
+    await proxied_bot.restart_losing("everything")
+    mark = len(proxy.requests)
+    await bob.onboard(proxied_bot.user_id)
+    states = [path for path in proxy.requests[mark:] if "/state" in path]
+    assert not [path for path in states for room in alice_rooms
+                if room in path or quote(room, safe="") in path]
 
 
 async def test_crash_after_creating_the_space_ends_with_one_space_and_one_first_chat(

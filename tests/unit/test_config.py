@@ -49,7 +49,7 @@ def test_to_env_round_trips():
 def test_delivery_settings_have_defaults_and_are_validated():
     config = Config.from_env(BASE)
     assert (config.agent, config.concurrency, config.catchup_hours) == (
-        "core.agent:EchoAgent", 32, 24.0)
+        "core.agent:EchoAgent", 256, 24.0)
     tuned = Config.from_env({**BASE, "LAMBDA_AGENT": "my_pkg.agents:make",
                              "LAMBDA_CONCURRENCY": "4", "LAMBDA_CATCHUP_HOURS": "0.5"})
     assert (tuned.agent, tuned.concurrency, tuned.catchup_hours) == ("my_pkg.agents:make", 4, 0.5)

@@ -1,18 +1,24 @@
-"""The inbox and the per-room workers: order, concurrency, retries, restarts (SPEC §5)."""
+"""The inbox and the per-room workers: order, concurrency, retries, restarts (SPEC §5); and
+the agent's slots (LAMBDA_CONCURRENCY), which only the agent's call holds."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
 from adapter.matrix.delivery import lanes as delivery_module
-from adapter.matrix.context import Update
+from adapter.matrix.context import Services, Update
 from adapter.matrix.delivery.lanes import Delivery, RetryLater, retry_delay
 from adapter.matrix.delivery.inbox import Inbox
+from adapter.matrix.handlers import handle_update
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store import MatrixStore
+from adapter.matrix.store import MatrixStore, RoomMeta
+from core.chat import Chat
+from tests.unit.fakes import ALICE, CHAT, SPACE, FakeHomeserver, healed_data, make_services, \
+    message, onboard
 
 
 def msg(room: str, n: int) -> Update:
@@ -95,7 +101,7 @@ async def test_rooms_are_handled_in_order_and_a_blocked_room_delays_no_other(sto
     inbox, _ = await Inbox.open(store)
     rec = Recorder()
     rec.block = {"!slow"}
-    workers = Delivery(inbox, rec.feed, rec.give_up, concurrency=4)
+    workers = Delivery(inbox, rec.feed, rec.give_up)
     workers.push(await inbox.ingest([msg("!slow", 1), msg("!fast", 1), msg("!slow", 2),
                                      msg("!fast", 2)], "t"))
     await until(lambda: rec.handled == ["$!fast1", "$!fast2"])
@@ -106,29 +112,29 @@ async def test_rooms_are_handled_in_order_and_a_blocked_room_delays_no_other(sto
     assert (await Inbox.open(store))[1] == []  # every handled update left the inbox
 
 
-async def test_concurrency_bounds_how_many_rooms_run_at_once(store):
+async def test_lanes_bound_nothing_every_room_runs_at_once(store):
     inbox, _ = await Inbox.open(store)
-    running, peak = 0, 0
+    rec = Recorder()
+    rec.block = {f"!r{i}" for i in range(40)}
+    running: set[str] = set()
 
     async def feed(update: Update) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.02)
-        running -= 1
+        running.add(update.room_id)
+        await rec.feed(update)
 
-    workers = Delivery(inbox, feed, feed, concurrency=3)
-    workers.push(await inbox.ingest([msg(f"!r{i}", 0) for i in range(10)], "t"))
+    workers = Delivery(inbox, feed, rec.give_up)
+    workers.push(await inbox.ingest([msg(room, 0) for room in sorted(rec.block)], "t"))
+    await until(lambda: len(running) == 40)
+    rec.release.set()
     await until(lambda: workers.queued == 0)
     await workers.close()
-    assert peak == 3
 
 
 async def test_retry_later_keeps_the_update_first_in_its_room(store):
     inbox, _ = await Inbox.open(store)
     rec = Recorder()
     rec.fail = {"$!a1": 2}
-    workers = Delivery(inbox, rec.feed, rec.give_up, concurrency=4)
+    workers = Delivery(inbox, rec.feed, rec.give_up)
     workers.push(await inbox.ingest([msg("!a", 1), msg("!a", 2)], "t"))
     await until(lambda: len(rec.handled) == 2)
     assert rec.handled == ["$!a1", "$!a2"] and rec.gave_up == []
@@ -140,7 +146,7 @@ async def test_gives_up_after_max_attempts_and_tells(store, monkeypatch):
     inbox, _ = await Inbox.open(store)
     rec = Recorder()
     rec.fail = {"$!a1": 100}
-    workers = Delivery(inbox, rec.feed, rec.give_up, concurrency=4)
+    workers = Delivery(inbox, rec.feed, rec.give_up)
     workers.push(await inbox.ingest([msg("!a", 1), msg("!a", 2)], "t"))
     await until(lambda: rec.handled == ["$!a2"])
     assert rec.gave_up == ["$!a1"]
@@ -157,7 +163,7 @@ async def test_close_leaves_waiting_retries_in_the_inbox(store):
             raise RetryLater("down", retry_after_ms=60_000)
         await rec.feed(update)
 
-    workers = Delivery(inbox, slow_retry_feed, rec.give_up, concurrency=4)
+    workers = Delivery(inbox, slow_retry_feed, rec.give_up)
     workers.push(await inbox.ingest([msg("!a", 1)], "t"))
     deadline = time.monotonic() + 5
     while not [e for e in (await Inbox.open(store))[1] if e.update.attempt == 1]:
@@ -166,3 +172,79 @@ async def test_close_leaves_waiting_retries_in_the_inbox(store):
     await asyncio.wait_for(workers.close(), 1)  # does not sit out the minute
     _, [left] = await Inbox.open(store)
     assert left.update.attempt == 1 and rec.handled == []
+
+
+class HeldSends(FakeHomeserver):
+    """Holds the bot's messages into ``held`` rooms until ``release`` is set."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held, self.holding, self.release = held, [], asyncio.Event()
+
+    async def send(self, room_id: str, content: dict, txn_id: str | None = None) -> str:
+        if room_id in self.held:
+            self.holding.append(content["body"])
+            await self.release.wait()
+        return await super().send(room_id, content, txn_id)
+
+
+class CountingAgent:
+    """Echoes once ``release`` is set; counts the calls running at once."""
+
+    def __init__(self) -> None:
+        self.running, self.peak, self.release = 0, 0, asyncio.Event()
+
+    async def reply(self, chat: Chat, text: str) -> str:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await self.release.wait()
+        self.running -= 1
+        return f"Echo: {text}"
+
+
+async def chat_rooms(svc: Services, count: int) -> list[str]:
+    """Alice onboarded, with ``count`` chat rooms (CHAT first)."""
+    await onboard(svc)
+    rooms = [CHAT]
+    for i in range(2, count + 1):
+        chat = await svc.chats.get_or_create(ALICE, f"c{i}", f"Chat {i}")
+        await svc.store.set_room(f"!chat{i}:x", RoomMeta("chat", ALICE, chat.chat_id, SPACE))
+        rooms.append(f"!chat{i}:x")
+    return rooms
+
+
+def delivery_over(inbox: Inbox, svc: Services) -> Delivery:
+    """Lanes that feed the handlers as the chain would, every record being there."""
+    async def feed(update: Update) -> None:
+        await handle_update(update, await healed_data(svc, update))
+    return Delivery(inbox, feed, feed)
+
+
+async def test_a_room_waiting_on_the_homeserver_holds_no_agent_slot(store):
+    hs = HeldSends(held={CHAT})
+    svc = replace(make_services(store, hs), agent_slots=asyncio.Semaphore(1))
+    first, second = await chat_rooms(svc, 2)
+    inbox, _ = await Inbox.open(store)
+    workers = delivery_over(inbox, svc)
+    workers.push(await inbox.ingest([message(first, "first", event_id="$1")], "t1"))
+    await until(lambda: hs.holding == ["Echo: first"])  # answered; its send waits on the server
+    workers.push(await inbox.ingest([message(second, "second", event_id="$2")], "t2"))
+    await until(lambda: "Echo: second" in hs.bodies)  # the only slot was free
+    hs.release.set()
+    await until(lambda: "Echo: first" in hs.bodies)
+    await workers.close()
+
+
+async def test_agent_slots_bound_the_agent_calls_at_once(store):
+    agent = CountingAgent()
+    svc = replace(make_services(store), agent=agent, agent_slots=asyncio.Semaphore(2))
+    rooms = await chat_rooms(svc, 5)
+    inbox, _ = await Inbox.open(store)
+    workers = delivery_over(inbox, svc)
+    workers.push(await inbox.ingest([message(room, f"q{i}", event_id=f"${i}")
+                                     for i, room in enumerate(rooms)], "t"))
+    await until(lambda: agent.running == 2)
+    agent.release.set()
+    await until(lambda: len(svc.hs.sent) == 5)
+    assert agent.peak == 2
+    await workers.close()

@@ -1,5 +1,6 @@
 """The healing I/O shell against a fake homeserver: concurrent heals of one room share one
-state fetch (single-flight); and what the healer reads of sync, through ``Homeserver``."""
+state fetch (single-flight); and what the healer reads of sync, through ``Homeserver``: with
+members loaded lazily, a Space's owner comes from the marker sync shows."""
 
 from __future__ import annotations
 
@@ -8,26 +9,28 @@ from dataclasses import dataclass, field
 
 import pytest
 import structlog
-from nio import AsyncClient, MatrixRoom
+from nio import AsyncClient, MatrixRoom, SyncResponse
 
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.transport.homeserver import Homeserver, SyncedRoom
-from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
 from adapter.matrix.healing.room_state import HealRefused
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store import MatrixStore, RoomMeta
 from core.chat import ChatManager
 
-BOT, ALICE = "@lambda:x", "@alice:x"
-SPACE, ROOM = "!space:x", "!room:x"
+BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
+SPACE, ROOM, BOB_SPACE = "!space:x", "!room:x", "!bobspace:x"
 CALLERS = 20
+
+
+def ev(type_: str, content: dict, sender: str = BOT, state_key: str = "") -> dict:
+    return {"type": type_, "state_key": state_key, "sender": sender, "content": content,
+            "origin_server_ts": 1_000, "event_id": f"${type_}{state_key}"}
 
 
 def chat_room_state() -> list[dict]:
     """A chat room the bot made, with its marker, in Alice's Space."""
-    def ev(type_: str, content: dict, sender: str = BOT, state_key: str = "") -> dict:
-        return {"type": type_, "state_key": state_key, "sender": sender, "content": content,
-                "origin_server_ts": 1_000}
     return [ev("m.room.create", {"room_version": "12"}),
             ev("m.room.member", {"membership": "join"}, state_key=BOT),
             ev("m.room.member", {"membership": "join"}, sender=ALICE, state_key=ALICE),
@@ -95,6 +98,74 @@ def test_synced_room_tells_the_type_and_the_joined_or_invited_members():
     assert hs.synced_room(ROOM) is None
 
 
+def space_state(owner: str, sender: str = BOT) -> list[dict]:
+    """A Space the bot made for ``owner``; its marker written by ``sender``."""
+    return [ev("m.room.create", {"room_version": "12", "type": "m.space"}),
+            ev("m.room.member", {"membership": "join"}, state_key=BOT),
+            ev("m.room.member", {"membership": "join"}, sender=owner, state_key=owner),
+            ev(SpaceMarker.TYPE, SpaceMarker(owner).content(), sender=sender)]
+
+
+def lazy_sync(state: dict[str, list[dict]], timeline: dict[str, list[dict]]) -> SyncResponse:
+    """A sync round as members load lazily: no member events but the timeline senders'."""
+    join = {room: {"state": {"events": [e for e in state.get(room, [])
+                                        if e["type"] != "m.room.member"]},
+                   "timeline": {"events": timeline.get(room, []), "limited": True}}
+            for room in set(state) | set(timeline)}
+    return SyncResponse.from_dict({"next_batch": "s1",
+                                   "rooms": {"invite": {}, "leave": {}, "join": join}})
+
+
+def logged_in(client: AsyncClient) -> AsyncClient:
+    client.user_id = BOT  # as a login sets it
+    return client
+
+
+def test_sync_shows_a_spaces_owner_only_by_a_marker_the_bot_wrote():
+    hs = Homeserver(logged_in(AsyncClient("http://x", BOT)), "x")
+    hs.client.rooms.update({rid: MatrixRoom(rid, BOT) for rid in (SPACE, BOB_SPACE, ROOM)})
+    hs.note_sync(lazy_sync({SPACE: space_state(ALICE), ROOM: space_state(ALICE, sender=ALICE)},
+                           {BOB_SPACE: space_state(BOB)[-1:]}))
+    assert [hs.synced_room(rid).space_owner for rid in (SPACE, BOB_SPACE, ROOM)] == \
+        [ALICE, BOB, None]
+    hs.note_sync(lazy_sync({}, {SPACE: [ev(SpaceMarker.TYPE, {})]}))  # redacted: no owner
+    assert hs.synced_room(SPACE).space_owner is None
+
+
+class SpacesHomeserver:
+    """The bot's joined rooms, as a first sync with lazy members showed them; counts fetches."""
+
+    bot_id = BOT
+
+    def __init__(self, states: dict[str, list[dict]]) -> None:
+        self.states, self.fetched = states, []
+        self.hs = Homeserver(logged_in(AsyncClient("http://x", BOT)), "x")
+        for room_id, events in states.items():
+            room = MatrixRoom(room_id, BOT)
+            room.room_type = "m.space"
+            room.add_member(BOT, None, None)  # lazy members: the owner is not among them
+            self.hs.client.rooms[room_id] = room
+        self.hs.note_sync(lazy_sync(states, {}))
+
+    def synced_room(self, room_id: str) -> SyncedRoom | None:
+        return self.hs.synced_room(room_id)
+
+    async def joined_rooms(self) -> list[str]:
+        return list(self.states)
+
+    async def get_state(self, room_id: str) -> list[dict]:
+        self.fetched.append(room_id)
+        return self.states[room_id]
+
+
+async def test_after_a_total_loss_a_users_space_is_found_with_one_state_fetch(store):
+    hs = SpacesHomeserver({BOB_SPACE: space_state(BOB), SPACE: space_state(ALICE)})
+    healer = Healer(HealerServices(hs, MatrixStore(store), ChatManager(store)))  # type: ignore
+    meta = await healer.user_space(ALICE)
+    assert meta is not None and meta.space_id == SPACE
+    assert hs.fetched == [SPACE]  # not Bob's Space first, though sync showed no owner member
+
+
 async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembered(store):
     state = [dict(ev, sender=ALICE) if ev["type"] == ChatMarker.TYPE else ev
              for ev in chat_room_state()]
@@ -110,3 +181,10 @@ async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembere
     assert healer.svc.metrics.registry.get_sample_value(
         "lambda_heal_refusals_total", {"reason": "forged_marker"}) == 1  # counted as logged
     assert await MatrixStore(store).get_room(ROOM) is None
+
+
+async def test_a_new_users_space_search_fetches_no_space_whose_marker_names_another(store):
+    hs = SpacesHomeserver({BOB_SPACE: space_state(BOB), SPACE: space_state(ALICE)})
+    healer = Healer(HealerServices(hs, MatrixStore(store), ChatManager(store)))  # type: ignore
+    assert await healer.user_space("@carol:x") is None
+    assert hs.fetched == []  # after a total loss, inviting the bot costs no walk over Spaces

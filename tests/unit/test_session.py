@@ -69,6 +69,8 @@ class FakeHomeserver:
     expired: set[str] = field(default_factory=set)  # soft-logged-out tokens
     revoke_every_login: bool = False
     requests: int = 0
+    together: int = 0  # joined_rooms answers none until this many are in at once
+    _arrived: list[asyncio.Event] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def issue(self, device: str | None = None) -> str:
@@ -120,6 +122,12 @@ class FakeHomeserver:
 
     async def _joined_rooms(self, request: web.Request) -> web.Response:
         await asyncio.sleep(0.01)  # concurrent requests overlap
+        if self.together:
+            self._arrived.append(asyncio.Event())
+            if len(self._arrived) >= self.together:
+                for arrived in self._arrived:
+                    arrived.set()
+            await self._arrived[-1].wait()
         return web.json_response({"joined_rooms": ["!a:fake"]})
 
 
@@ -179,6 +187,15 @@ async def test_a_renewal_is_counted_once_for_all_the_requests_that_met_the_revok
     fake_hs.revoke(client.access_token)
     await asyncio.gather(*(client.joined_rooms() for _ in range(5)))
     assert metrics.registry.get_sample_value("lambda_session_renewals_total") == 1
+
+
+async def test_a_burst_of_requests_past_a_hundred_is_not_held_back_in_the_bot(
+        fake_hs, tmp_path):
+    client, _ = await logged_in(config_for(fake_hs, tmp_path))
+    fake_hs.together = 150  # answers of 150 agent calls, say, sent at the same moment
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(client.joined_rooms() for _ in range(150))), 10)
+    assert all(isinstance(a, JoinedRoomsResponse) for a in answers)
     await client.close()
 
 

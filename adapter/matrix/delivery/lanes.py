@@ -1,9 +1,11 @@
 """Per-room workers over the inbox (SPEC §5, Delivery): the layer between the sync loop and
-the dispatcher, and the only code that knows about concurrency.
+the dispatcher, and the only code that knows about order.
 
-Each room is a *lane*, drained in order by one worker; lanes run concurrently, at most
-``concurrency`` updates at a time. An update the chain cannot handle yet (``RetryLater``)
-stays at the head of its lane, and in the inbox, until a retry with backoff succeeds.
+Each room is a *lane*, drained in order by one worker; lanes run concurrently and are not
+bounded here: a lane mostly waits on the homeserver, and the one costly wait, the agent's
+answer, is bounded where it happens (``Services.agent_slots``, ``LAMBDA_CONCURRENCY``). An
+update the chain cannot handle yet (``RetryLater``) stays at the head of its lane, and in the
+inbox, until a retry with backoff succeeds.
 """
 
 from __future__ import annotations
@@ -47,13 +49,12 @@ def retry_delay(attempt: int, retry_after_ms: int | None) -> float:
 class Delivery:
     """Drains the inbox through ``feed``: in order per room, concurrently across rooms."""
 
-    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed, concurrency: int,
+    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed,
                  expand: Expand | None = None) -> None:
         self._inbox = inbox
         self._feed = feed
         self._give_up = give_up
         self._expand = expand or _itself
-        self._gate = asyncio.Semaphore(concurrency)
         self._lanes: dict[str, deque[Entry]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
@@ -83,10 +84,7 @@ class Delivery:
                 if entry.not_before > time.time() and await self._stopped_within(
                         entry.not_before - time.time()):
                     break
-                async with self._gate:
-                    if self._stopping.is_set():
-                        break
-                    later = await self._handle(entry)
+                later = await self._handle(entry)
                 if later is None:
                     queue.popleft()
                 else:

@@ -42,7 +42,8 @@ async def _onboard(update: Update, data: EventData) -> None:
     svc, owner, lobby_id = data["services"], update.sender, update.room_id
     # A concurrent invite of the same user may have made the Space while this one waited.
     user = data.get("user") or await svc.store.get_user(owner)
-    if user is None:
+    new_space = user is None
+    if new_space:
         space_id = await svc.hs.create_space(owner)
         user = UserMeta(space_id=space_id, lobby_room_id=lobby_id)
         async with svc.store.transaction() as tx:
@@ -59,7 +60,7 @@ async def _onboard(update: Update, data: EventData) -> None:
     data["user"] = user
     if await svc.store.get_room(lobby_id) is None:
         await svc.store.set_room(lobby_id, RoomMeta("lobby", owner))
-    first, made_now = await _first_chat(svc, owner, user.space_id, update.event_id)
+    first, made_now = await _first_chat(svc, owner, user.space_id, update.event_id, new_space)
     # A Space found with no chat in it: maybe a returning user, maybe onboarding cut short.
     greeting = greeting or ("Welcome! Your Space is" if made_now else "Welcome back! Your Space is")
     space_link, chat_link = (matrix_to(room, svc.hs.server_name) for room in (user.space_id, first))
@@ -82,8 +83,8 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
             "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err))
 
 
-async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str
-                      ) -> tuple[str, bool]:
+async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str,
+                      new_space: bool) -> tuple[str, bool]:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat); and whether it was made now."""
     room_id = next(iter((await active_chat_rooms(svc, owner)).values()), None)
@@ -91,7 +92,9 @@ async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id:
         await _reinvite(svc, room_id, owner)
         return room_id, False
     # No chat at all: a crash may have left one unrecorded, and a loss of the DB its intent.
-    adopt = not await knows_a_chat(svc, owner)
+    # Not in a Space made just now: no room names it as parent yet, and looking reads the
+    # state of every room the DB does not know (all of them, after a total loss).
+    adopt = not new_space and not await knows_a_chat(svc, owner)
     room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
                                    adopt_orphan=adopt)
     return room_id, True

@@ -45,8 +45,9 @@ async def handle_text(update: Update, data: EventData) -> None:
         if wants_history(svc.agent):  # read before the agent runs: a read may be retried
             extra["history"] = await _history(update, data)
         try:
-            answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
-                svc.agent.reply(chat, update.body, **extra)), agent_timeout(svc.agent))
+            async with svc.agent_slots:  # the agent's call alone holds a slot, not the room
+                answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
+                    svc.agent.reply(chat, update.body, **extra)), agent_timeout(svc.agent))
         except Exception as err:  # third-party code: any failure is told, never retried
             log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
                       error=str(err) or type(err).__name__,

@@ -143,7 +143,9 @@ class Healer:
 
     async def _find_space(self, user_id: str) -> None:
         # Cheapest first: a Space the cache still knows, then the bot's joined rooms that
-        # sync showed to be Spaces, then joined rooms of unknown type. Each is verified by state.
+        # sync showed to be Spaces (the user's first, by the marker or the members sync showed;
+        # none whose marker names another user), then joined rooms of unknown type. Each is
+        # verified by state.
         for room_id in await self._space_candidates(user_id):
             try:
                 plan = await self.heal_room(room_id)
@@ -170,10 +172,12 @@ class Healer:
                 continue
             room = self.svc.hs.synced_room(room_id)
             if room is not None and room.room_type == SPACE_TYPE:
-                if user_id in room.members:
+                if room.space_owner == user_id or user_id in room.members:
                     spaces.insert(0, room_id)
-                else:
+                elif room.space_owner is None:  # no marker: a Space from before markers
                     spaces.append(room_id)
+                # Else the bot's marker names someone else: sync showed its create event, so
+                # its whole state, and a heal would only say it is not this user's.
             elif room is None or room.room_type is None:
                 unknown.append(room_id)
         return spaces + unknown

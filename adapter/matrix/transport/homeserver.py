@@ -25,10 +25,11 @@ from nio import (
     RoomPutStateResponse,
     RoomSendResponse,
     RoomTypingResponse,
+    SyncResponse,
 )
 from nio.api import Api, MessageDirection, RoomPreset, RoomVisibility
 
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, SpaceMarker
 from core.chat import ChatStatus
 
 R = TypeVar("R")
@@ -120,11 +121,13 @@ class CapabilitiesResponse(Response):
 
 @dataclass(frozen=True)
 class SyncedRoom:
-    """What sync has shown of a room, without a request: its type (``m.space`` or None) and
-    the users joined or invited."""
+    """What sync has shown of a room, without a request: its type (``m.space`` or None), the
+    users joined or invited that it showed (members load lazily: maybe not all), and the owner
+    named by a Space marker that the bot wrote. Hints only: a heal reads the room's state."""
 
     room_type: str | None
     members: frozenset[str]
+    space_owner: str | None = None
 
 
 def message_content(body: str, *, html: str | None = None, notice: bool = True,
@@ -159,6 +162,7 @@ class Homeserver:
         self._room_version: str | None = None
         self._room_version_known = False
         self._room_version_lock = asyncio.Lock()
+        self._space_owners: dict[str, str] = {}  # room id -> owner, from sync (note_sync)
 
     @property
     def bot_id(self) -> str:
@@ -169,7 +173,27 @@ class Homeserver:
         room = self.client.rooms.get(room_id)
         if room is None:
             return None
-        return SyncedRoom(room.room_type, frozenset(room.users) | frozenset(room.invited_users))
+        return SyncedRoom(room.room_type, frozenset(room.users) | frozenset(room.invited_users),
+                          self._space_owners.get(room_id))
+
+    def note_sync(self, resp: SyncResponse) -> None:
+        """Keep the owner of each Space marker the bot wrote that a sync round shows. nio keeps
+        no custom state, and with lazily loaded members sync rarely shows a Space's owner
+        (a first sync gives every room's state but members only of the timeline's senders)."""
+        for room_id, info in resp.rooms.join.items():
+            for ev in (*info.state, *info.timeline.events):
+                raw = ev.source
+                if raw.get("type") != SpaceMarker.TYPE or raw.get("state_key") != "" \
+                        or raw.get("sender") != self.bot_id:
+                    continue
+                try:
+                    marker = SpaceMarker.parse(raw.get("content") or {})
+                except MalformedMarker:
+                    marker = None  # the heal refuses it, with the reason
+                if marker is None:
+                    self._space_owners.pop(room_id, None)
+                else:
+                    self._space_owners[room_id] = marker.owner
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]], ok: type[R]) -> R:
         for attempt in range(MAX_SHORT_RATE_LIMIT_RETRIES + 1):
