@@ -77,8 +77,10 @@ SYNC_FILTER = {
         "account_data": {"not_types": ["*"]},
     },
 }
-# A start without a token asks for little: the catch-up reads further only where needed.
-INITIAL_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
+# A start without a token answers from a first sync that carries no room (a few ms at any
+# size), and catches up in the background with one of every room's latest events, short.
+QUICK_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "rooms": []}}
+CATCHUP_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
     **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE,
     "types": INITIAL_TIMELINE_TYPES}}}
 MAX_BACKOFF_S = 60.0
@@ -124,18 +126,19 @@ class Bot:
                                  agent_slots=asyncio.Semaphore(config.concurrency))
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
+        self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self.dispatcher = Dispatcher(
             [store_faults, allowed_users_only, resolve_route,
              HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only,
              answered_once],
             handle_update, EventData(services=self.services))
 
-    async def fetch(self, since: str | None, long_poll: bool, again: bool = False
-                    ) -> SyncResponse:
+    async def fetch(self, since: str | None, long_poll: bool, again: bool = False,
+                    every_room: bool = False) -> SyncResponse:
         """One sync request; the only part of the loop that a stop may interrupt. ``again``:
         the same ``since`` as a round that failed (the homeserver's, or the DB's), answered at
         once, so that a recovery shows (``sync.recovered``, ``/health``) without waiting out a
-        long-poll."""
+        long-poll. Without ``since``: no room, or (``every_room``) every room, short."""
         # Synapse caches a sync answer for ~2 min keyed by (since, timeout, filter, ...): a
         # restart (no token) or a round asked again would get a stale one and miss what came
         # since. A timeout unique to this call keeps the key unique.
@@ -145,8 +148,11 @@ class Bot:
             timeout = 1 + secrets.randbelow(1000)
         else:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
-        resp = await self.client.sync(timeout=timeout, since=since,
-                                      sync_filter=SYNC_FILTER if since else INITIAL_SYNC_FILTER)
+        sync_filter = SYNC_FILTER if since is not None else (
+            CATCHUP_SYNC_FILTER if every_room else QUICK_SYNC_FILTER)
+        if since is None:  # nio falls back on the last token it saw: none is meant here
+            self.client.next_batch = self.client.loaded_sync_token = None
+        resp = await self.client.sync(timeout=timeout, since=since, sync_filter=sync_filter)
         if isinstance(resp, SyncResponse):
             self.services.hs.note_sync(resp)
             return resp
@@ -175,7 +181,28 @@ class Bot:
         try:
             await self._sync_loop(stop, since, inbox, delivery)
         finally:
+            if self._catching_up is not None:
+                self._catching_up.cancel()  # its round stays unrecorded: the next start redoes it
             await delivery.close()
+
+    async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
+        """A start without a token, beside the sync loop: one first sync of every room's
+        latest events decides which rooms read back (``Ingest.sweep``); recorded with the
+        latest round's token, after which the token is kept again."""
+        backoff, updates = 1.0, None
+        while not stop.is_set():
+            try:
+                if updates is None:
+                    updates = self.ingest.sweep(await self.fetch(None, False, every_room=True))
+                delivery.push(await inbox.release(updates))
+                self.ingest.swept()
+                return
+            except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError, OSError,
+                    WriteFailed) as err:
+                log.warning("sync.catchup_failed", error=str(err) or type(err).__name__,
+                            retry_in_s=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
                          delivery: Delivery) -> None:
@@ -192,6 +219,13 @@ class Bot:
                 break
             try:
                 resp = fetch.result()
+                if since is None:  # answer from here at once; catch up beside the loop
+                    self.ingest.start_without_token(resp.next_batch)
+                    inbox.hold_token()
+                    if self._catching_up is not None:
+                        self._catching_up.cancel()
+                    self._catching_up = asyncio.create_task(
+                        self._catch_up(stop, inbox, delivery))
                 updates = await self.ingest.updates(resp, since)
                 self.metrics.sync_rounds.inc()
                 self.health.homeserver_answered()

@@ -53,12 +53,10 @@ class LogSink:
                 and all(e.get(k) == v for k, v in fields.items())]
 
     def caught_up(self) -> tuple[int, int]:
-        """(answered, skipped) by the last start without a token: counted by its first sync,
-        or by a room's read back in its lane (``sync.catchup_read``)."""
-        last = max(i for i, e in enumerate(self.entries) if e.get("event") == "sync.catchup")
-        counts = [self.entries[last], *(e for e in self.entries[last:]
-                                        if e.get("event") == "sync.catchup_read")]
-        return sum(c["answered"] for c in counts), sum(c["skipped"] for c in counts)
+        """(answered, skipped) by the catch-up of the last start: the rooms' reads back."""
+        last = max(i for i, e in enumerate(self.entries) if e.get("event") == "sync.starting")
+        reads = [e for e in self.entries[last:] if e.get("event") == "sync.catchup_read"]
+        return sum(r["answered"] for r in reads), sum(r["skipped"] for r in reads)
 
     async def wait_for(self, event: str, timeout: float = TIMEOUT, count: int = 1,
                        **fields: Any) -> list[dict]:

@@ -165,16 +165,23 @@ async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(mo
     assert [e for e in logs if e["event"] == "sync.timeline_gap"][0]["unanswered"] == 3
 
 
-async def test_a_start_without_token_answers_only_recent_unanswered_messages(monkeypatch):
+async def test_a_start_without_token_reads_back_only_rooms_with_unanswered_messages(
+        monkeypatch):
     monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000 + 3600)
-    resp = sync(join={"!r:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
-                               text("$new", "unanswered"), text("$done", "answered"),
-                               reply("$done")]})
+    resp = sync(limited=True, join={
+        "!busy:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
+                    text("$new", "unanswered"), text("$done", "answered"), reply("$done")],
+        "!quiet:x": [text("$3", "answered"), reply("$3")]})
+    hs = PagedHomeserver()
+    reader = Ingest(hs, catchup_hours=1)
+    reader.start_without_token("s0")
     with structlog.testing.capture_logs() as logs:
-        updates = await Ingest(PagedHomeserver(), catchup_hours=1).updates(resp, since=None)
-    assert ids(updates) == ["$new"] and updates[0].catchup
+        [later] = reader.sweep(resp)
+    assert (later.kind, later.room_id, later.body, later.catchup) == ("catchup", "!busy:x",
+                                                                      "s0", True)
+    assert hs.asked == []  # the sweep itself reads nothing: the room's lane does
     [log] = [e for e in logs if e["event"] == "sync.catchup"]
-    assert (log["answered"], log["skipped"], log["rooms"]) == (1, 2, 1)
+    assert (log["deferred"], log["rooms"]) == (1, 2)
 
 
 @pytest.mark.parametrize("status,errcode,message,refused", [
@@ -190,17 +197,22 @@ def test_only_synapses_invalid_stream_token_means_the_token_is_refused(status, e
     assert sync_token_refused(status, errcode, message) is refused
 
 
-async def test_a_first_sync_defers_only_rooms_whose_short_timeline_does_not_reach_back(
+async def test_during_a_start_a_room_that_shows_up_first_reads_back_before_its_events(
         monkeypatch):
     monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
-    hs = PagedHomeserver()
-    resp = sync(limited=True, join={
-        "!busy:x": [text("$1", "unanswered 1"), text("$2", "unanswered 2")],
-        "!quiet:x": [text("$3", "answered"), reply("$3")]})
-    updates = await Ingest(hs, catchup_hours=1).updates(resp, since=None)
-    [deferred] = updates
-    assert (deferred.kind, deferred.room_id, deferred.body) == ("catchup", "!busy:x", "s2")
-    assert hs.asked == []  # the sync round itself reads nothing further back
+    reader = Ingest(PagedHomeserver(), catchup_hours=1)
+    reader.start_without_token("s0")
+    first = await reader.updates(sync(join={"!r:x": [text("$1", "live")]}), since="s0")
+    assert [(u.kind, u.event_id) for u in first] == [("catchup", "catchup|!r:x|s0"),
+                                                    ("message", "$1")]
+    again = await reader.updates(sync(join={"!r:x": [text("$2", "more")]}), since="s1")
+    assert ids(again) == ["$2"]  # once a room
+    swept = reader.sweep(sync(join={"!r:x": [text("$2", "more")],
+                                    "!other:x": [text("$3", "waiting")]}))
+    assert [u.room_id for u in swept] == ["!other:x"]  # !r:x is decided already
+    reader.swept()
+    after = await reader.updates(sync(join={"!new:x": [text("$4", "hi")]}), since="s2")
+    assert ids(after) == ["$4"]  # the start is over: nothing more reads back
 
 
 async def test_a_catch_up_read_pages_back_to_what_was_handled_and_answers_in_order(monkeypatch):

@@ -9,6 +9,7 @@ the same events again; a finished entry that cannot be removed is removed with t
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, replace
@@ -80,6 +81,9 @@ class Inbox:
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the file refused to drop
         self.depth = depth  # entries not finished yet (read when metrics are scraped)
+        self._lock = asyncio.Lock()
+        self._held = False  # see hold_token
+        self._latest: str | None = None  # the token of the latest round recorded
         self._metrics = metrics or Metrics()
         self._metrics.inbox_depth.set_function(lambda: self.depth)
         self._health = health or Health()
@@ -92,9 +96,27 @@ class Inbox:
         return cls(db, pending[-1].seq + 1 if pending else 0, len(pending), metrics,
                    health), pending
 
+    def hold_token(self) -> None:
+        """A start without a token: record rounds but not their token until ``release``, so a
+        crash before the start's catch-up is recorded starts without a token again."""
+        self._held = True
+
     async def ingest(self, updates: list[Update], sync_token: str) -> list[Entry]:
         """Record a round: its updates and the token that follows it, atomically. Raises
         ``WriteFailed`` when the file refuses it; then nothing is recorded."""
+        async with self._lock:  # a start's catch-up records its round beside the sync loop
+            entries = await self._record(updates, None if self._held else sync_token)
+            self._latest = sync_token
+            return entries
+
+    async def release(self, updates: list[Update]) -> list[Entry]:
+        """Record the start's catch-up with the latest round's token, and keep tokens again."""
+        async with self._lock:
+            entries = await self._record(updates, self._latest)
+            self._held = False
+            return entries
+
+    async def _record(self, updates: list[Update], sync_token: str | None) -> list[Entry]:
         entries = [Entry(self._next_seq + i, update) for i, update in enumerate(updates)]
         try:
             async with self._db.transaction() as tx:
@@ -102,7 +124,8 @@ class Inbox:
                     tx.delete(key)
                 for entry in entries:
                     tx.set(entry.key, entry.to_json())
-                tx.set(SYNC_TOKEN_KEY, sync_token)
+                if sync_token is not None:
+                    tx.set(SYNC_TOKEN_KEY, sync_token)
         except sqlite3.OperationalError as err:
             raise WriteFailed(self._db.path, err) from err
         self._finished.clear()

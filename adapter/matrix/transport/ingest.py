@@ -2,10 +2,11 @@
 
 - A resumed sync: every new event; a room whose timeline is ``limited`` first gets the
   events it missed, fetched with ``/messages`` back to the previous sync token.
-- A start without a sync token: the timelines are history, except the catch-up rule
-  (``catchup``): an unanswered, recent message is answered; a room whose short timeline
-  does not reach back far enough is read further in its own lane. A sync token the server no
-  longer accepts (``sync_token_refused``) leads to the same start.
+- A start without a sync token: a first sync that carries no room gives the position the bot
+  answers from at once; ``sweep`` then looks at every room's latest events (a second first
+  sync, in the background) and a room with an unanswered message reads back from that
+  position in its own lane (``catchup``). A sync token the server no longer accepts
+  (``sync_token_refused``) leads to the same start.
 
 The rules over raw events are pure functions; ``Ingest`` is their thin I/O shell.
 """
@@ -64,47 +65,78 @@ class Ingest:
         self.hs = hs
         self.catchup_hours = catchup_hours
         self.observe = observe or (lambda room_id, events, limited: None)
+        self._start: str | None = None  # a start without a token: its first position
+        self._caught_up: set[str] = set()  # rooms whose catch-up is decided, in this start
+        self._invited: set[str] = set()  # invites handed on since that start
+
+    def start_without_token(self, position: str) -> None:
+        """The first sync had no token and carried no room, to answer at once: until
+        ``sweep`` has looked at every room, a room that shows up first reads back from
+        ``position`` in its own lane (SPEC §5, Scale)."""
+        self._start, self._caught_up, self._invited = position, set(), set()
 
     async def updates(self, resp: SyncResponse, since: str | None) -> list[Update]:
+        """A round's updates, in order: every new event, what a limited timeline left out, and
+        during a start's catch-up a room's own read back first."""
         bot_id = self.hs.bot_id
-        updates = []
-        for room_id, info in resp.rooms.invite.items():
-            # One update per invite, taken from the invite event for the bot itself.
-            invite = next((ev for ev in info.invite_state if isinstance(ev, InviteMemberEvent)
-                           and ev.state_key == bot_id and ev.membership == "invite"), None)
-            if invite is not None:
-                updates.append(Update("invite", room_id, invite.sender,
-                                      f"invite|{room_id}|{since or ''}"))
-        catchup = {"answered": 0, "skipped": 0, "deferred": 0}
-        not_before_ms = int((time.time() - self.catchup_hours * 3600) * 1000)
+        updates = self._invites(resp, since)
         for room_id, info in resp.rooms.join.items():
             timeline = [{**ev.source, "room_id": room_id} for ev in info.timeline.events]
             self.observe(room_id, timeline, info.timeline.limited)
-            if since is None:
-                found = catch_up(timeline, bot_id, not_before_ms)
-                if found.answer and info.timeline.limited and not found.complete:
-                    # Older unanswered messages may lie before this short timeline: the room
-                    # is read further back in its own lane, not here, so no room waits.
-                    updates.append(deferred(room_id, resp.next_batch))
-                    catchup["deferred"] += 1
-                    continue
-                timeline = found.answer
-                catchup["answered"] += len(found.answer)
-                catchup["skipped"] += found.skipped
-            elif (joined := _own_join_index(timeline, bot_id)) is not None:
+            joined = _own_join_index(timeline, bot_id)
+            if self._start is not None and room_id not in self._caught_up:
+                self._caught_up.add(room_id)
+                if joined is None:  # a newly joined room has nothing of the bot's before
+                    updates.append(deferred(room_id, self._start))
+            if joined is not None:
                 timeline = timeline[joined + 1:]  # newly joined: what came before is not ours
-            elif info.timeline.limited and info.timeline.prev_batch:
+            elif info.timeline.limited and info.timeline.prev_batch and since is not None:
                 missed = await self._backfill(room_id, info.timeline.prev_batch, since)
                 if missed.dropped:
                     updates.append(Update("missed", room_id, missed.dropped_sender or "",
                                           f"missed|{room_id}|{since}", str(missed.dropped)))
                 timeline = missed.events + timeline
             updates.extend(update for ev in timeline
-                           if (update := to_update(ev, bot_id, since is None)) is not None)
-        if since is None:
-            log.info("sync.catchup", answered=catchup["answered"], skipped=catchup["skipped"],
-                     deferred=catchup["deferred"], rooms=len(resp.rooms.join),
-                     hours=self.catchup_hours)
+                           if (update := to_update(ev, bot_id)) is not None)
+        return updates
+
+    def sweep(self, resp: SyncResponse) -> list[Update]:
+        """The start's catch-up over a first sync of every room's latest events: a room whose
+        latest events show an unanswered message reads back from the start's position in its
+        own lane (a room with nothing to answer costs nothing more), and the invites received
+        while the bot was down are handled."""
+        assert self._start is not None, "sweep follows start_without_token"
+        updates = [u for u in self._invites(resp, None)]
+        not_before_ms = int((time.time() - self.catchup_hours * 3600) * 1000)
+        for room_id, info in resp.rooms.join.items():
+            if room_id in self._caught_up:
+                continue
+            timeline = [{**ev.source, "room_id": room_id} for ev in info.timeline.events]
+            if catch_up(timeline, self.hs.bot_id, not_before_ms).answer:
+                updates.append(deferred(room_id, self._start))
+            self._caught_up.add(room_id)  # at once: a round cannot defer it a second time
+        log.info("sync.catchup", rooms=len(resp.rooms.join), deferred=sum(
+            u.kind == "catchup" for u in updates), invites=sum(u.kind == "invite" for u in updates),
+            hours=self.catchup_hours)
+        return updates
+
+    def swept(self) -> None:
+        """The sweep's updates are recorded: the start is over."""
+        self._start = None
+
+    def _invites(self, resp: SyncResponse, since: str | None) -> list[Update]:
+        """One update per invite, taken from the invite event for the bot itself (during a
+        start, once, whichever of the first syncs shows it)."""
+        bot_id, updates = self.hs.bot_id, []
+        for room_id, info in resp.rooms.invite.items():
+            invite = next((ev for ev in info.invite_state if isinstance(ev, InviteMemberEvent)
+                           and ev.state_key == bot_id and ev.membership == "invite"), None)
+            if invite is None or (self._start is not None and room_id in self._invited):
+                continue
+            if self._start is not None:
+                self._invited.add(room_id)
+            updates.append(Update("invite", room_id, invite.sender,
+                                  f"invite|{room_id}|{since or ''}"))
         return updates
 
     async def _backfill(self, room_id: str, start: str, since: str) -> Backfill:
