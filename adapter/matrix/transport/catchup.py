@@ -1,11 +1,11 @@
-"""A start without a sync token (SPEC §5): the first sync's timelines are history, except the
+"""A start without a sync token (SPEC §5): what the bot missed is history, except the
 owner's recent messages that no bot answer names.
 
-The first sync asks for a short timeline per room. A room whose latest events show such a
-message, and whose timeline does not reach back to what is not the bot's to answer, gets one
-``catchup`` update: its lane reads the room further back (``CatchUpReader.expand``), up to
+``Ingest.sweep`` looks at every room's latest events, short (``INITIAL_TIMELINE``); a room
+whose latest events show such a message gets one ``catchup`` update, and its lane reads the
+room back from the start's position (``CatchUpReader.expand``), up to
 ``LAMBDA_CATCHUP_HOURS`` and the 1,000-a-room bound. So a room with nothing to answer costs
-nothing, and no room waits for another's catch-up. ``catch_up`` is the pure rule.
+nothing more, and no room waits for another's catch-up. ``CatchUpWalk`` is the pure rule.
 """
 
 from __future__ import annotations
