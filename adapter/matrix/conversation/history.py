@@ -42,7 +42,6 @@ class Conversations:
         self._events: dict[str, dict[str, dict]] = {}  # rooms read this run: id -> event, in order
         self._reads: dict[str, asyncio.Future] = {}
         self._latest: dict[str, str] = {}  # room -> the latest message event seen in it
-        self.reads = 0  # /messages requests this run (the benchmark prints it)
 
     def observe(self, room_id: str, events: Iterable[dict], limited: bool = False) -> None:
         """New timeline events of a room, oldest first (a sync round's, the bot's own too). A
@@ -98,7 +97,6 @@ class Conversations:
         except BaseException:
             self._events.pop(room_id, None)
             raise
-        self.reads += 1
         kept = {ev["event_id"]: {**ev, "room_id": room_id} for ev in reversed(page)
                 if isinstance(ev.get("event_id"), str)}
         kept.update((eid, ev) for eid, ev in arriving.items() if eid not in kept)
