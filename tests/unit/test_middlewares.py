@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 
 import pytest
 import structlog
@@ -13,6 +14,7 @@ from adapter.matrix.delivery.lanes import RetryLater
 from adapter.matrix.transport.homeserver import HomeserverError
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
+    answered_once,
     catchup_in_chats_only,
     owner_only,
     resolve_route,
@@ -150,3 +152,31 @@ async def test_a_write_the_db_refuses_is_retried_and_makes_the_bot_unhealthy(svc
     assert svc.hs.bodies == [STORE_DOWN]  # the owner is told
     [problem] = svc.health.report().problems
     assert problem.reason == "store_refuses_writes" and "disk is full" in problem.detail
+
+
+async def test_a_replayed_message_the_room_shows_answered_is_done_without_running_again(svc):
+    replayed = replace(message(CHAT, "hi", event_id="$q"), replayed=True)
+    await svc.reply(replayed, "Echo: hi", notice=False)  # a run that a kill -9 then ended
+    rest = Next()
+    with structlog.testing.capture_logs() as logs:
+        await answered_once(rest, replayed, EventData(services=svc))
+    assert rest.seen == [] and [e["event"] for e in logs] == ["event.already_answered"]
+
+
+async def test_a_promise_to_answer_is_no_answer_and_a_first_attempt_is_not_looked_up(svc):
+    retried = message(CHAT, "hi", event_id="$q", attempt=1)
+    await svc.try_reply(retried, "I'll retry", part="retry-notice", provisional=True)
+    rest = Next()
+    await answered_once(rest, retried, EventData(services=svc))
+    fresh = message(CHAT, "new", event_id="$n")
+    await answered_once(rest, fresh, EventData(services=svc))
+    assert [u.event_id for u, _ in rest.seen] == ["$q", "$n"]
+    assert [c for c in svc.hs.calls if c[0] == "messages_after"] == [
+        ("messages_after", CHAT, "$q")]  # only the retried one asked the room
+
+
+async def test_a_room_that_cannot_be_asked_now_retries_the_update_later(svc):
+    svc.hs.fail["messages_after"] = HomeserverError("read", "M_UNKNOWN", "down", None, 502)
+    with pytest.raises(RetryLater):
+        await answered_once(Next(), replace(message(CHAT, "hi"), replayed=True),
+                            EventData(services=svc))
