@@ -183,6 +183,7 @@ class Bot:
         finally:
             if self._catching_up is not None:
                 self._catching_up.cancel()  # its round stays unrecorded: the next start redoes it
+                await asyncio.gather(self._catching_up, return_exceptions=True)
             await delivery.close()
 
     async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
@@ -201,8 +202,10 @@ class Bot:
                     WriteFailed) as err:
                 log.warning("sync.catchup_failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug: logged, retried like a fault, never silently gone
+                log.exception("sync.catchup_crashed", retry_in_s=backoff)
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
                          delivery: Delivery) -> None:
