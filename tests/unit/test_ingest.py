@@ -3,13 +3,14 @@ response gives (invites, a newly joined room, a limited timeline's backfill and 
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.transport import events, ingest
+from adapter.matrix.transport import events
 from adapter.matrix.transport.catchup import CatchUpReader, catch_up, deferred
 from adapter.matrix.transport.events import to_update
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
@@ -167,7 +168,7 @@ async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(mo
 
 async def test_a_start_without_token_reads_back_only_rooms_with_unanswered_messages(
         monkeypatch):
-    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000 + 3600)
+    monkeypatch.setattr(time, "time", lambda: NOW / 1000 + 3600)
     resp = sync(limited=True, join={
         "!busy:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
                     text("$new", "unanswered"), text("$done", "answered"), reply("$done")],
@@ -199,7 +200,7 @@ def test_only_synapses_invalid_stream_token_means_the_token_is_refused(status, e
 
 async def test_during_a_start_a_room_that_shows_up_first_reads_back_before_its_events(
         monkeypatch):
-    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    monkeypatch.setattr(time, "time", lambda: NOW / 1000)
     reader = Ingest(PagedHomeserver(), catchup_hours=1)
     reader.start_without_token("s0")
     first = await reader.updates(sync(join={"!r:x": [text("$1", "live")]}), since="s0")
@@ -216,7 +217,7 @@ async def test_during_a_start_a_room_that_shows_up_first_reads_back_before_its_e
 
 
 async def test_a_catch_up_read_pages_back_to_what_was_handled_and_answers_in_order(monkeypatch):
-    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    monkeypatch.setattr(time, "time", lambda: NOW / 1000)
     newest = [text("$4", "four"), text("$3", "three")]  # /messages: newest first
     older = [reply("$1"), text("$2", "two"), text("$1", "one", ts=NOW - 10_000_000)]
     hs = PagedHomeserver(newest, older)
@@ -228,7 +229,7 @@ async def test_a_catch_up_read_pages_back_to_what_was_handled_and_answers_in_ord
 
 
 async def test_a_catch_up_that_ran_before_leaves_out_what_it_answered_then(monkeypatch):
-    monkeypatch.setattr(ingest.time, "time", lambda: NOW / 1000)
+    monkeypatch.setattr(time, "time", lambda: NOW / 1000)
     hs = PagedHomeserver([text("$3", "three"), text("$2", "two")],
                          since=[reply("$2")])  # answered by the run a kill -9 ended
     updates = await CatchUpReader(hs, 1).expand(  # type: ignore[arg-type]

@@ -74,6 +74,11 @@ class CatchUpWalk:
         return CatchUp(self.answer[::-1], self.skipped, self.complete)
 
 
+def window_start_ms(catchup_hours: float) -> int:
+    """The oldest origin_server_ts a catch-up still answers (``LAMBDA_CATCHUP_HOURS`` ago)."""
+    return int((time.time() - catchup_hours * 3600) * 1000)
+
+
 def catch_up(timeline: list[dict], bot_id: str, not_before_ms: int) -> CatchUp:
     """Of a room's latest events (oldest first): the messages still to answer."""
     walk = CatchUpWalk(bot_id, not_before_ms)
@@ -123,7 +128,7 @@ class CatchUpReader:
         """Page back from ``token`` until the rule is complete, the room begins, or the bound:
         the rule's result over what was read, and the messages past the bound."""
         started = time.monotonic()
-        walk = CatchUpWalk(self.hs.bot_id, int((time.time() - self.catchup_hours * 3600) * 1000))
+        walk = CatchUpWalk(self.hs.bot_id, window_start_ms(self.catchup_hours))
         pages = read = 0
         while token is not None and read < events.MAX_BACKFILL + events.MAX_COUNTED:
             page, token = await self.hs.messages(room_id, token, None, events.PAGE, READ_TYPES)

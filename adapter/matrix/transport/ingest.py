@@ -13,7 +13,6 @@ The rules over raw events are pure functions; ``Ingest`` is their thin I/O shell
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from nio import InviteMemberEvent, SyncResponse
 
 from adapter.matrix.context import Update
 from adapter.matrix.transport import events
-from adapter.matrix.transport.catchup import catch_up, deferred
+from adapter.matrix.transport.catchup import catch_up, deferred, window_start_ms
 from adapter.matrix.transport.events import READ_TYPES, is_own_join, to_update
 from adapter.matrix.transport.homeserver import Homeserver
 
@@ -106,8 +105,8 @@ class Ingest:
         own lane (a room with nothing to answer costs nothing more), and the invites received
         while the bot was down are handled."""
         assert self._start is not None, "sweep follows start_without_token"
-        updates = [u for u in self._invites(resp, None)]
-        not_before_ms = int((time.time() - self.catchup_hours * 3600) * 1000)
+        updates = self._invites(resp, None)
+        not_before_ms = window_start_ms(self.catchup_hours)
         for room_id, info in resp.rooms.join.items():
             if room_id in self._caught_up:
                 continue
