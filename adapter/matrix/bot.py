@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import signal
 import sqlite3
+from contextlib import aclosing
 from dataclasses import replace
 
 import structlog
@@ -26,14 +27,11 @@ from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.healing.middleware import HealingMiddleware
-from adapter.matrix.transport.catchup import (
-    INITIAL_TIMELINE,
-    INITIAL_TIMELINE_TYPES,
-    CatchUpReader,
-)
+from adapter.matrix.transport.catchup import CatchUpReader
 from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
+from adapter.matrix.transport.sweep import TIMELINE, TIMELINE_TYPES, Sweep
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     answered_once,
@@ -78,11 +76,11 @@ SYNC_FILTER = {
     },
 }
 # A start without a token answers from a first sync that carries no room (a few ms at any
-# size), and catches up in the background with one of every room's latest events, short.
+# size), and catches up in the background (transport.sweep): on a homeserver without sliding
+# sync, with one first sync of every room's latest events, short.
 QUICK_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "rooms": []}}
 CATCHUP_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
-    **SYNC_FILTER["room"]["timeline"], "limit": INITIAL_TIMELINE,
-    "types": INITIAL_TIMELINE_TYPES}}}
+    **SYNC_FILTER["room"]["timeline"], "limit": TIMELINE, "types": TIMELINE_TYPES}}}
 MAX_BACKOFF_S = 60.0
 
 
@@ -126,6 +124,7 @@ class Bot:
                                  agent_slots=asyncio.Semaphore(config.concurrency))
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
+        self.sweep = Sweep(hs, lambda: self.fetch(None, False, every_room=True))
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self.dispatcher = Dispatcher(
             [store_faults, allowed_users_only, resolve_route,
@@ -187,15 +186,22 @@ class Bot:
             await delivery.close()
 
     async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
-        """A start without a token, beside the sync loop: one first sync of every room's
-        latest events decides which rooms read back (``Ingest.sweep``); recorded with the
-        latest round's token, after which the token is kept again."""
-        backoff, updates = 1.0, None
+        """A start without a token, beside the sync loop: the sweep looks at every room's
+        latest events, a window at a time, most recently active first, and decides which rooms
+        read back (``Ingest.sweep``). Each window is recorded as it comes, and handled at once;
+        once the last one is, the token is kept again."""
+        backoff, unrecorded = 1.0, []
         while not stop.is_set():
             try:
-                if updates is None:
-                    updates = self.ingest.sweep(await self.fetch(None, False, every_room=True))
-                delivery.push(await inbox.release(updates))
+                if unrecorded:  # decided, but the file refused them: never decided again
+                    delivery.push(await inbox.add(unrecorded))
+                    unrecorded = []
+                async with aclosing(self.sweep.windows()) as windows:
+                    async for window in windows:
+                        unrecorded = self.ingest.sweep(window)
+                        delivery.push(await inbox.add(unrecorded))
+                        unrecorded = []
+                await inbox.release()
                 self.ingest.swept()
                 return
             except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError, OSError,

@@ -44,7 +44,9 @@ class Update:
     ts: int = 0  # origin_server_ts, ms
     catchup: bool = False  # from the first sync after a start without a token (SPEC §5)
     attempt: int = 0  # how many times handling it was postponed (the inbox retries it)
-    replayed: bool = False  # left in the inbox by an earlier run, which may have answered it
+    # Another handling may have answered it: an earlier run left it in the inbox, or it is a
+    # start's catch-up (``catchup.deferred``).
+    replayed: bool = False
 
     @property
     def is_command(self) -> bool:

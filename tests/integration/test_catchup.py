@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from adapter.matrix.transport.catchup import INITIAL_TIMELINE
+from adapter.matrix.transport.sweep import TIMELINE
 from tests.integration.test_delivery import echoes, wait_echoes
 
 
@@ -26,7 +26,7 @@ async def test_after_a_total_loss_only_the_room_with_unanswered_messages_reads_b
     _, _, quiet = await bob.onboard(bot.user_id)
     await bob.ask(quiet, bot.user_id, "answered before", "Echo: answered before")
     await bot.stop()
-    sent = [f"while down {i}" for i in range(INITIAL_TIMELINE + 5)]  # past the first sync's
+    sent = [f"while down {i}" for i in range(TIMELINE + 5)]  # past the first sync's
     for body in sent:
         await alice.send(busy, body)
     await bot.lose("everything")

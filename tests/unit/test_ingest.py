@@ -14,6 +14,7 @@ from adapter.matrix.transport import events
 from adapter.matrix.transport.catchup import CatchUpReader, catch_up, deferred
 from adapter.matrix.transport.events import to_update
 from adapter.matrix.transport.ingest import Ingest, sync_token_refused
+from adapter.matrix.transport.sweep import Glimpse, Window, parse_window
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000
@@ -166,23 +167,60 @@ async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(mo
     assert [e for e in logs if e["event"] == "sync.timeline_gap"][0]["unanswered"] == 3
 
 
+def window(join: dict[str, list[dict]], limited: bool = True,
+           types: dict[str, str] | None = None) -> Window:
+    return Window([Glimpse(room, evs, limited, (types or {}).get(room), [])
+                   for room, evs in join.items()], [])
+
+
 async def test_a_start_without_token_reads_back_only_rooms_with_unanswered_messages(
         monkeypatch):
     monkeypatch.setattr(time, "time", lambda: NOW / 1000 + 3600)
-    resp = sync(limited=True, join={
-        "!busy:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
-                    text("$new", "unanswered"), text("$done", "answered"), reply("$done")],
-        "!quiet:x": [text("$3", "answered"), reply("$3")]})
     hs = PagedHomeserver()
     reader = Ingest(hs, catchup_hours=1)
     reader.start_without_token("s0")
     with structlog.testing.capture_logs() as logs:
-        [later] = reader.sweep(resp)
+        [later] = reader.sweep(window({
+            "!busy:x": [text("$old", "two hours ago", ts=NOW - 3_600_001),
+                        text("$new", "unanswered"), text("$done", "answered"), reply("$done")],
+            "!quiet:x": [text("$3", "answered"), reply("$3")]}))
     assert (later.kind, later.room_id, later.body, later.catchup) == ("catchup", "!busy:x",
                                                                       "s0", True)
+    assert later.may_be_answered  # an earlier start's catch-up may be answering it
     assert hs.asked == []  # the sweep itself reads nothing: the room's lane does
     [log] = [e for e in logs if e["event"] == "sync.catchup"]
     assert (log["deferred"], log["rooms"]) == (1, 2)
+
+
+def test_a_sweep_reads_back_a_room_whose_latest_events_cannot_tell_but_never_a_space():
+    reactions = [{"type": "m.reaction", "sender": ALICE, "event_id": f"$r{i}",
+                  "origin_server_ts": NOW, "content": {}} for i in range(3)]
+    reader = Ingest(PagedHomeserver(), catchup_hours=1)
+    reader.start_without_token("s0")
+    swept = reader.sweep(window({"!reacted:x": reactions, "!space:x": [text("$1", "hi")],
+                                 "!spoken:x": [*reactions, text("$2", "hi"), reply("$2")]},
+                                types={"!space:x": "m.space"}))
+    assert [u.room_id for u in swept] == ["!reacted:x"]
+    # The whole room (not limited) with no message has nothing older: nothing to read.
+    assert not reader.sweep(window({"!all:x": reactions}, limited=False))
+
+
+def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or_left():
+    create = {"type": "m.room.create", "state_key": "", "sender": BOT,
+              "content": {"type": "m.space"}}
+    body = {"pos": "p1", "lists": {"recent": {"count": 4}}, "rooms": {
+        "!chat:x": {"initial": True, "limited": True, "timeline": [text("$1", "hi")],
+                    "required_state": [member(BOT, "join", BOT)]},
+        "!space:x": {"initial": True, "required_state": [create, member(BOT, "join", BOT)]},
+        "!sent:x": {"timeline": [text("$2", "seen live")]},  # not initial: sent before
+        "!left:x": {"initial": True, "required_state": [member(BOT, "leave", BOT)]},
+        "!inv:x": {"initial": True, "invite_state": [member(BOT, "invite")]},
+        "!inv-other:x": {"initial": True, "invite_state": [member("@someone:x", "invite")]}}}
+    found = parse_window(body, BOT)
+    assert [(g.room_id, g.room_type, g.limited) for g in found.rooms] == [
+        ("!chat:x", None, True), ("!space:x", "m.space", False)]
+    assert found.rooms[0].events[0]["room_id"] == "!chat:x"
+    assert found.invites == [("!inv:x", ALICE)]
 
 
 @pytest.mark.parametrize("status,errcode,message,refused", [
@@ -208,8 +246,8 @@ async def test_during_a_start_a_room_that_shows_up_first_reads_back_before_its_e
                                                     ("message", "$1")]
     again = await reader.updates(sync(join={"!r:x": [text("$2", "more")]}), since="s1")
     assert ids(again) == ["$2"]  # once a room
-    swept = reader.sweep(sync(join={"!r:x": [text("$2", "more")],
-                                    "!other:x": [text("$3", "waiting")]}))
+    swept = reader.sweep(window({"!r:x": [text("$2", "more")],
+                                 "!other:x": [text("$3", "waiting")]}))
     assert [u.room_id for u in swept] == ["!other:x"]  # !r:x is decided already
     reader.swept()
     after = await reader.updates(sync(join={"!new:x": [text("$4", "hi")]}), since="s2")

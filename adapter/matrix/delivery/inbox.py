@@ -109,12 +109,16 @@ class Inbox:
             self._latest = sync_token
             return entries
 
-    async def release(self, updates: list[Update]) -> list[Entry]:
-        """Record the start's catch-up with the latest round's token, and keep tokens again."""
+    async def add(self, updates: list[Update]) -> list[Entry]:
+        """Record updates of a start's catch-up (a window of its sweep); the token stays held."""
         async with self._lock:
-            entries = await self._record(updates, self._latest)
+            return await self._record(updates, None)
+
+    async def release(self) -> None:
+        """The start's catch-up is recorded: keep the latest round's token, and tokens again."""
+        async with self._lock:
+            await self._record([], self._latest)
             self._held = False
-            return entries
 
     async def _record(self, updates: list[Update], sync_token: str | None) -> list[Entry]:
         entries = [Entry(self._next_seq + i, update) for i, update in enumerate(updates)]

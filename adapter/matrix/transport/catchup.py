@@ -1,7 +1,7 @@
 """A start without a sync token (SPEC §5): what the bot missed is history, except the
 owner's recent messages that no bot answer names.
 
-``Ingest.sweep`` looks at every room's latest events, short (``INITIAL_TIMELINE``); a room
+``Ingest.sweep`` looks at every room's latest events, short (``sweep.TIMELINE``); a room
 whose latest events show such a message gets one ``catchup`` update, and its lane reads the
 room back from the start's position (``CatchUpReader.expand``), up to
 ``LAMBDA_CATCHUP_HOURS`` and the 1,000-a-room bound. So a room with nothing to answer costs
@@ -24,10 +24,6 @@ from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 
 log = structlog.get_logger()
 
-INITIAL_TIMELINE = 10  # events per room in a first sync; rooms that need more read more
-# What a first sync's timelines carry: what the rule reads, and what the conversation
-# follows (redactions, stickers), so that reactions or images cannot hide a question.
-INITIAL_TIMELINE_TYPES = [*READ_TYPES, "m.room.redaction", "m.sticker"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +31,13 @@ class CatchUp:
     answer: list[dict]  # the text messages still to answer, oldest first
     skipped: int  # events left as history
     complete: bool  # the events reach what is not the bot's to answer: nothing older counts
+    spoken: bool  # the events hold a message (so older ones are taken as answered)
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether these events tell if something is left to answer (if only state events and
+        reactions were read, older events might hold an unanswered message)."""
+        return self.complete or self.spoken
 
 
 class CatchUpWalk:
@@ -53,6 +56,7 @@ class CatchUpWalk:
         self.answer: list[dict] = []  # newest first
         self.skipped = 0
         self.complete = False
+        self.spoken = False
 
     def step(self, ev: dict) -> bool:
         """Take the next older event; True once nothing older can count."""
@@ -60,7 +64,9 @@ class CatchUpWalk:
             self.complete = True
         elif (source := answered_source(ev, self.bot_id)) is not None:
             self.named.add(source)
+            self.spoken = True
         elif (update := to_update(ev, self.bot_id)) is not None:
+            self.spoken = self.spoken or update.kind != "room_name"
             if update.ts < self.not_before_ms:
                 self.skipped += 1
                 self.complete = True
@@ -71,7 +77,7 @@ class CatchUpWalk:
         return self.complete
 
     def result(self) -> CatchUp:
-        return CatchUp(self.answer[::-1], self.skipped, self.complete)
+        return CatchUp(self.answer[::-1], self.skipped, self.complete, self.spoken)
 
 
 def window_start_ms(catchup_hours: float) -> int:
@@ -89,9 +95,12 @@ def catch_up(timeline: list[dict], bot_id: str, not_before_ms: int) -> CatchUp:
 
 
 def deferred(room_id: str, sync_token: str) -> Update:
-    """The update that reads a room further back, from the first sync's position on."""
+    """The update that reads a room further back, from the first sync's position on. It may
+    find answers already given after that position: a start's sweep is recorded window by
+    window, so a catch-up of an earlier start (cut short by a crash, or a refused token) may
+    be answering the same room in its lane, and its answers come after this position."""
     return Update("catchup", room_id, "", f"catchup|{room_id}|{sync_token}", sync_token,
-                  catchup=True)
+                  catchup=True, replayed=True)
 
 
 class CatchUpReader:

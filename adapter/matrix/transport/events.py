@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from nio import InviteMemberEvent, SyncResponse
+
 from adapter.matrix.context import Update
 from adapter.matrix.conversation.turns import replaced_event, without_reply_fallback
 
@@ -41,3 +43,15 @@ def is_own_join(ev: dict, bot_id: str) -> bool:
     prev = (ev.get("unsigned") or {}).get("prev_content") or {}
     return (ev.get("content") or {}).get("membership") == "join" \
         and prev.get("membership") != "join"
+
+
+def invites_of(resp: SyncResponse, bot_id: str) -> list[tuple[str, str]]:
+    """The rooms a sync round shows the bot invited to, each with its inviter (from the
+    invite event for the bot itself)."""
+    found = []
+    for room_id, info in resp.rooms.invite.items():
+        invite = next((ev for ev in info.invite_state if isinstance(ev, InviteMemberEvent)
+                       and ev.state_key == bot_id and ev.membership == "invite"), None)
+        if invite is not None:
+            found.append((room_id, invite.sender))
+    return found

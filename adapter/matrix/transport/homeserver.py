@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import ClientError
@@ -38,6 +38,7 @@ SPACE_NAME = "Lambda"
 # here, longer ones surface as HomeserverError with retry_after_ms, never blocking the bot.
 SHORT_RATE_LIMIT_MS = 3000
 MAX_SHORT_RATE_LIMIT_RETRIES = 2
+UNSTABLE_API_PATH = "/_matrix/client/unstable"
 SOURCE_KEY = "io.lambda.source"  # in every reply: the event it answers (SPEC §3)
 # On a notice that promises an answer still to come ("I'll retry"): it names its source, but
 # it is not the answer, so a replay still answers (see conversation.turns.answered_source).
@@ -119,6 +120,17 @@ class CapabilitiesResponse(Response):
         return cls(str(default) if default is not None else None)
 
 
+@dataclass
+class RawResponse(Response):
+    """An answer nio has no class for, as JSON."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, parsed: dict[str, Any]) -> RawResponse | ErrorResponse:
+        return ErrorResponse.from_dict(parsed) if "errcode" in parsed else cls(parsed)
+
+
 @dataclass(frozen=True)
 class SyncedRoom:
     """What sync has shown of a room, without a request: its type (``m.space`` or None), the
@@ -163,6 +175,7 @@ class Homeserver:
         self._room_version_known = False
         self._room_version_lock = asyncio.Lock()
         self._space_owners: dict[str, str] = {}  # room id -> owner, from sync (note_sync)
+        self._swept_types: dict[str, str | None] = {}  # room id -> type, from a sweep
 
     @property
     def bot_id(self) -> str:
@@ -170,30 +183,41 @@ class Homeserver:
 
     def synced_room(self, room_id: str) -> SyncedRoom | None:
         """What the syncs so far showed of a room (no request); None if they did not show it."""
+        owner = self._space_owners.get(room_id)
         room = self.client.rooms.get(room_id)
-        if room is None:
-            return None
-        return SyncedRoom(room.room_type, frozenset(room.users) | frozenset(room.invited_users),
-                          self._space_owners.get(room_id))
+        if room is not None:
+            return SyncedRoom(room.room_type, frozenset(room.users)
+                              | frozenset(room.invited_users), owner)
+        if room_id in self._swept_types:
+            return SyncedRoom(self._swept_types[room_id], frozenset(), owner)
+        return None
 
     def note_sync(self, resp: SyncResponse) -> None:
         """Keep the owner of each Space marker the bot wrote that a sync round shows. nio keeps
         no custom state, and with lazily loaded members sync rarely shows a Space's owner
         (a first sync gives every room's state but members only of the timeline's senders)."""
         for room_id, info in resp.rooms.join.items():
-            for ev in (*info.state, *info.timeline.events):
-                raw = ev.source
-                if raw.get("type") != SpaceMarker.TYPE or raw.get("state_key") != "" \
-                        or raw.get("sender") != self.bot_id:
-                    continue
-                try:
-                    marker = SpaceMarker.parse(raw.get("content") or {})
-                except MalformedMarker:
-                    marker = None  # the heal refuses it, with the reason
-                if marker is None:
-                    self._space_owners.pop(room_id, None)
-                else:
-                    self._space_owners[room_id] = marker.owner
+            self._note_markers(room_id, (ev.source for ev in (*info.state,
+                                                               *info.timeline.events)))
+
+    def note_room(self, room_id: str, room_type: str | None, state: Iterable[dict]) -> None:
+        """What a start's sweep saw of a room that nio's sync did not: its type and state."""
+        self._swept_types[room_id] = room_type
+        self._note_markers(room_id, state)
+
+    def _note_markers(self, room_id: str, events: Iterable[dict]) -> None:
+        for raw in events:
+            if raw.get("type") != SpaceMarker.TYPE or raw.get("state_key") != "" \
+                    or raw.get("sender") != self.bot_id:
+                continue
+            try:
+                marker = SpaceMarker.parse(raw.get("content") or {})
+            except MalformedMarker:
+                marker = None  # the heal refuses it, with the reason
+            if marker is None:
+                self._space_owners.pop(room_id, None)
+            else:
+                self._space_owners[room_id] = marker.owner
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]], ok: type[R]) -> R:
         for attempt in range(MAX_SHORT_RATE_LIMIT_RETRIES + 1):
@@ -330,6 +354,18 @@ class Homeserver:
         resp = await self._call("read messages after", lambda: self.client._send(
             RoomContextResponse, "GET", path, response_data=(room_id,)), RoomContextResponse)
         return [ev.source for ev in resp.events_after], resp.end
+
+    async def sliding_sync(self, conn_id: str, lists: dict[str, Any], pos: str | None
+                           ) -> dict[str, Any]:
+        """One simplified sliding sync request (MSC4186) on connection ``conn_id``, answered
+        at once: the raw answer."""
+        query = {"timeout": 0, **({"pos": pos} if pos is not None else {})}
+        path = Api._build_path(["org.matrix.simplified_msc3575", "sync"], query,
+                               base_path=UNSTABLE_API_PATH)
+        body = json.dumps({"conn_id": conn_id, "lists": lists})
+        resp = await self._call("sliding sync", lambda: self.client._send(
+            RawResponse, "POST", path, data=body), RawResponse)
+        return resp.body
 
     async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
         await self._call("typing", lambda: self.client.room_typing(room_id, on, timeout_ms),

@@ -3,10 +3,10 @@
 - A resumed sync: every new event; a room whose timeline is ``limited`` first gets the
   events it missed, fetched with ``/messages`` back to the previous sync token.
 - A start without a sync token: a first sync that carries no room gives the position the bot
-  answers from at once; ``sweep`` then looks at every room's latest events (a second first
-  sync, in the background) and a room with an unanswered message reads back from that
-  position in its own lane (``catchup``). A sync token the server no longer accepts
-  (``sync_token_refused``) leads to the same start.
+  answers from at once; ``sweep`` then looks at every room's latest events, a window at a
+  time in the background (``transport.sweep``), and a room with an unanswered message reads
+  back from that position in its own lane (``catchup``). A sync token the server no longer
+  accepts (``sync_token_refused``) leads to the same start.
 
 The rules over raw events are pure functions; ``Ingest`` is their thin I/O shell.
 """
@@ -17,13 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
-from nio import InviteMemberEvent, SyncResponse
+from nio import SyncResponse
+
+from adapter.matrix.healing.room_state import SPACE_TYPE
 
 from adapter.matrix.context import Update
 from adapter.matrix.transport import events
 from adapter.matrix.transport.catchup import catch_up, deferred, window_start_ms
-from adapter.matrix.transport.events import READ_TYPES, is_own_join, to_update
+from adapter.matrix.transport.events import READ_TYPES, invites_of, is_own_join, to_update
 from adapter.matrix.transport.homeserver import Homeserver
+from adapter.matrix.transport.sweep import Window
 
 log = structlog.get_logger()
 
@@ -78,7 +81,7 @@ class Ingest:
         """A round's updates, in order: every new event, what a limited timeline left out, and
         during a start's catch-up a room's own read back first."""
         bot_id = self.hs.bot_id
-        updates = self._invites(resp, since)
+        updates = self._invites(invites_of(resp, bot_id), since)
         for room_id, info in resp.rooms.join.items():
             timeline = [{**ev.source, "room_id": room_id} for ev in info.timeline.events]
             self.observe(room_id, timeline, info.timeline.limited)
@@ -99,22 +102,24 @@ class Ingest:
                            if (update := to_update(ev, bot_id)) is not None)
         return updates
 
-    def sweep(self, resp: SyncResponse) -> list[Update]:
-        """The start's catch-up over a first sync of every room's latest events: a room whose
-        latest events show an unanswered message reads back from the start's position in its
-        own lane (a room with nothing to answer costs nothing more), and the invites received
-        while the bot was down are handled."""
+    def sweep(self, window: Window) -> list[Update]:
+        """The start's catch-up over a window of rooms' latest events: a room whose latest
+        events show an unanswered message (or cannot tell) reads back from the start's
+        position in its own lane, a room with nothing to answer costs nothing more, and the
+        invites received while the bot was down are handled."""
         assert self._start is not None, "sweep follows start_without_token"
-        updates = self._invites(resp, None)
+        updates = self._invites(window.invites, None)
         not_before_ms = window_start_ms(self.catchup_hours)
-        for room_id, info in resp.rooms.join.items():
-            if room_id in self._caught_up:
+        for room in window.rooms:
+            if room.room_id in self._caught_up:
                 continue
-            timeline = [{**ev.source, "room_id": room_id} for ev in info.timeline.events]
-            if catch_up(timeline, self.hs.bot_id, not_before_ms).answer:
-                updates.append(deferred(room_id, self._start))
-            self._caught_up.add(room_id)  # at once: a round cannot defer it a second time
-        log.info("sync.catchup", rooms=len(resp.rooms.join), deferred=sum(
+            self._caught_up.add(room.room_id)  # at once: a round cannot defer it a second time
+            if room.room_type == SPACE_TYPE:
+                continue  # nothing in a Space is answered
+            found = catch_up(room.events, self.hs.bot_id, not_before_ms)
+            if found.answer or (room.limited and not found.conclusive):
+                updates.append(deferred(room.room_id, self._start))
+        log.info("sync.catchup", rooms=len(window.rooms), deferred=sum(
             u.kind == "catchup" for u in updates), invites=sum(u.kind == "invite" for u in updates),
             hours=self.catchup_hours)
         return updates
@@ -123,19 +128,16 @@ class Ingest:
         """The sweep's updates are recorded: the start is over."""
         self._start = None
 
-    def _invites(self, resp: SyncResponse, since: str | None) -> list[Update]:
-        """One update per invite, taken from the invite event for the bot itself (during a
-        start, once, whichever of the first syncs shows it)."""
-        bot_id, updates = self.hs.bot_id, []
-        for room_id, info in resp.rooms.invite.items():
-            invite = next((ev for ev in info.invite_state if isinstance(ev, InviteMemberEvent)
-                           and ev.state_key == bot_id and ev.membership == "invite"), None)
-            if invite is None or (self._start is not None and room_id in self._invited):
-                continue
+    def _invites(self, invites: Iterable[tuple[str, str]], since: str | None) -> list[Update]:
+        """One update per invite (room id, inviter); during a start, once, whichever of the
+        sync rounds and the sweep shows it first."""
+        updates = []
+        for room_id, inviter in invites:
             if self._start is not None:
+                if room_id in self._invited:
+                    continue
                 self._invited.add(room_id)
-            updates.append(Update("invite", room_id, invite.sender,
-                                  f"invite|{room_id}|{since or ''}"))
+            updates.append(Update("invite", room_id, inviter, f"invite|{room_id}|{since or ''}"))
         return updates
 
     async def _backfill(self, room_id: str, start: str, since: str) -> Backfill:

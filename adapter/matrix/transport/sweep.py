@@ -1,0 +1,149 @@
+"""A start without a sync token looks at every room's latest events (SPEC §5, Scale), most
+recently active first, a window at a time: the room a user wrote in while the bot was down is
+in the first window, whatever the number of rooms.
+
+The windows come from one sliding sync connection (MSC4186, ``/sync`` of
+``org.matrix.simplified_msc3575``), sorted by recency; each request widens the range, and the
+server sends only the rooms it has not sent on that connection yet, so no room is skipped when
+the order moves. A homeserver without it gets one first ``/sync`` of every room instead (the
+fallback, a single window). ``parse_window`` is the pure rule over a sliding sync answer;
+``Sweep`` is its I/O shell.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from nio import SyncResponse
+
+from adapter.matrix.healing.markers import SpaceMarker
+from adapter.matrix.transport.events import READ_TYPES, invites_of
+from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
+
+log = structlog.get_logger()
+
+LIST = "recent"
+CONNECTION = "lambda-start"  # the sliding sync connection a start's sweep walks on
+FIRST_WINDOW = 20  # rooms in the first window: where a user most likely waits
+WINDOW = 100  # rooms each later window adds
+TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
+# The types a fallback's first sync asks for: what the rule reads, and what the conversation
+# follows (redactions, stickers), so that reactions cannot hide a question. Sliding sync has
+# no type filter: its timelines hold every type, and a room whose latest events are all
+# state or reactions reads back (``CatchUp.conclusive``).
+TIMELINE_TYPES = [*READ_TYPES, "m.room.redaction", "m.sticker"]
+REQUIRED_STATE = [["m.room.create", ""], ["m.room.member", "$ME"], [SpaceMarker.TYPE, ""]]
+
+
+@dataclass(frozen=True)
+class Glimpse:
+    """What a sweep sees of one room the bot is in."""
+
+    room_id: str
+    events: list[dict]  # its latest events, oldest first, each with its room id
+    limited: bool  # older events exist
+    room_type: str | None  # ``m.space`` for a Space
+    state: list[dict]  # the state events asked for (``REQUIRED_STATE``), if any
+
+
+@dataclass(frozen=True)
+class Window:
+    rooms: list[Glimpse]
+    invites: list[tuple[str, str]]  # (room id, inviter): the bot is invited there
+
+
+def _is_create(ev: dict) -> bool:
+    return ev.get("type") == "m.room.create" and ev.get("state_key") == ""
+
+
+def parse_window(body: dict, bot_id: str) -> Window:
+    """The rooms of a sliding sync answer that the connection had not sent before (those it
+    sent before and that moved are seen by the live sync), and the bot's invites."""
+    rooms, invites = [], []
+    for room_id, room in (body.get("rooms") or {}).items():
+        if not isinstance(room, dict) or not room.get("initial"):
+            continue
+        if (invite_state := room.get("invite_state")) is not None:
+            invite = next((ev for ev in invite_state if ev.get("type") == "m.room.member"
+                           and ev.get("state_key") == bot_id
+                           and (ev.get("content") or {}).get("membership") == "invite"), None)
+            if invite is not None and isinstance(invite.get("sender"), str):
+                invites.append((room_id, invite["sender"]))
+            continue
+        state = room.get("required_state") or []
+        own = next((ev for ev in state if ev.get("type") == "m.room.member"
+                    and ev.get("state_key") == bot_id), None)
+        if own is not None and (own.get("content") or {}).get("membership") != "join":
+            continue  # left, or banned, since the connection began
+        events = [{**ev, "room_id": room_id} for ev in room.get("timeline") or []]
+        create = next((ev for ev in (*state, *events) if _is_create(ev)), None)
+        room_type = ((create or {}).get("content") or {}).get("type")
+        rooms.append(Glimpse(room_id, events, bool(room.get("limited")),
+                             room_type if isinstance(room_type, str) else None, state))
+    return Window(rooms, invites)
+
+
+def first_sync_window(resp: SyncResponse, hs: Homeserver) -> Window:
+    """The fallback's single window: a first ``/sync`` of every room."""
+    rooms = []
+    for room_id, info in resp.rooms.join.items():
+        synced = hs.synced_room(room_id)
+        rooms.append(Glimpse(room_id, [{**ev.source, "room_id": room_id}
+                                       for ev in info.timeline.events],
+                             info.timeline.limited, synced.room_type if synced else None,
+                             []))
+    return Window(rooms, invites_of(resp, hs.bot_id))
+
+
+def unsupported(err: HomeserverError) -> bool:
+    """The homeserver has no sliding sync (an unknown endpoint: 404 or 405 M_UNRECOGNIZED)."""
+    return err.http_status in (404, 405) or err.status == "M_UNRECOGNIZED"
+
+
+class Sweep:
+    """The windows of one start's sweep, most recently active rooms first."""
+
+    def __init__(self, hs: Homeserver, first_sync: Callable[[], Awaitable[SyncResponse]]
+                 ) -> None:
+        self.hs = hs
+        self.first_sync = first_sync
+        self.sliding = True  # until the homeserver says it has no sliding sync
+
+    async def windows(self) -> AsyncIterator[Window]:
+        """Every window of a walk from the start (a walk that failed is walked again: the
+        caller skips what it already took)."""
+        if self.sliding:
+            try:
+                async for window in self._sliding():
+                    yield window
+                return
+            except HomeserverError as err:
+                if not unsupported(err):
+                    raise
+                self.sliding = False
+                log.info("sync.sweep_fallback", reason=str(err))
+        started = time.monotonic()
+        yield first_sync_window(await self.first_sync(), self.hs)
+        log.info("sync.swept", via="sync", windows=1,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _sliding(self) -> AsyncIterator[Window]:
+        started, pos, end, windows = time.monotonic(), None, FIRST_WINDOW - 1, 0
+        while True:
+            body = await self.hs.sliding_sync(CONNECTION, {LIST: {
+                "ranges": [[0, end]], "timeline_limit": TIMELINE,
+                "required_state": REQUIRED_STATE}}, pos)
+            window = parse_window(body, self.hs.bot_id)
+            for glimpse in window.rooms:  # hints for finding a user's Space (the healer)
+                self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
+            windows += 1
+            yield window
+            count = ((body.get("lists") or {}).get(LIST) or {}).get("count", 0)
+            if end + 1 >= count:
+                break
+            pos, end = body.get("pos"), end + WINDOW
+        log.info("sync.swept", via="sliding_sync", windows=windows, rooms=count,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1))
