@@ -210,7 +210,8 @@ def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or
               "content": {"type": "m.space"}}
     body = {"pos": "p1", "lists": {"recent": {"count": 4}}, "rooms": {
         "!chat:x": {"initial": True, "limited": True, "timeline": [text("$1", "hi")],
-                    "required_state": [member(BOT, "join", BOT)]},
+                    "required_state": [{**create, "content": {}}, member(BOT, "join", BOT)]},
+        "!unseen:x": {"initial": True},  # its create event not shown: type unknown
         "!space:x": {"initial": True, "required_state": [create, member(BOT, "join", BOT)]},
         "!sent:x": {"timeline": [text("$2", "seen live")]},  # not initial: sent before
         "!left:x": {"initial": True, "required_state": [member(BOT, "leave", BOT)]},
@@ -218,7 +219,7 @@ def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or
         "!inv-other:x": {"initial": True, "invite_state": [member("@someone:x", "invite")]}}}
     found = parse_window(body, BOT)
     assert [(g.room_id, g.room_type, g.limited) for g in found.rooms] == [
-        ("!chat:x", None, True), ("!space:x", "m.space", False)]
+        ("!chat:x", "", True), ("!unseen:x", None, False), ("!space:x", "m.space", False)]
     assert found.rooms[0].events[0]["room_id"] == "!chat:x"
     assert found.invites == [("!inv:x", ALICE)]
 

@@ -45,7 +45,7 @@ class Glimpse:
     room_id: str
     events: list[dict]  # its latest events, oldest first, each with its room id
     limited: bool  # older events exist
-    room_type: str | None  # ``m.space`` for a Space
+    room_type: str | None  # as nio has it: ``m.space``, "" (no type), None (create not seen)
     state: list[dict]  # the state events asked for (``REQUIRED_STATE``), if any
 
 
@@ -80,9 +80,10 @@ def parse_window(body: dict, bot_id: str) -> Window:
             continue  # left, or banned, since the connection began
         events = [{**ev, "room_id": room_id} for ev in room.get("timeline") or []]
         create = next((ev for ev in (*state, *events) if _is_create(ev)), None)
-        room_type = ((create or {}).get("content") or {}).get("type")
-        rooms.append(Glimpse(room_id, events, bool(room.get("limited")),
-                             room_type if isinstance(room_type, str) else None, state))
+        room_type = None if create is None else (create.get("content") or {}).get("type")
+        if create is not None and not isinstance(room_type, str):
+            room_type = ""
+        rooms.append(Glimpse(room_id, events, bool(room.get("limited")), room_type, state))
     return Window(rooms, invites)
 
 
