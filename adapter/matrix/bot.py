@@ -13,6 +13,7 @@ import signal
 import sqlite3
 from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 
 import structlog
 from aiohttp import ClientError
@@ -82,6 +83,7 @@ QUICK_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "rooms": []}
 CATCHUP_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
     **SYNC_FILTER["room"]["timeline"], "limit": TIMELINE, "types": TIMELINE_TYPES}}}
 MAX_BACKOFF_S = 60.0
+SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
 
 
 def client_config() -> AsyncClientConfig:
@@ -188,15 +190,18 @@ class Bot:
     async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
         """A start without a token, beside the sync loop: the sweep looks at every room's
         latest events, a window at a time, most recently active first, and decides which rooms
-        read back (``Ingest.sweep``). Each window is recorded as it comes, and handled at once;
-        once the last one is, the token is kept again."""
+        read back (``Ingest.sweep``). Each window is recorded as it comes and handled at once,
+        before the next is asked for (the homeserver's time goes to users first); once the
+        last one is recorded, the token is kept again."""
         backoff, unrecorded = 1.0, []
         while not stop.is_set():
             try:
                 if unrecorded:  # decided, but the file refused them: never decided again
                     delivery.push(await inbox.add(unrecorded))
                     unrecorded = []
-                async with aclosing(self.sweep.windows()) as windows:
+                # What users wait for goes first: a window's catch-ups, live rounds.
+                give_way = partial(delivery.quiet, SWEEP_YIELD_S)
+                async with aclosing(self.sweep.windows(give_way)) as windows:
                     async for window in windows:
                         unrecorded = self.ingest.sweep(window)
                         delivery.push(await inbox.add(unrecorded))

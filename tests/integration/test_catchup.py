@@ -8,8 +8,11 @@ import re
 
 import pytest
 
+from adapter.matrix.transport import sweep
 from adapter.matrix.transport.sweep import TIMELINE
 from tests.integration.test_delivery import echoes, wait_echoes
+
+SLIDING = r"/org\.matrix\.simplified_msc3575/sync"
 
 
 def messages_reads(proxy, room_id: str) -> int:
@@ -44,3 +47,49 @@ async def test_after_a_total_loss_only_the_room_with_unanswered_messages_reads_b
     assert messages_reads(proxy, busy) == 4
     await alice.ask(busy, bot.user_id, "and now", "Echo: and now")
     assert echoes(alice, busy, bot.user_id, "while down") == sent
+
+
+async def test_the_sweep_walks_the_rooms_most_recent_first_a_window_at_a_time(
+        proxied_bot, proxy, make_user, logs, monkeypatch):
+    monkeypatch.setattr(sweep, "FIRST_WINDOW", 2)
+    monkeypatch.setattr(sweep, "WINDOW", 3)
+    bot = proxied_bot
+    alice, bob, carol, dave = [await make_user(name) for name in ("alice", "bob", "carol",
+                                                                   "dave")]
+    for person in (bob, carol):
+        await person.onboard(bot.user_id)
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await alice.send(chat, "while down")  # her chat becomes the most recently active room
+    lobby = await dave.open_lobby(bot.user_id)  # and an invite waits
+    await bot.lose("everything")
+    mark, asked = len(logs.entries), proxy.count(SLIDING)
+    await bot.start()
+    assert await wait_echoes(alice, chat, bot.user_id, ["while down"]) == ["while down"]
+    await dave.wait_reply(lobby, bot.user_id, "Space")
+    swept = (await logs.wait_for("sync.swept", count=2))[-1]
+    # 10 rooms (Dave's Space and chat may join them while the walk goes): 2, then 3 at a time.
+    assert swept["via"] == "sliding_sync" and swept["windows"] >= 4
+    windows = [e for e in logs.entries[mark:] if e.get("event") == "sync.catchup"]
+    # The two most recently active rooms come first: Alice's, to catch up, and the invite.
+    assert (windows[0]["rooms"], windows[0]["deferred"], windows[0]["invites"]) == (1, 1, 1)
+    assert [w["deferred"] + w["invites"] for w in windows[1:]] == [0] * (len(windows) - 1)
+    assert proxy.count(SLIDING) - asked == swept["windows"]
+
+
+async def test_without_sliding_sync_the_sweep_is_one_first_sync_of_every_room(
+        proxied_bot, proxy, make_user, logs):
+    proxy.fail(SLIDING, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+    bot = proxied_bot
+    alice, carol = await make_user("alice"), await make_user("carol")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await bot.stop()
+    await alice.send(chat, "while down")
+    lobby = await carol.open_lobby(bot.user_id)
+    await bot.lose("everything")
+    await bot.start()
+    assert await wait_echoes(alice, chat, bot.user_id, ["while down"]) == ["while down"]
+    await carol.wait_reply(lobby, bot.user_id, "Space")
+    swept = (await logs.wait_for("sync.swept", count=2))[-1]
+    assert (swept["via"], swept["windows"]) == ("sync", 1)
+    assert len(logs.named("sync.sweep_fallback")) == 1

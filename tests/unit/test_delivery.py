@@ -130,6 +130,24 @@ async def test_lanes_bound_nothing_every_room_runs_at_once(store):
     await workers.close()
 
 
+async def test_quiet_waits_for_updates_due_now_but_not_for_a_retrys_wait(store):
+    inbox, _ = await Inbox.open(store)
+    rec = Recorder()
+    rec.block = {"!busy"}
+    workers = Delivery(inbox, rec.feed, rec.give_up)
+    await asyncio.wait_for(workers.quiet(5), 1)  # nothing queued: at once
+    workers.push(await inbox.ingest([msg("!busy", 1)], "t"))
+    started = time.monotonic()
+    await workers.quiet(0.2)  # the busy room holds it, up to the bound
+    assert time.monotonic() - started >= 0.2
+    waiter = asyncio.create_task(workers.quiet(5))
+    rec.release.set()
+    await asyncio.wait_for(waiter, 1)  # and it ends when the room is done
+    workers.push([await inbox.postpone((await inbox.ingest([msg("!later", 1)], "t"))[0], 30)])
+    await asyncio.wait_for(workers.quiet(5), 1)  # a retry 30 s away is nothing due now
+    await workers.close()
+
+
 async def test_retry_later_keeps_the_update_first_in_its_room(store):
     inbox, _ = await Inbox.open(store)
     rec = Recorder()

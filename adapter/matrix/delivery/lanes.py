@@ -58,6 +58,9 @@ class Delivery:
         self._lanes: dict[str, deque[Entry]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
+        self._due: set[str] = set()  # lanes with an update to handle now (not a retry's wait)
+        self._quiet = asyncio.Event()
+        self._quiet.set()
 
     def push(self, entries: Iterable[Entry]) -> None:
         """Queue entries already written to the inbox, and wake their lanes' workers."""
@@ -65,11 +68,29 @@ class Delivery:
             lane = entry.update.room_id
             self._lanes.setdefault(lane, deque()).append(entry)
             if lane not in self._workers:
+                self._mark(lane, due=True)
                 self._workers[lane] = asyncio.create_task(self._drain(lane))
 
     @property
     def queued(self) -> int:
         return sum(len(queue) for queue in self._lanes.values())
+
+    async def quiet(self, at_most: float) -> None:
+        """Until no lane has an update to handle now, or ``at_most`` seconds: background work
+        (a start's sweep) gives way to the updates users wait for."""
+        try:
+            await asyncio.wait_for(self._quiet.wait(), at_most)
+        except TimeoutError:
+            pass
+
+    def _mark(self, lane: str, due: bool) -> None:
+        if due:
+            self._due.add(lane)
+            self._quiet.clear()
+        else:
+            self._due.discard(lane)
+            if not self._due:
+                self._quiet.set()
 
     async def close(self) -> None:
         """Finish the updates being handled, start no new one; the rest stays in the inbox."""
@@ -81,9 +102,11 @@ class Delivery:
         try:
             while queue and not self._stopping.is_set():
                 entry = queue[0]
-                if entry.not_before > time.time() and await self._stopped_within(
-                        entry.not_before - time.time()):
-                    break
+                if entry.not_before > time.time():
+                    self._mark(lane, due=False)
+                    if await self._stopped_within(entry.not_before - time.time()):
+                        break
+                    self._mark(lane, due=True)
                 later = await self._handle(entry)
                 if later is None:
                     queue.popleft()
@@ -92,6 +115,7 @@ class Delivery:
         except StoreError as err:  # the entry stays in the file: the next start retries it
             log.error("delivery.store_failed", lane=lane, error=str(err))
         finally:
+            self._mark(lane, due=False)
             del self._workers[lane]
             del self._lanes[lane]
 
