@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import structlog
@@ -119,8 +120,9 @@ class Sweep:
         lets what users wait for go first."""
         if self.sliding:
             try:
-                async for window in self._sliding(give_way):
-                    yield window
+                async with aclosing(self._sliding(give_way)) as windows:
+                    async for window in windows:
+                        yield window
                 return
             except HomeserverError as err:
                 if not unsupported(err):
@@ -148,8 +150,8 @@ class Sweep:
                 self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
             windows += 1
             yield window
-            count = ((body.get("lists") or {}).get(LIST) or {}).get("count", 0)
-            if end + 1 >= count:
+            count = ((body.get("lists") or {}).get(LIST) or {}).get("count")
+            if not isinstance(count, int) or end + 1 >= count:
                 break
             pos, end = body.get("pos"), end + WINDOW
         log.info("sync.swept", via="sliding_sync", windows=windows, rooms=count,
