@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) tools/run_local.py
 
+# Two workers, each with its own Synapse: one Synapse and the bot wait on each other, so a
+# single session keeps only one of the 2 cores busy.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
