@@ -117,14 +117,17 @@ def logged_at(entry: dict) -> float:
     return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-async def first_reply(bot: ProcessBot, logs: list[dict], owner: ScriptedUser, chat: str,
-                      lose: bool, writes_again: bool = False) -> dict:
+async def first_reply(hs: LocalHomeserver, bot: ProcessBot, logs: list[dict],
+                      owner: ScriptedUser, chat: str, lose: bool, writes_again: bool = False
+                      ) -> dict:
     """Stop the bot (and lose its DB and session, if ``lose``); the owner writes while it is
-    down; start it (``writes_again``: the owner writes once more when it is ready). Seconds
-    from the exec to the last reply's homeserver timestamp."""
+    down; once Synapse is idle (the last run's work done), start it (``writes_again``: the
+    owner writes once more when it is ready). Seconds from the exec to the last reply's
+    homeserver timestamp."""
     await bot.stop()
     if lose:
         bot.lose_everything()
+    await synapse_idle(hs)
     sources = [await owner.send(chat, f"probe {time.time():.3f}")]
     began, mark = time.time(), len(logs)
     ready = await bot.start(logs)
@@ -140,12 +143,14 @@ async def first_reply(bot: ProcessBot, logs: list[dict], owner: ScriptedUser, ch
             "boot": logged_at(starting) - began, "rss": rss, "peak": peak}
 
 
-async def measure(bot: ProcessBot, logs: list[dict], owner: ScriptedUser, chat: str,
-                  samples: int) -> dict[str, list[dict]]:
-    return {"healthy": [await first_reply(bot, logs, owner, chat, False) for _ in range(samples)],
-            "loss": [await first_reply(bot, logs, owner, chat, True) for _ in range(samples)],
-            "back": [await first_reply(bot, logs, owner, chat, True, writes_again=True)
-                     for _ in range(samples)]}
+async def measure(hs: LocalHomeserver, bot: ProcessBot, logs: list[dict], owner: ScriptedUser,
+                  chat: str, samples: int) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for kind, lose, writes_again in (("healthy", False, False), ("loss", True, False),
+                                     ("back", True, True)):
+        found[kind] = [await first_reply(hs, bot, logs, owner, chat, lose, writes_again)
+                       for _ in range(samples)]
+    return found
 
 
 async def onboard(people: list[ScriptedUser]) -> list[tuple[str, str, str]]:
@@ -221,7 +226,7 @@ async def bench(sizes: tuple[int, int], ks: list[int], samples: int, typists: in
                 await owner.ask(lobby, f"!new Bench {i}", "Created")
             counted = {small: await server_rooms(config)}
             await synapse_idle(hs)
-            at = {small: await measure(bot, logs, owner, chat, samples)}
+            at = {small: await measure(hs, bot, logs, owner, chat, samples)}
 
             started = time.perf_counter()
             grown, extra = divmod(large - small, 3)  # users of 3 rooms, and chats to add
@@ -232,7 +237,7 @@ async def bench(sizes: tuple[int, int], ks: list[int], samples: int, typists: in
             growing = time.perf_counter() - started
             counted[large] = await server_rooms(config)
             await synapse_idle(hs)
-            at[large] = await measure(bot, logs, owner, chat, samples)
+            at[large] = await measure(hs, bot, logs, owner, chat, samples)
 
             rest, started = people[grown + 1:max(ks) + 1], time.perf_counter()
             chats += [(p, c) for p, (_, _, c) in zip(rest, await onboard(rest))]
