@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.healing.room_state import SPACE_TYPE
-
 from adapter.matrix.context import Update
+from adapter.matrix.healing.room_state import SPACE_TYPE
 from adapter.matrix.transport import events
 from adapter.matrix.transport.catchup import catch_up, deferred, window_start_ms
 from adapter.matrix.transport.events import READ_TYPES, invites_of, is_own_join, to_update
