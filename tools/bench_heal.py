@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
-from adapter.matrix.bot import run_bot  # noqa: E402
+from adapter.matrix.run import run_bot  # noqa: E402
 from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.config import Config, ListenAddr  # noqa: E402
 from adapter.matrix.observe.metrics import Metrics  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 
 import structlog
 
-from adapter.matrix.bot import main
+from adapter.matrix.run import main
 from adapter.matrix.config import Config, ConfigError
 from core.log_setup import configure_logging
 

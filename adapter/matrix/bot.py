@@ -1,5 +1,6 @@
-"""Startup, the sync loop and the wiring. Startup does no reconciliation: missing local state
-is healed lazily, by the healing link of the chain.
+"""The bot: its sync loop, a start's catch-up beside it, and the wiring of the chain. Startup
+does no reconciliation: missing local state is healed lazily, by the healing link of the
+chain. The process around it (checks, login, exit codes) is ``run``.
 
 An event's way: ``Bot.run`` (sync loop) -> ``ingest`` (a round's updates) -> ``inbox``
 (written with the sync token) -> ``delivery`` (a worker per room) -> ``dispatcher`` (the
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import signal
 import sqlite3
 from contextlib import aclosing
 from dataclasses import replace
@@ -43,21 +43,13 @@ from adapter.matrix.chain.middlewares import (
 )
 from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.observe.health import Health
-from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.room_router import RoomRouter
-from adapter.matrix.transport.session import HomeserverUnreachable, LoginFailed, SessionClient, log_in
+from adapter.matrix.transport.session import HomeserverUnreachable
 from adapter.matrix.store import MatrixStore
-from core.agent import Agent, AgentLoadError, load_agent
+from core.agent import Agent
 from core.chat import ChatManager
-from core.store import (
-    ProcessLock,
-    SQLiteStore,
-    StoreLocked,
-    StoreUnreadable,
-    StoreUnwritable,
-    unwritable,
-)
+from core.store import SQLiteStore
 
 log = structlog.get_logger()
 
@@ -215,7 +207,7 @@ class Bot:
                             retry_in_s=backoff)
             except Exception:  # a bug: logged, retried like a fault, never silently gone
                 log.exception("sync.catchup_crashed", retry_in_s=backoff)
-            await _sleep_or_stop(stop, backoff)
+            await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
@@ -256,7 +248,7 @@ class Bot:
                 self.health.homeserver_failed(str(err) or type(err).__name__)
                 log.warning("sync.failed", error=str(err) or type(err).__name__,
                             retry_in_s=backoff)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             try:
@@ -269,7 +261,7 @@ class Bot:
                           remedy=fault.remedy, updates=len(updates), retry_in_s=backoff)
                 waiting = waiting if waiting is not None else set()
                 await self._tell_held_back(updates, waiting)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             since = resp.next_batch
@@ -299,106 +291,8 @@ class Bot:
                 await tell_store_down(self.services, update, route)
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
-
-
-async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event,
-                               health: Health) -> bool:
-    backoff = 1.0
-    while not stop.is_set():
-        try:
-            session = await log_in(client, config)
-            log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
-            health.homeserver_answered()
-            return True
-        except HomeserverUnreachable as err:
-            health.homeserver_failed(str(err))
-            log.warning("homeserver.unreachable", homeserver=config.homeserver,
-                        error=str(err), retry_in_s=backoff)
-            await _sleep_or_stop(stop, backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-    return False
-
-
-async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = None) -> int:
-    """Run until ``stop`` is set (or the session is lost for good, which sets it). Returns the
-    process exit code. ``agent`` overrides ``config.agent`` (tests and the benchmark pass one)."""
-    if agent is None:
-        try:
-            agent = load_agent(config.agent)
-        except AgentLoadError as err:
-            log.error("config.invalid", error=str(err))
-            return 2
-    if (read_only := unwritable(config.db_path)) is not None:
-        log.error("store.read_only", db=str(config.db_path), path=str(read_only),
-                  error=f"{read_only} is not writable by this user",
-                  remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
-                         "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
-                         "DB is intact: do not reset it")
-        return 1
-    lock = ProcessLock(config.db_path)
-    try:
-        lock.acquire()
-    except StoreLocked:
-        log.error("store.locked", db=str(config.db_path), pid=lock.holder_pid(),
-                  remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first")
-        return 1
-    try:
-        try:
-            store = await SQLiteStore.open(config.db_path)
-        except StoreUnreadable as err:
-            log.error("store.unreadable", db=str(config.db_path), error=str(err),
-                      remedy="python tools/reset_local.py")
-            return 1
-        except StoreUnwritable as err:
-            log.error("store.write_failed", during="start", db=str(config.db_path),
-                      error=str(err), remedy="free disk space or make the folder writable; "
-                                             "there is no DB yet, nothing to reset")
-            return 1
-        metrics, health = Metrics(), Health(config.outage_after_s)
-        listener = None
-        if config.metrics_addr is not None:
-            try:  # after the DB checks: /health can then tell a homeserver outage at login
-                listener = await MetricsListener.start(config.metrics_addr, metrics, health)
-            except ListenerUnavailable as err:
-                log.error("config.invalid", error=str(err))
-                await store.close()
-                return 2
-        client = SessionClient(config, client_config())
-        try:
-            log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
-                     db=str(config.db_path), db_created=store.created)
-            if not await _log_in_with_backoff(client, config, stop, health):
-                return 0
-            client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
-            await Bot(client, store, agent, config, metrics, health).run(stop)
-            if client.lost is not None:
-                raise client.lost
-            log.info("bot.stopped")
-            return 0
-        except LoginFailed as err:
-            log.error("login.failed", error=str(err),
-                      remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN")
-            return 1
-        finally:
-            if listener is not None:
-                await listener.stop()
-            await client.close()
-            await store.close()
-    finally:
-        lock.release()
-
-
-def main(config: Config) -> int:
-    async def runner() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await run_bot(config, stop)
-
-    return asyncio.run(runner())

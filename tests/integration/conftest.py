@@ -27,7 +27,7 @@ from nio import (
     TypingNoticeEvent,
 )
 
-from adapter.matrix.bot import run_bot
+from adapter.matrix.run import run_bot
 from adapter.matrix.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
 from core.store import SQLiteStore

@@ -1,0 +1,131 @@
+"""The process around the bot: the checks before it starts (agent, DB, lock, listener), the
+login with backoff, the exit codes, and the signals that stop it (SPEC §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from nio import AsyncClient
+
+from adapter.matrix.bot import MAX_BACKOFF_S, Bot, client_config, sleep_or_stop
+from adapter.matrix.config import Config
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
+from adapter.matrix.observe.metrics import Metrics
+from adapter.matrix.transport.session import (
+    HomeserverUnreachable,
+    LoginFailed,
+    SessionClient,
+    log_in,
+)
+from core.agent import Agent, AgentLoadError, load_agent
+from core.store import (
+    ProcessLock,
+    SQLiteStore,
+    StoreLocked,
+    StoreUnreadable,
+    StoreUnwritable,
+    unwritable,
+)
+
+log = structlog.get_logger()
+
+
+async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event,
+                               health: Health) -> bool:
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            session = await log_in(client, config)
+            log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
+            health.homeserver_answered()
+            return True
+        except HomeserverUnreachable as err:
+            health.homeserver_failed(str(err))
+            log.warning("homeserver.unreachable", homeserver=config.homeserver,
+                        error=str(err), retry_in_s=backoff)
+            await sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+    return False
+
+
+async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = None) -> int:
+    """Run until ``stop`` is set (or the session is lost for good, which sets it). Returns the
+    process exit code. ``agent`` overrides ``config.agent`` (tests and the benchmark pass one)."""
+    if agent is None:
+        try:
+            agent = load_agent(config.agent)
+        except AgentLoadError as err:
+            log.error("config.invalid", error=str(err))
+            return 2
+    if (read_only := unwritable(config.db_path)) is not None:
+        log.error("store.read_only", db=str(config.db_path), path=str(read_only),
+                  error=f"{read_only} is not writable by this user",
+                  remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
+                         "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
+                         "DB is intact: do not reset it")
+        return 1
+    lock = ProcessLock(config.db_path)
+    try:
+        lock.acquire()
+    except StoreLocked:
+        log.error("store.locked", db=str(config.db_path), pid=lock.holder_pid(),
+                  remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first")
+        return 1
+    try:
+        try:
+            store = await SQLiteStore.open(config.db_path)
+        except StoreUnreadable as err:
+            log.error("store.unreadable", db=str(config.db_path), error=str(err),
+                      remedy="python tools/reset_local.py")
+            return 1
+        except StoreUnwritable as err:
+            log.error("store.write_failed", during="start", db=str(config.db_path),
+                      error=str(err), remedy="free disk space or make the folder writable; "
+                                             "there is no DB yet, nothing to reset")
+            return 1
+        metrics, health = Metrics(), Health(config.outage_after_s)
+        listener = None
+        if config.metrics_addr is not None:
+            try:  # after the DB checks: /health can then tell a homeserver outage at login
+                listener = await MetricsListener.start(config.metrics_addr, metrics, health)
+            except ListenerUnavailable as err:
+                log.error("config.invalid", error=str(err))
+                await store.close()
+                return 2
+        client = SessionClient(config, client_config())
+        try:
+            log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
+                     db=str(config.db_path), db_created=store.created)
+            if not await _log_in_with_backoff(client, config, stop, health):
+                return 0
+            client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
+            await Bot(client, store, agent, config, metrics, health).run(stop)
+            if client.lost is not None:
+                raise client.lost
+            log.info("bot.stopped")
+            return 0
+        except LoginFailed as err:
+            log.error("login.failed", error=str(err),
+                      remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN")
+            return 1
+        finally:
+            if listener is not None:
+                await listener.stop()
+            await client.close()
+            await store.close()
+    finally:
+        lock.release()
+
+
+def main(config: Config) -> int:
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_bot(config, stop)
+
+    return asyncio.run(runner())
