@@ -25,7 +25,6 @@ from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
 log = structlog.get_logger()
 
 
-
 @dataclass(frozen=True)
 class CatchUp:
     answer: list[dict]  # the text messages still to answer, oldest first

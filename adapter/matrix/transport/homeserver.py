@@ -133,9 +133,10 @@ class RawResponse(Response):
 
 @dataclass(frozen=True)
 class SyncedRoom:
-    """What sync has shown of a room, without a request: its type (``m.space`` or None), the
-    users joined or invited that it showed (members load lazily: maybe not all), and the owner
-    named by a Space marker that the bot wrote. Hints only: a heal reads the room's state."""
+    """What sync has shown of a room, without a request: its type (``m.space``, "" for a room
+    without one, None when its create event was not seen), the users joined or invited that it
+    showed (members load lazily: maybe not all), and the owner named by a Space marker that
+    the bot wrote. Hints only: a heal reads the room's state."""
 
     room_type: str | None
     members: frozenset[str]
