@@ -25,7 +25,7 @@ from bench_heal import BotProcess, ms  # noqa: E402
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
-from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
+from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 from core.agent import EchoAgent, Turn  # noqa: E402
 from core.chat import Chat  # noqa: E402
 

@@ -33,7 +33,7 @@ from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.run import run_bot  # noqa: E402
-from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
+from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.config import Config, ListenAddr  # noqa: E402
 from adapter.matrix.observe.metrics import Metrics  # noqa: E402
 from core.agent import Agent  # noqa: E402

@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
-from adapter.matrix.chat_rooms import linked_rooms  # noqa: E402
+from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 
 SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
          "state.heal_failed", "sync.catchup", "sync.gap_backfilled", "bot.stopped"}

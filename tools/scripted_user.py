@@ -14,7 +14,7 @@ from nio import (
     SyncResponse,
 )
 
-from adapter.matrix.chat_rooms import linked_rooms  # the caller puts the repository on sys.path
+from adapter.matrix.handlers.chat_rooms import linked_rooms  # the caller puts the repository on sys.path
 
 SOURCE_KEY = "io.lambda.source"  # in every bot reply: the event it answers (SPEC §3)
 # Synapse's default timeline limit is 10: a round with more events would hide some of them.

@@ -21,18 +21,19 @@ from nio import AsyncClient, AsyncClientConfig, SyncResponse
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.config import Config
-from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.delivery.lanes import Delivery
 from adapter.matrix.chain.dispatcher import Dispatcher
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
-from adapter.matrix.healing.middleware import HealingMiddleware
-from adapter.matrix.transport.catchup import CatchUpReader
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
+from adapter.matrix.chain.healing import HealingMiddleware
+from adapter.matrix.ingest.catchup import CatchUpReader
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
-from adapter.matrix.transport.ingest import Ingest, sync_token_refused
-from adapter.matrix.transport.sweep import TIMELINE, TIMELINE_TYPES, Sweep
+from adapter.matrix.ingest.sync import Ingest, sync_token_refused
+from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES, Sweep
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     answered_once,
@@ -44,9 +45,9 @@ from adapter.matrix.chain.middlewares import (
 from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.room_router import RoomRouter
-from adapter.matrix.transport.session import HomeserverUnreachable
-from adapter.matrix.store import MatrixStore
+from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.homeserver.session import HomeserverUnreachable
+from adapter.matrix.store.records import MatrixStore
 from core.agent import Agent
 from core.chat import ChatManager
 from core.store import SQLiteStore

@@ -14,7 +14,7 @@ from adapter.matrix.config import Config
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.transport.session import (
+from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
     LoginFailed,
     SessionClient,

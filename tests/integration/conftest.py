@@ -28,7 +28,7 @@ from nio import (
 )
 
 from adapter.matrix.run import run_bot
-from adapter.matrix.chat_rooms import linked_rooms
+from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
 from core.store import SQLiteStore
 from tests.integration.fault_proxy import FaultProxy

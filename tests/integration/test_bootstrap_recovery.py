@@ -7,12 +7,12 @@ from urllib.parse import quote
 from nio import AsyncClient
 
 from adapter.matrix.chain.access import Access
-from adapter.matrix.chat_rooms import create_chat, linked_rooms
-from adapter.matrix.context import Services
+from adapter.matrix.handlers.chat_rooms import create_chat, linked_rooms
+from adapter.matrix.chain.context import Services
 from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.transport.homeserver import Homeserver
-from adapter.matrix.room_router import RoomRouter
-from adapter.matrix.store import MatrixStore
+from adapter.matrix.homeserver.client import Homeserver
+from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.store.records import MatrixStore
 from core.agent import EchoAgent
 from core.chat import ChatManager
 from core.store import SQLiteStore

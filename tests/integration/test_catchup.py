@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from adapter.matrix.transport import sweep
-from adapter.matrix.transport.sweep import TIMELINE
+from adapter.matrix.ingest import sweep
+from adapter.matrix.ingest.sweep import TIMELINE
 from tests.integration.test_delivery import echoes, wait_echoes
 
 SLIDING = r"/org\.matrix\.simplified_msc3575/sync"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adapter.matrix.chat_rooms import linked_rooms, matrix_to
-from adapter.matrix.transport.homeserver import SOURCE_KEY
-from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.handlers.chat_rooms import linked_rooms, matrix_to
+from adapter.matrix.vocabulary.content import SOURCE_KEY
+from adapter.matrix.vocabulary.markers import ChatMarker
 
 
 async def room_state(user, room_id: str, event_type: str, state_key: str = "") -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.matrix.transport.homeserver import SOURCE_KEY
+from adapter.matrix.vocabulary.content import SOURCE_KEY
 from tests.integration.agents import RecordingAgent
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, reset_tool
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from adapter.matrix.transport import events
+from adapter.matrix.ingest import events
 from tests.integration.agents import FaultyAgent, GatedAgent
 from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 

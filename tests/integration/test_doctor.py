@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient, RoomLeaveResponse
 
-from adapter.matrix.chat_rooms import linked_rooms
+from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
-from adapter.matrix.store import MatrixStore
-from adapter.matrix.transport.session import Session, load_session, save_session
+from adapter.matrix.store.records import MatrixStore
+from adapter.matrix.homeserver.session import Session, load_session, save_session
 from core.chat import ChatManager
 from core.store import SQLiteStore
 from tests.integration.conftest import doctor_tool, reset_tool

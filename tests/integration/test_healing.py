@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from nio import RoomCreateResponse
 
-from adapter.matrix.chat_rooms import linked_rooms, matrix_to
-from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.handlers.chat_rooms import linked_rooms, matrix_to
+from adapter.matrix.vocabulary.markers import ChatMarker
 
 LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
           "matrix_store"]

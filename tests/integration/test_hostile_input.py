@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 from nio import RoomSendResponse
 
-from adapter.matrix.transport.homeserver import SOURCE_KEY
+from adapter.matrix.vocabulary.content import SOURCE_KEY
 
 HTML_TITLE = "<img src=x onerror=alert(1)><b>bold</b> & co"
 SCRIPT_TITLE = "<script>alert(1)</script>"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 
 def state_of(events: list[dict], event_type: str, state_key: str = "") -> dict | None:

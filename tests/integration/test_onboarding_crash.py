@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from adapter.matrix.chat_rooms import linked_rooms
+from adapter.matrix.handlers.chat_rooms import linked_rooms
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner
 
 pytestmark = pytest.mark.warnings_expected("rooms a crash kept from the DB heal as inconsistent")

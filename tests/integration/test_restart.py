@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient
 
-from adapter.matrix.transport.session import session_file
+from adapter.matrix.homeserver.session import session_file
 from tests.integration.conftest import ROOT, BotProcess, BotRunner
 
 

@@ -7,8 +7,8 @@ import pytest
 from homeserver import LocalHomeserver  # tools/ is on sys.path (tests/conftest.py)
 from nio import RoomPutStateError, RoomPutStateResponse
 
-from adapter.matrix.chat_rooms import linked_rooms
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.handlers.chat_rooms import linked_rooms
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 VERSION = "10"
 

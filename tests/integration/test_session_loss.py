@@ -16,8 +16,8 @@ from aiohttp import ClientSession
 from nio import AsyncClient, LoginResponse
 
 from adapter.matrix.config import Config
-from adapter.matrix.transport.session import session_file
-from adapter.matrix.store import SYNC_TOKEN_KEY
+from adapter.matrix.homeserver.session import session_file
+from adapter.matrix.store.records import SYNC_TOKEN_KEY
 from core.store import SQLiteStore
 from tests.integration.agents import GatedAgent
 from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, unique

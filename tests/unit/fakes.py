@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import parse_command
-from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.room_router import ChatRoute, RoomRouter
-from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
-from adapter.matrix.transport.homeserver import SOURCE_KEY
+from adapter.matrix.chain.router import ChatRoute, RoomRouter
+from adapter.matrix.store.records import MatrixStore, RoomMeta, UserMeta
+from adapter.matrix.vocabulary.content import SOURCE_KEY
 from core.agent import EchoAgent
 from core.chat import Chat, ChatManager
 from core.store import SQLiteStore

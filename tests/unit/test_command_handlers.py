@@ -8,11 +8,11 @@ import time
 import pytest
 
 from adapter.matrix.chain.access import Access
-from adapter.matrix.chat_rooms import matrix_to
+from adapter.matrix.handlers.chat_rooms import matrix_to
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN
 from adapter.matrix.handlers.commands import CONFIRM_TTL_S, NO_SPACE, RUNS, handle_command
-from adapter.matrix.transport.homeserver import HomeserverError
-from adapter.matrix.store import Pending, RoomMeta
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.store.records import Pending, RoomMeta
 from tests.unit.fakes import (
     ALICE,
     CHAT,

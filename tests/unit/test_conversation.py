@@ -8,9 +8,9 @@ import pytest
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.conversation.markdown import render
 from adapter.matrix.conversation.turns import conversation_turns, history_before
-from adapter.matrix.transport.homeserver import message_content
-from adapter.matrix.transport.catchup import catch_up
-from adapter.matrix.transport.events import to_update
+from adapter.matrix.vocabulary.content import message_content
+from adapter.matrix.ingest.catchup import catch_up
+from adapter.matrix.ingest.events import to_update
 from core.agent import EchoAgent, Turn, wants_history
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"

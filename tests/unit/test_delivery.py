@@ -10,12 +10,14 @@ from dataclasses import replace
 import pytest
 
 from adapter.matrix.delivery import lanes as delivery_module
-from adapter.matrix.context import Services, Update
-from adapter.matrix.delivery.lanes import Delivery, RetryLater, retry_delay
+from adapter.matrix.chain.context import Services
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.delivery.lanes import Delivery, retry_delay
+from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.delivery.inbox import Inbox
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store import MatrixStore, RoomMeta
+from adapter.matrix.store.records import MatrixStore, RoomMeta
 from core.chat import Chat
 from tests.unit.fakes import ALICE, CHAT, SPACE, FakeHomeserver, healed_data, make_services, \
     message, onboard

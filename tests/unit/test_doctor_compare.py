@@ -9,10 +9,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from adapter.matrix.context import Update
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.delivery.inbox import Entry
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
-from adapter.matrix.store import RoomMeta, UserMeta
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
+from adapter.matrix.store.records import RoomMeta, UserMeta
 from core.chat import Chat
 from core.store import Birth
 

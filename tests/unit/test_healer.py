@@ -12,11 +12,11 @@ import structlog
 from nio import AsyncClient, MatrixRoom, SyncResponse
 
 from adapter.matrix.healing.healer import Healer
-from adapter.matrix.transport.homeserver import Homeserver, SyncedRoom
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.homeserver.client import Homeserver, SyncedRoom
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from adapter.matrix.healing.room_state import HealRefused
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store import MatrixStore, RoomMeta
+from adapter.matrix.store.records import MatrixStore, RoomMeta
 from core.chat import ChatManager
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"

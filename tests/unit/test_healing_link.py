@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.chain.dispatcher import build_chain
-from adapter.matrix.healing.middleware import FAILURE_NOTICE, HealingMiddleware
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.healing import FAILURE_NOTICE, HealingMiddleware
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.middlewares import resolve_route
-from adapter.matrix.room_router import ChatRoute
+from adapter.matrix.chain.router import ChatRoute
 from adapter.matrix.healing.room_state import HealPlan, HealRefused
-from adapter.matrix.store import RoomMeta, UserMeta
+from adapter.matrix.store.records import RoomMeta, UserMeta
 from core.chat import Chat
 from tests.unit.fakes import (
     ALICE,

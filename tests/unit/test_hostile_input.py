@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, parse_command
-from adapter.matrix.context import Update
+from adapter.matrix.ingest.update import Update
 from core.chat import MAX_TITLE_LENGTH, InvalidTitle, validate_title
 
 # No example database: nothing is written into the work tree, and every run is fresh.

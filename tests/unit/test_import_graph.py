@@ -1,5 +1,5 @@
-"""The shape of the import graph over adapter/, core/ and tools/: no cycle (type-only imports
-included), and nothing below the handlers reaches up into ``adapter/matrix/handlers/``."""
+"""The shape of the import graph over adapter/, core/ and tools/: the layers of SPEC §2, where
+no module imports one above its own (type-only imports included), and no cycle."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HANDLERS = "adapter.matrix.handlers"
-# The wiring at the top: it hands the handlers to the dispatcher.
-ALLOWED_TO_IMPORT_HANDLERS = {"adapter.matrix.bot"}
+M = "adapter.matrix"
+# An event's way through the bot, top to bottom. A module may import its own layer and those
+# below it, never one above. Each entry is a package or module prefix.
+LAYERS: list[tuple[str, ...]] = [
+    (f"{M}.__main__", f"{M}.run", f"{M}.bot"),  # the wiring
+    (f"{M}.handlers",),
+    (f"{M}.chain",),  # the dispatcher, its links, what they hand the handlers
+    (f"{M}.healing", f"{M}.conversation"),
+    (f"{M}.delivery",),  # the inbox and the lanes
+    (f"{M}.ingest",),  # every way in: sync, sweep, catch-up
+    (f"{M}.homeserver",),  # the client: one method per request, the session
+    (f"{M}.store",),  # the typed records
+    (f"{M}.vocabulary",),  # io.lambda.* keys, markers, message content
+    (f"{M}.observe", f"{M}.config"),  # metrics, health, configuration: used at every level
+    ("core",),  # knows nothing of Matrix
+]
 
 
 def module_name(path: Path) -> str:
@@ -103,9 +116,31 @@ def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_nothing_below_the_handlers_imports_them():
-    reaching_up = {name for name, targets in graph().items()
-                   if not (name == HANDLERS or name.startswith(HANDLERS + "."))
-                   and name not in ALLOWED_TO_IMPORT_HANDLERS
-                   and any(t == HANDLERS or t.startswith(HANDLERS + ".") for t in targets)}
-    assert reaching_up == set()
+def layer_of(module: str) -> int | None:
+    """The index of the layer ``module`` belongs to (0 is the top); None outside the layers
+    (tools, tests, the ``adapter`` packages themselves)."""
+    for level, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    return None
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((name, target) for name, targets in edges.items() for target in targets
+                  if (own := layer_of(name)) is not None
+                  and (up := layer_of(target)) is not None and up < own)
+
+
+def test_every_adapter_and_core_module_has_a_layer():
+    unplaced = [name for name in graph() if name.startswith(("adapter.matrix.", "core."))
+                and layer_of(name) is None]
+    assert unplaced == []
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    assert upward_imports(graph()) == []
+
+
+def test_an_upward_import_is_found():
+    edges = {f"{M}.ingest.sync": {f"{M}.delivery.inbox"}, f"{M}.delivery.inbox": {"core.store"}}
+    assert upward_imports(edges) == [(f"{M}.ingest.sync", f"{M}.delivery.inbox")]

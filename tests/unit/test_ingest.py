@@ -10,11 +10,11 @@ import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.transport import events
-from adapter.matrix.transport.catchup import CatchUpReader, catch_up, deferred
-from adapter.matrix.transport.events import to_update
-from adapter.matrix.transport.ingest import Ingest, sync_token_refused
-from adapter.matrix.transport.sweep import Glimpse, Window, parse_window
+from adapter.matrix.ingest import events
+from adapter.matrix.ingest.catchup import CatchUpReader, catch_up, deferred
+from adapter.matrix.ingest.events import to_update
+from adapter.matrix.ingest.sync import Ingest, sync_token_refused
+from adapter.matrix.ingest.sweep import Glimpse, Window, parse_window
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000

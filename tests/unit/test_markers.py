@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, SpaceMarker
+from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, SpaceMarker
 
 ALICE = "@alice:localhost"
 

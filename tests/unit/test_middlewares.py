@@ -9,9 +9,10 @@ import pytest
 import structlog
 
 from adapter.matrix.chain.command_table import COMMANDS
-from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery.lanes import RetryLater
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.chain.context import EventData
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     answered_once,
@@ -21,8 +22,8 @@ from adapter.matrix.chain.middlewares import (
     store_faults,
 )
 from adapter.matrix.chain.notices import STORE_DOWN
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, Route, SpaceRoute, Unregistered
-from adapter.matrix.store import RoomMeta
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Route, SpaceRoute, Unregistered
+from adapter.matrix.store.records import RoomMeta
 from tests.unit.fakes import (
     ALICE,
     CHAT,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.delivery.lanes import RetryLater
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.notices import RefusalNotices, postpone
 from adapter.matrix.healing.room_state import HealRefused
 from tests.unit.fakes import MALLORY, FakeHomeserver, make_services, message

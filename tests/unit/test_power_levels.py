@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from nio import ErrorResponse
 
-from adapter.matrix.transport.homeserver import CapabilitiesResponse, creators_privileged, power_levels
-from adapter.matrix.healing.markers import ChatMarker, SpaceMarker
+from adapter.matrix.homeserver.client import CapabilitiesResponse, creators_privileged, power_levels
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 BOT, ALICE = "@lambda:example.org", "@alice:example.org"
 PRE_12 = ["1", "9", "10", "11", "org.matrix.msc3757.11", "an.unknown.version", None]

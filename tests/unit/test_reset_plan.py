@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from adapter.matrix.delivery.inbox import Inbox
-from adapter.matrix.store import MatrixStore, RoomMeta, UserMeta
+from adapter.matrix.store.records import MatrixStore, RoomMeta, UserMeta
 from core.chat import ChatManager
 from core.store import SQLiteStore
 

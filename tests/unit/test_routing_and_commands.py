@@ -6,10 +6,10 @@ import pytest
 import structlog
 
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, parse_command
-from adapter.matrix.context import Update
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.chain.dispatcher import CRASHED, Dispatcher, build_chain
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
-from adapter.matrix.store import MatrixStore, RoomMeta
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
+from adapter.matrix.store.records import MatrixStore, RoomMeta
 
 
 @pytest.fixture

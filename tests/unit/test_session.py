@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.transport.ingest import sync_token_refused
-from adapter.matrix.transport.session import (
+from adapter.matrix.ingest.sync import sync_token_refused
+from adapter.matrix.homeserver.session import (
     LoginFailed,
     SessionClient,
     TokenRefused,

@@ -19,7 +19,7 @@ from adapter.matrix.healing.room_state import (
     heal_cause,
     parent_to_verify,
 )
-from adapter.matrix.store import RoomKind, RoomMeta
+from adapter.matrix.store.records import RoomKind, RoomMeta
 from core.chat import Chat, InvalidTitle, validate_title
 from doctor_tool.local import LocalRecords
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adapter.matrix.delivery.inbox import PREFIX as INBOX_PREFIX
 from adapter.matrix.delivery.inbox import Entry
-from adapter.matrix.store import SYNC_TOKEN_KEY, RoomMeta, UserMeta
+from adapter.matrix.store.records import SYNC_TOKEN_KEY, RoomMeta, UserMeta
 from core.chat import Chat
 from core.store import Birth, birth_from
 from reset_tool.facts import db_files, read_only_copy, schema_problem

@@ -12,8 +12,8 @@ from nio.api import MessageDirection
 
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
-from adapter.matrix.transport.session import load_session
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.homeserver.session import load_session
 
 CONCURRENCY = 8  # state requests at once, as the healer's Space heal
 PROGRESS_OVER = 20  # rooms: more than this, and a progress line goes to stderr

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from adapter.matrix.transport.session import Session
+from adapter.matrix.homeserver.session import Session
 from core.store import lock_path
 
 SQLITE_HEADER = b"SQLite format 3\x00"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.matrix.transport.session import session_file
+from adapter.matrix.homeserver.session import session_file
 from reset_tool.facts import DbFacts, LocalFacts, StoreFacts
 
 FORCE_HINT = "to delete it anyway, rerun with --force"

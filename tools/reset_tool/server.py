@@ -8,7 +8,7 @@ from nio import AsyncClient, ErrorResponse, JoinedRoomsResponse, RoomGetStateRes
 
 from adapter.matrix.config import Config
 from adapter.matrix.healing.room_state import RoomSnapshot
-from adapter.matrix.transport.session import load_session
+from adapter.matrix.homeserver.session import load_session
 
 KICK_REASON = "Lambda dev reset"
 

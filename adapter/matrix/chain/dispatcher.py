@@ -8,8 +8,9 @@ from typing import Protocol
 
 import structlog
 
-from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.chain.context import EventData
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
 
 log = structlog.get_logger()
 

@@ -9,13 +9,14 @@ import sqlite3
 import structlog
 
 from adapter.matrix.chain.command_table import parse_command
-from adapter.matrix.context import EventData, Update
-from adapter.matrix.delivery.lanes import RetryLater
+from adapter.matrix.chain.context import EventData
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.chain.dispatcher import Handler
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.delivery.inbox import WriteFailed
 from adapter.matrix.chain.notices import tell_store_down
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, SpaceRoute
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute, SpaceRoute
 
 log = structlog.get_logger()
 

@@ -11,10 +11,11 @@ from typing import NoReturn
 
 import structlog
 
-from adapter.matrix.context import Services, Update
-from adapter.matrix.delivery.lanes import RetryLater
-from adapter.matrix.transport.homeserver import HomeserverError
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, Route
+from adapter.matrix.chain.context import Services
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Route
 from adapter.matrix.healing.room_state import HealRefused
 
 log = structlog.get_logger()

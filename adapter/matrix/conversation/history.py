@@ -10,14 +10,9 @@ from collections.abc import Iterable
 
 import structlog
 
-from adapter.matrix.conversation.turns import (
-    CONVERSATION_TYPES,
-    MESSAGE_TYPES,
-    answered_source,
-    conversation_turns,
-    history_before,
-)
-from adapter.matrix.transport.homeserver import Homeserver
+from adapter.matrix.conversation.turns import CONVERSATION_TYPES, MESSAGE_TYPES, conversation_turns, history_before
+from adapter.matrix.vocabulary.content import answered_source
+from adapter.matrix.homeserver.client import Homeserver
 from core.agent import Turn
 
 log = structlog.get_logger()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import structlog
 
-from adapter.matrix.context import Update
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store import SYNC_TOKEN_KEY
+from adapter.matrix.store.records import SYNC_TOKEN_KEY
 from core.store import SQLiteStore, StoreError
 
 log = structlog.get_logger()

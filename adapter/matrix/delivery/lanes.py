@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
-from adapter.matrix.context import Update
+from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.delivery.inbox import Entry, Inbox
 from core.store import StoreError
 
@@ -28,14 +28,6 @@ Feed = Callable[[Update], Awaitable[None]]
 Expand = Callable[[Update], Awaitable[list[Update]]]
 MAX_ATTEMPTS = 24  # with the backoff below: about 1.4 hours of retrying
 MAX_BACKOFF_S = 300.0
-
-
-class RetryLater(Exception):
-    """The update cannot be handled now (the homeserver failed); keep it and retry."""
-
-    def __init__(self, reason: str, retry_after_ms: int | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_ms = retry_after_ms
 
 
 def retry_delay(attempt: int, retry_after_ms: int | None) -> float:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import structlog
 
-from adapter.matrix.context import EventData, Update
+from adapter.matrix.chain.context import EventData
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.handlers.auth import complete_onboarding, handle_invite, onboarded
 from adapter.matrix.handlers.commands import handle_command
 from adapter.matrix.handlers.messages import (
@@ -13,9 +14,9 @@ from adapter.matrix.handlers.messages import (
     handle_room_name,
     handle_text,
 )
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.notices import postpone
-from adapter.matrix.room_router import LobbyRoute
+from adapter.matrix.chain.router import LobbyRoute
 
 log = structlog.get_logger()
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import structlog
 
-from adapter.matrix.chat_rooms import active_chat_rooms, create_chat, knows_a_chat, matrix_to
-from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.transport.homeserver import HomeserverError
-from adapter.matrix.store import RoomMeta, UserMeta
+from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.store.records import RoomMeta, UserMeta, active_chat_rooms, knows_a_chat
 
 log = structlog.get_logger()
 
@@ -27,7 +28,8 @@ async def handle_invite(update: Update, data: EventData) -> None:
 async def onboarded(update: Update, data: EventData) -> bool:
     """Whether the sender has a Space with a chat room, active or archived (the healing link
     has looked on the server when the DB knew none)."""
-    return data.get("user") is not None and await knows_a_chat(data["services"], update.sender)
+    return data.get("user") is not None and await knows_a_chat(
+        data["services"].store, data["services"].chats, update.sender)
 
 
 async def complete_onboarding(update: Update, data: EventData) -> None:
@@ -87,14 +89,14 @@ async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id:
                       new_space: bool) -> tuple[str, bool]:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat); and whether it was made now."""
-    room_id = next(iter((await active_chat_rooms(svc, owner)).values()), None)
+    room_id = next(iter((await active_chat_rooms(svc.store, svc.chats, owner)).values()), None)
     if room_id is not None:
         await _reinvite(svc, room_id, owner)
         return room_id, False
     # No chat at all: a crash may have left one unrecorded, and a loss of the DB its intent.
     # Not in a Space made just now: no room names it as parent yet, and looking reads the
     # state of every room the DB does not know (all of them, after a total loss).
-    adopt = not new_space and not await knows_a_chat(svc, owner)
+    adopt = not new_space and not await knows_a_chat(svc.store, svc.chats, owner)
     room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
                                    adopt_orphan=adopt)
     return room_id, True

@@ -10,11 +10,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from adapter.matrix.chat_rooms import create_chat, matrix_to
+from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, Command
-from adapter.matrix.context import EventData, Services, Update
-from adapter.matrix.room_router import ChatRoute
-from adapter.matrix.store import Pending
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.chain.router import ChatRoute
+from adapter.matrix.store.records import Pending
 from core.chat import Chat, InvalidTitle, validate_title
 
 log = structlog.get_logger()

@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager, suppress
 
 import structlog
 
-from adapter.matrix.context import EventData, Update
+from adapter.matrix.chain.context import EventData
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.conversation.markdown import render
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
-from adapter.matrix.room_router import ChatRoute, LobbyRoute
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute
 from core.agent import Turn, agent_timeout, wants_history
 from core.chat import InvalidTitle
 

@@ -1,3 +1,3 @@
-"""Healing (SPEC §6): the link that decides when to heal (``middleware``), its I/O
-(``healer``), the pure decision over room state (``room_state``) and the bot's markers
-(``markers``)."""
+"""Healing (SPEC §6): the I/O shell that fetches, decides and writes (``healer``) and the pure
+decision over a room's state (``room_state``). The link that decides when to heal is
+``chain.healing``."""

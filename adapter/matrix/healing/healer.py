@@ -6,24 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 from dataclasses import replace
 
 import structlog
 
-from adapter.matrix.context import Services
-from adapter.matrix.transport.homeserver import HomeserverError
-from adapter.matrix.healing.room_state import (
-    SPACE_TYPE,
-    HealCause,
-    HealPlan,
-    HealRefused,
-    RoomSnapshot,
-    assess_room,
-    heal_cause,
-    parent_to_verify,
-)
-from adapter.matrix.store import UserMeta
-from core.chat import ChatNotFound
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.observe.metrics import Metrics
+from adapter.matrix.vocabulary.content import SPACE_TYPE
+from adapter.matrix.healing.room_state import HealCause, HealPlan, HealRefused, RoomSnapshot, assess_room, heal_cause, parent_to_verify
+from adapter.matrix.store.records import MatrixStore, UserMeta
+from core.chat import ChatManager, ChatNotFound
 
 log = structlog.get_logger()
 
@@ -31,10 +24,25 @@ REFUSAL_MEMORY_S = 600.0
 SPACE_HEAL_CONCURRENCY = 8
 
 
+class HealingServices(Protocol):
+    """What healing uses of the bot's services (the chain's ``Services`` is one)."""
+
+    @property
+    def hs(self) -> Homeserver: ...
+    @property
+    def store(self) -> MatrixStore: ...
+    @property
+    def chats(self) -> ChatManager: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def bot_id(self) -> str: ...
+
+
 class Healer:
     """Backfills local records from room state. Single-flight per room; refusals remembered."""
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: HealingServices) -> None:
         self.svc = svc
         self._inflight: dict[str, asyncio.Task] = {}
         self._refused: dict[str, tuple[HealRefused, float]] = {}

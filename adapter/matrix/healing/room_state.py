@@ -10,13 +10,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
-from adapter.matrix.store import RoomMeta, UserMeta
+from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
+from adapter.matrix.vocabulary.content import SPACE_TYPE
+from adapter.matrix.store.records import RoomMeta, UserMeta
 from core.chat import Chat
 from core.store import Birth
 
 M = TypeVar("M", SpaceMarker, ChatMarker)
-SPACE_TYPE = "m.space"
+
 _PRESENT = ("join", "invite")
 
 HealSource = Literal["marker", "legacy"]

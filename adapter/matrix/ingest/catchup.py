@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from adapter.matrix.context import Update
-from adapter.matrix.delivery.lanes import RetryLater
-from adapter.matrix.conversation.turns import answered_source, is_legacy_reply
-from adapter.matrix.transport import events
-from adapter.matrix.transport.events import READ_TYPES, is_own_join, to_update
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.vocabulary.content import answered_source, is_legacy_reply
+from adapter.matrix.ingest import events
+from adapter.matrix.ingest.events import READ_TYPES, is_own_join, to_update
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 
 log = structlog.get_logger()
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.chat import ChatManager
 from core.store import Birth, SQLiteStore, Transaction
 
 RoomKind = Literal["space", "chat", "lobby"]
@@ -128,3 +129,17 @@ class MatrixStore:
 
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
+
+
+async def active_chat_rooms(store: MatrixStore, chats: ChatManager, owner: str) -> dict[str, str]:
+    """chat_id -> room_id of the owner's active chats that have a room, oldest first."""
+    rooms = await store.chat_rooms_of(owner)
+    return {c.chat_id: rooms[c.chat_id] for c in await chats.list_active(owner)
+            if c.chat_id in rooms}
+
+
+async def knows_a_chat(store: MatrixStore, chats: ChatManager, owner: str) -> bool:
+    """Whether the DB knows any chat (room) of the owner, active or archived. The owner's
+    chat records are one key range; only without them (a partial loss, or no chat at all)
+    are the room records scanned."""
+    return bool(await chats.list_all(owner) or await store.chat_rooms_of(owner))

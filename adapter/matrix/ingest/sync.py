@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.context import Update
-from adapter.matrix.healing.room_state import SPACE_TYPE
-from adapter.matrix.transport import events
-from adapter.matrix.transport.catchup import catch_up, deferred, window_start_ms
-from adapter.matrix.transport.events import READ_TYPES, invites_of, is_own_join, to_update
-from adapter.matrix.transport.homeserver import Homeserver
-from adapter.matrix.transport.sweep import Window
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.vocabulary.content import SPACE_TYPE
+from adapter.matrix.ingest import events
+from adapter.matrix.ingest.catchup import catch_up, deferred, window_start_ms
+from adapter.matrix.ingest.events import READ_TYPES, invites_of, is_own_join, to_update
+from adapter.matrix.homeserver.client import Homeserver
+from adapter.matrix.ingest.sweep import Window
 
 log = structlog.get_logger()
 

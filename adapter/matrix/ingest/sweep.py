@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.healing.markers import SpaceMarker
-from adapter.matrix.transport.events import READ_TYPES, invites_of
-from adapter.matrix.transport.homeserver import Homeserver, HomeserverError
+from adapter.matrix.vocabulary.markers import SpaceMarker
+from adapter.matrix.ingest.events import READ_TYPES, invites_of
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 
 log = structlog.get_logger()
 

@@ -15,10 +15,10 @@ from urllib.parse import quote, unquote
 
 import structlog
 
-from adapter.matrix.context import Services
-from adapter.matrix.healing.markers import ChatMarker
+from adapter.matrix.chain.context import Services
+from adapter.matrix.vocabulary.markers import ChatMarker
 from adapter.matrix.healing.room_state import HealRefused, RoomSnapshot, trusted_marker
-from adapter.matrix.store import Creation, RoomMeta
+from adapter.matrix.store.records import Creation, RoomMeta
 from core.chat import Chat, new_chat_id
 
 log = structlog.get_logger()
@@ -35,20 +35,6 @@ def matrix_to(room_id: str, via: str) -> str:
 def linked_rooms(text: str) -> list[str]:
     """The room ids of the ``matrix_to`` links in a text, in order (what a client reads)."""
     return [unquote(encoded) for encoded in _MATRIX_TO.findall(text)]
-
-
-async def active_chat_rooms(svc: Services, owner: str) -> dict[str, str]:
-    """chat_id -> room_id of the owner's active chats that have a room, oldest first."""
-    rooms = await svc.store.chat_rooms_of(owner)
-    return {c.chat_id: rooms[c.chat_id] for c in await svc.chats.list_active(owner)
-            if c.chat_id in rooms}
-
-
-async def knows_a_chat(svc: Services, owner: str) -> bool:
-    """Whether the DB knows any chat (room) of the owner, active or archived. The owner's
-    chat records are one key range; only without them (a partial loss, or no chat at all)
-    are the room records scanned."""
-    return bool(await svc.chats.list_all(owner) or await svc.store.chat_rooms_of(owner))
 
 
 async def create_chat(svc: Services, owner: str, space_id: str, title: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from nio import (
 )
 from nio.api import Api, MessageDirection, RoomPreset, RoomVisibility
 
-from adapter.matrix.healing.markers import ChatMarker, MalformedMarker, SpaceMarker
+from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, SpaceMarker
 from core.chat import ChatStatus
 
 R = TypeVar("R")
@@ -39,10 +38,6 @@ SPACE_NAME = "Lambda"
 SHORT_RATE_LIMIT_MS = 3000
 MAX_SHORT_RATE_LIMIT_RETRIES = 2
 UNSTABLE_API_PATH = "/_matrix/client/unstable"
-SOURCE_KEY = "io.lambda.source"  # in every reply: the event it answers (SPEC §3)
-# On a notice that promises an answer still to come ("I'll retry"): it names its source, but
-# it is not the answer, so a replay still answers (see conversation.turns.answered_source).
-PROVISIONAL_KEY = "io.lambda.provisional"
 
 
 class HomeserverError(Exception):
@@ -141,28 +136,6 @@ class SyncedRoom:
     room_type: str | None
     members: frozenset[str]
     space_owner: str | None = None
-
-
-def message_content(body: str, *, html: str | None = None, notice: bool = True,
-                    source_event_id: str | None = None, reply_to: str | None = None,
-                    provisional: bool = False) -> dict[str, Any]:
-    """An ``m.room.message`` of the bot: a notice (bot texts) or ``m.text`` (answers), naming
-    its source; ``reply_to`` makes it a rich reply to that event."""
-    content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
-    if source_event_id is not None:
-        content[SOURCE_KEY] = source_event_id
-    if provisional:
-        content[PROVISIONAL_KEY] = True
-    if html is not None:
-        content.update(format="org.matrix.custom.html", formatted_body=html)
-    if reply_to is not None:
-        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-    return content
-
-
-def reply_txn_id(source_event_id: str, part: str = "reply") -> str:
-    """Derived from the source event so a replay after a crash is deduplicated by the server."""
-    return f"lambda-{part}-{hashlib.sha256(source_event_id.encode()).hexdigest()[:32]}"
 
 
 class Homeserver:

@@ -1,11 +1,12 @@
-"""What flows through the dispatcher: the normalised event and the typed data beside it."""
+"""What the chain hands each link and handler: the bot's services and the typed data beside an
+update (the update itself is ``ingest.update.Update``)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 import structlog
 
@@ -15,53 +16,15 @@ from adapter.matrix.config import DEFAULT_CONCURRENCY
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.transport.homeserver import (
-    Homeserver,
-    HomeserverError,
-    message_content,
-    reply_txn_id,
-)
-from adapter.matrix.room_router import RoomRouter, Route
-from adapter.matrix.store import MatrixStore, UserMeta
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.vocabulary.content import message_content, reply_txn_id
+from adapter.matrix.chain.router import RoomRouter, Route
+from adapter.matrix.store.records import MatrixStore, UserMeta
 from core.agent import Agent
 from core.chat import Chat, ChatManager
 
 log = structlog.get_logger()
-
-# "catchup" stands for a room's unanswered messages, read in its lane (transport.catchup).
-UpdateKind = Literal["message", "room_name", "invite", "encrypted", "missed", "catchup"]
-
-
-@dataclass(frozen=True)
-class Update:
-    """One event the bot acts on, normalised from a sync round (see ``ingest``)."""
-
-    kind: UpdateKind
-    room_id: str
-    sender: str
-    event_id: str
-    body: str = ""
-    ts: int = 0  # origin_server_ts, ms
-    catchup: bool = False  # from the first sync after a start without a token (SPEC §5)
-    attempt: int = 0  # how many times handling it was postponed (the inbox retries it)
-    # Another handling may have answered it: an earlier run left it in the inbox, or it is a
-    # start's catch-up (``catchup.deferred``).
-    replayed: bool = False
-
-    @property
-    def is_command(self) -> bool:
-        return self.kind == "message" and self.body.lstrip().startswith("!")
-
-    @property
-    def may_be_answered(self) -> bool:
-        """Whether an earlier attempt may have sent the answer already (SPEC §5)."""
-        return self.replayed or self.attempt > 0
-
-    @property
-    def is_event(self) -> bool:
-        """A room event a user sent (an invite or a missed-count update is not one)."""
-        return self.kind in ("message", "encrypted")
-
 
 @dataclass(frozen=True)
 class Services:

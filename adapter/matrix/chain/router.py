@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapter.matrix.store import MatrixStore, RoomMeta
+from adapter.matrix.store.records import MatrixStore, RoomMeta
 
 
 @dataclass(frozen=True)

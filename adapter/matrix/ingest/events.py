@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from nio import InviteMemberEvent, SyncResponse
 
-from adapter.matrix.context import Update
-from adapter.matrix.conversation.turns import replaced_event, without_reply_fallback
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.vocabulary.content import replaced_event, without_reply_fallback
 
 MAX_BACKFILL = 1000  # missed events handled per room; older ones are counted and reported
 MAX_COUNTED = 10_000  # how far past that bound /messages is paged just to count

@@ -5,14 +5,15 @@ records; fetching and deciding is done by ``healer.Healer``, and what the user i
 
 from __future__ import annotations
 
-from adapter.matrix.chat_rooms import knows_a_chat
-from adapter.matrix.context import EventData, Services, Update
+from adapter.matrix.chain.context import EventData, Services
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.chain.dispatcher import Handler
 from adapter.matrix.healing.healer import Healer
-from adapter.matrix.transport.homeserver import HomeserverError
+from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.notices import RefusalNotices, postpone
-from adapter.matrix.room_router import ChatRoute, LobbyRoute, Unregistered
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Unregistered
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.store.records import knows_a_chat
 from core.chat import Chat, ChatNotFound
 
 FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
@@ -83,5 +84,6 @@ class HealingMiddleware:
         command = data.get("command")
         if command is not None and command.spec.lists_space or update.kind == "invite":
             return True
-        return self._onboarding(update, data) and not await knows_a_chat(data["services"],
-                                                                          update.sender)
+        svc = data["services"]
+        return self._onboarding(update, data) and not await knows_a_chat(
+            svc.store, svc.chats, update.sender)
