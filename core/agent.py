@@ -56,8 +56,11 @@ def wants_history(agent: Agent) -> bool:
         params = inspect.signature(agent.reply).parameters.values()
     except (TypeError, ValueError):  # a builtin or C callable: call it the old way
         return False
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "history" and p.kind in (
-        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) for p in params)
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == "history" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        for p in params
+    )
 
 
 def load_agent(import_string: str) -> Agent:
@@ -68,18 +71,22 @@ def load_agent(import_string: str) -> Agent:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: cannot import "
-                             f"{module_name!r} ({err})") from err
+        raise AgentLoadError(
+            f"LAMBDA_AGENT={import_string!r}: cannot import {module_name!r} ({err})"
+        ) from err
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
-            raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: {module_name!r} has no "
-                                 f"attribute {attr!r}")
+            raise AgentLoadError(
+                f"LAMBDA_AGENT={import_string!r}: {module_name!r} has no attribute {attr!r}"
+            )
     if not callable(factory):
         raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: {attr!r} is not callable")
     agent = factory()
     if not callable(getattr(agent, "reply", None)):
-        raise AgentLoadError(f"LAMBDA_AGENT={import_string!r}: the object {attr}() returned "
-                             "has no reply(chat, text) method")
+        raise AgentLoadError(
+            f"LAMBDA_AGENT={import_string!r}: the object {attr}() returned "
+            "has no reply(chat, text) method"
+        )
     return agent

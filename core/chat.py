@@ -42,8 +42,13 @@ class Chat:
 
     @classmethod
     def from_json(cls, data: dict) -> Chat:
-        return cls(chat_id=data["chat_id"], user_id=data["user_id"], title=data["title"],
-                   status=data["status"], created_at=data["created_at"])
+        return cls(
+            chat_id=data["chat_id"],
+            user_id=data["user_id"],
+            title=data["title"],
+            status=data["status"],
+            created_at=data["created_at"],
+        )
 
 
 def new_chat_id() -> str:
@@ -75,11 +80,14 @@ def validate_title(title: str) -> str:
     if not any(visible(ch) for ch in title):
         raise InvalidTitle("The title has no visible characters.")
     if len(title) > MAX_TITLE_LENGTH:
-        raise InvalidTitle(f"The title is too long ({len(title)} characters, "
-                           f"the limit is {MAX_TITLE_LENGTH}).")
+        raise InvalidTitle(
+            f"The title is too long ({len(title)} characters, the limit is {MAX_TITLE_LENGTH})."
+        )
     if any(forbidden_in_title(ch) for ch in title):
-        raise InvalidTitle("The title cannot contain control characters (such as newlines "
-                           "or text-direction overrides).")
+        raise InvalidTitle(
+            "The title cannot contain control characters (such as newlines "
+            "or text-direction overrides)."
+        )
     return title
 
 

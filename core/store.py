@@ -52,8 +52,10 @@ class StoreUnwritable(StoreError):
     Nothing is wrong with any data, so the remedy is the disk, never the reset tool."""
 
     def __init__(self, path: Path, detail: str) -> None:
-        super().__init__(f"cannot create the local database {path} ({detail}): free disk "
-                         "space, or make its folder writable, or set LAMBDA_MATRIX_DB elsewhere")
+        super().__init__(
+            f"cannot create the local database {path} ({detail}): free disk "
+            "space, or make its folder writable, or set LAMBDA_MATRIX_DB elsewhere"
+        )
         self.path = path
 
 
@@ -130,8 +132,9 @@ class SQLiteStore:
     """Key/value store with JSON values. ``created`` tells if the file was new at open;
     ``birth`` when and why it was created (None for a file older than birth records)."""
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection, created: bool,
-                 birth: Birth | None) -> None:
+    def __init__(
+        self, path: Path, conn: aiosqlite.Connection, created: bool, birth: Birth | None
+    ) -> None:
         self.path = path
         self.created = created
         self.birth = birth
@@ -139,8 +142,7 @@ class SQLiteStore:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | Path, birth_cause: BirthCause = "store_missing"
-                   ) -> SQLiteStore:
+    async def open(cls, path: str | Path, birth_cause: BirthCause = "store_missing") -> SQLiteStore:
         """Open the file, creating it (with its birth record, ``birth_cause``) if missing."""
         path = Path(path)
         created = not path.exists()
@@ -156,14 +158,17 @@ class SQLiteStore:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=NORMAL")
             await conn.execute(
-                "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
             async with conn.execute("PRAGMA quick_check") as cur:
                 verdict = (await cur.fetchone() or ("?",))[0]
             if verdict != "ok":
                 raise StoreUnreadable(path, f"integrity check: {verdict}")
             if created:
-                await conn.execute("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)",
-                                   (BIRTH_KEY, json.dumps(asdict(Birth(time.time(), birth_cause)))))
+                await conn.execute(
+                    "INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)",
+                    (BIRTH_KEY, json.dumps(asdict(Birth(time.time(), birth_cause)))),
+                )
             birth = await _read_birth(conn)
         except sqlite3.Error as err:
             await conn.close()
@@ -220,7 +225,8 @@ class SQLiteStore:
                         await self._conn.execute(
                             "INSERT INTO kv (key, value) VALUES (?, ?) "
                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (key, value))
+                            (key, value),
+                        )
             except BaseException:
                 if self._conn.in_transaction:  # SQLite may have rolled back by itself
                     await self._conn.execute("ROLLBACK")
@@ -248,8 +254,9 @@ def _prefix_end(prefix: str) -> str | None:
 
 
 async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:
-    async with conn.execute("SELECT key, value FROM kv WHERE key IN (?, ?)",
-                            (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)) as cur:
+    async with conn.execute(
+        "SELECT key, value FROM kv WHERE key IN (?, ?)", (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)
+    ) as cur:
         rows = dict(await cur.fetchall())
     try:
         return birth_from(rows)

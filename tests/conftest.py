@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-from homeserver import LocalHomeserver  # noqa: E402
+from homeserver import LocalHomeserver
 
 
 @pytest.fixture(scope="session")

@@ -33,5 +33,8 @@ class LoggedCalls:
 
     @property
     def calls(self) -> dict[str, tuple[float, float]]:
-        return {e["text"]: (e["began"], e["ended"]) for e in self.logs
-                if e.get("event") == "bench_agent.replied"}
+        return {
+            e["text"]: (e["began"], e["ended"])
+            for e in self.logs
+            if e.get("event") == "bench_agent.replied"
+        }

@@ -41,8 +41,9 @@ async def bench(rooms: int, turns: int, samples: int) -> None:
     with throwaway_homeserver("lambda-bench-conv-") as (hs, work):
         config = replace(bot_config(hs, work, "convbot"), creations_per_minute=1000)
         account = hs.register("convuser", "convuser-pw")
-        person = await ScriptedUser.log_in(hs.url, account.user_id, account.password,
-                                           config.user_id)
+        person = await ScriptedUser.log_in(
+            hs.url, account.user_id, account.password, config.user_id
+        )
         with structlog.testing.capture_logs() as logs:
             bot = BotProcess(config, EchoAgent())
             await bot.start(logs)
@@ -54,32 +55,43 @@ async def bench(rooms: int, turns: int, samples: int) -> None:
             for room in chats:  # a conversation in every room
                 for i in range(turns):
                     await person.ask(room, f"turn {i}", f"Echo: turn {i}")
-            echo_warm = [(await person.ask(chats[0], f"old {i}", f"Echo: old {i}"))[0]
-                         for i in range(samples)]
+            echo_warm = [
+                (await person.ask(chats[0], f"old {i}", f"Echo: old {i}"))[0]
+                for i in range(samples)
+            ]
             await bot.stop()
 
             bot = BotProcess(config, HistoryEcho())
             await bot.start(logs)
             mark = len(logs)
-            cold = [(await person.ask(room, "first after restart", "Echo: first"))[0]
-                    for room in chats]
-            warm = [(await person.ask(chats[0], f"warm {i}", f"Echo: warm {i}"))[0]
-                    for i in range(samples)]
-            reads = Counter(e["room_id"] for e in logs[mark:]
-                            if e["event"] == "conversation.read")
+            cold = [
+                (await person.ask(room, "first after restart", "Echo: first"))[0] for room in chats
+            ]
+            warm = [
+                (await person.ask(chats[0], f"warm {i}", f"Echo: warm {i}"))[0]
+                for i in range(samples)
+            ]
+            reads = Counter(e["room_id"] for e in logs[mark:] if e["event"] == "conversation.read")
             await bot.stop()
         await person.close()
 
     echo_median, warm_median = statistics.median(echo_warm), statistics.median(warm)
-    print(f"Lambda conversation benchmark: {rooms} rooms with {turns} turns each, "
-          f"Synapse on {hs.url}")
+    print(
+        f"Lambda conversation benchmark: {rooms} rooms with {turns} turns each, Synapse on {hs.url}"
+    )
     print(f"  warm answer, old-style agent (no history)  {ms(echo_warm)}")
-    print(f"  warm answer, agent taking history          {ms(warm)}   "
-          f"ratio {warm_median / echo_median:.2f}x the old style")
-    print(f"  first answer in a room after a restart     {ms(cold)}   "
-          f"ratio {statistics.median(cold) / warm_median:.2f}x warm (its history read)")
-    print(f"  /messages reads per room in that run       max {max(reads.values(), default=0)}"
-          f"  total {sum(reads.values())} for {len(chats)} rooms")
+    print(
+        f"  warm answer, agent taking history          {ms(warm)}   "
+        f"ratio {warm_median / echo_median:.2f}x the old style"
+    )
+    print(
+        f"  first answer in a room after a restart     {ms(cold)}   "
+        f"ratio {statistics.median(cold) / warm_median:.2f}x warm (its history read)"
+    )
+    print(
+        f"  /messages reads per room in that run       max {max(reads.values(), default=0)}"
+        f"  total {sum(reads.values())} for {len(chats)} rooms"
+    )
 
 
 def main() -> None:

@@ -50,10 +50,14 @@ class SlowAgent:
 
 async def users(hs: LocalHomeserver, count: int, bot_id: str) -> list[ScriptedUser]:
     """``count`` fresh users, registered and logged in concurrently."""
-    accounts = await asyncio.gather(*(asyncio.to_thread(hs.register, f"user{i}", "user-pw")
-                                      for i in range(count)))
-    return list(await asyncio.gather(*(ScriptedUser.log_in(hs.url, a.user_id, a.password,
-                                                           bot_id) for a in accounts)))
+    accounts = await asyncio.gather(
+        *(asyncio.to_thread(hs.register, f"user{i}", "user-pw") for i in range(count))
+    )
+    return list(
+        await asyncio.gather(
+            *(ScriptedUser.log_in(hs.url, a.user_id, a.password, bot_id) for a in accounts)
+        )
+    )
 
 
 async def answered(logs: list[dict], event_ids: list[str], timeout: float) -> None:
@@ -65,34 +69,46 @@ async def answered(logs: list[dict], event_ids: list[str], timeout: float) -> No
         await asyncio.sleep(0.05)
 
 
-async def burst(logs: list[dict], agent: SlowAgent, group: list[tuple[ScriptedUser, str]],
-                label: str) -> dict:
+async def burst(
+    logs: list[dict], agent: SlowAgent, group: list[tuple[ScriptedUser, str]], label: str
+) -> dict:
     """Every user sends one message in its chat at once; latency per user / agent delay.
     The users do not sync until the bot is done: the observers must not load the
     homeserver (nor this event loop) while they are being measured."""
     texts = [f"{label} from {i}" for i in range(len(group))]
-    sent = await asyncio.gather(*(person.send(chat, text)
-                                  for (person, chat), text in zip(group, texts)))
+    sent = await asyncio.gather(
+        *(person.send(chat, text) for (person, chat), text in zip(group, texts, strict=False))
+    )
     await answered(logs, sent, timeout=60)
-    replies = await asyncio.gather(*(person.wait_answers(chat, [event_id], timeout=10)
-                                     for (person, chat), event_id in zip(group, sent)))
+    replies = await asyncio.gather(
+        *(
+            person.wait_answers(chat, [event_id], timeout=10)
+            for (person, chat), event_id in zip(group, sent, strict=False)
+        )
+    )
     ratios, to_agent, to_reply = [], [], []
-    for (person, chat), event_id, found, text in zip(group, sent, replies, texts):
+    for (person, chat), event_id, found, text in zip(group, sent, replies, texts, strict=False):
         if event_id in found:
-            asked, stamped = await person.origin_ts(chat, event_id), \
-                found[event_id]["origin_server_ts"]
+            asked, stamped = (
+                await person.origin_ts(chat, event_id),
+                found[event_id]["origin_server_ts"],
+            )
             ratios.append((stamped - asked) / 1000 / AGENT_DELAY_S)
             began, ended = agent.calls[text]
             to_agent.append(began - asked)
             to_reply.append(stamped - ended)
     began = [agent.calls[text][0] for text in texts if text in agent.calls]
-    return {"k": len(group), "answered": len(ratios), "ratios": ratios,
-            "to_agent": to_agent, "to_reply": to_reply,
-            "spread": max(began) - min(began) if began else float("nan")}
+    return {
+        "k": len(group),
+        "answered": len(ratios),
+        "ratios": ratios,
+        "to_agent": to_agent,
+        "to_reply": to_reply,
+        "spread": max(began) - min(began) if began else float("nan"),
+    }
 
 
-async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str,
-              n: int) -> dict:
+async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str, n: int) -> dict:
     """``n`` messages while the bot is stopped; then start it and wait for the answers
     (seen by the user's sync); then check them against the room's own timeline."""
     await bot.stop()
@@ -105,17 +121,27 @@ async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str
     await person.wait_answers(chat, sent, timeout=max(60, n * 0.5))
     last_seen = time.perf_counter() - started
     wanted = set(sent)
-    replies = [ev for ev in await person.history(chat, 2 * n + 10)
-               if ev.get("sender") == person.bot_id
-               and (ev.get("content") or {}).get(SOURCE_KEY) in wanted]
+    replies = [
+        ev
+        for ev in await person.history(chat, 2 * n + 10)
+        if ev.get("sender") == person.bot_id and (ev.get("content") or {}).get(SOURCE_KEY) in wanted
+    ]
     order = [ev["content"][SOURCE_KEY] for ev in replies]
     bodies = {ev["content"][SOURCE_KEY]: ev["content"].get("body") for ev in replies}
     echoes_ok = all(bodies[e] == f"Echo: gap{n} {i}" for i, e in enumerate(sent) if e in bodies)
-    return {"n": n, "answered": len(set(order)), "duplicates": len(order) - len(set(order)),
-            "in_order": order == [e for e in sent if e in bodies] and echoes_ok,
-            "sending": sending, "last_seen": last_seen,
-            "backfilled": sum(e["events"] for e in logs[mark:] if e["event"] ==
-                              "sync.gap_backfilled" and e.get("room_id") == chat)}
+    return {
+        "n": n,
+        "answered": len(set(order)),
+        "duplicates": len(order) - len(set(order)),
+        "in_order": order == [e for e in sent if e in bodies] and echoes_ok,
+        "sending": sending,
+        "last_seen": last_seen,
+        "backfilled": sum(
+            e["events"]
+            for e in logs[mark:]
+            if e["event"] == "sync.gap_backfilled" and e.get("room_id") == chat
+        ),
+    }
 
 
 async def bench(sizes: list[int], gaps: list[int]) -> None:
@@ -131,7 +157,9 @@ async def bench(sizes: list[int], gaps: list[int]) -> None:
                 people = await users(hs, max(sizes) + 1, config.user_id)
                 rooms = await asyncio.gather(*(person.onboard() for person in people))
                 onboarding = time.perf_counter() - started
-                chats = [(person, chat) for person, (_, _, chat) in zip(people, rooms)]
+                chats = [
+                    (person, chat) for person, (_, _, chat) in zip(people, rooms, strict=False)
+                ]
                 loner, loner_chat = chats.pop()
                 bursts = [await burst(logs, slow, chats[:k], f"burst{k}") for k in sizes]
                 bot.agent = None  # from here on: config.agent, the echo agent
@@ -146,20 +174,29 @@ async def bench(sizes: list[int], gaps: list[int]) -> None:
     for b in bursts:
         r = b["ratios"] or [float("nan")]
         med, top = statistics.median(r), max(r)
-        verdict = "ok" if (b["answered"] == b["k"] and med <= TARGET_MEDIAN
-                           and top <= TARGET_MAX) else "MISSED"
-        print(f"  K={b['k']:3} users at once: latency / delay  median {med:5.2f}  max {top:5.2f}"
-              f"  answered {b['answered']}/{b['k']}  (target <= {TARGET_MEDIAN} / <= "
-              f"{TARGET_MAX}: {verdict})")
+        verdict = (
+            "ok"
+            if (b["answered"] == b["k"] and med <= TARGET_MEDIAN and top <= TARGET_MAX)
+            else "MISSED"
+        )
+        print(
+            f"  K={b['k']:3} users at once: latency / delay  median {med:5.2f}  max {top:5.2f}"
+            f"  answered {b['answered']}/{b['k']}  (target <= {TARGET_MEDIAN} / <= "
+            f"{TARGET_MAX}: {verdict})"
+        )
         if b["to_agent"]:
-            print(f"         message stamped -> agent called {ms_spread(b['to_agent'])}, "
-                  f"all {b['k']} calls within {b['spread']:.0f} ms; agent returned -> reply "
-                  f"stamped {ms_spread(b['to_reply'])}")
+            print(
+                f"         message stamped -> agent called {ms_spread(b['to_agent'])}, "
+                f"all {b['k']} calls within {b['spread']:.0f} ms; agent returned -> reply "
+                f"stamped {ms_spread(b['to_reply'])}"
+            )
     for g in gaps_seen:
-        print(f"  gap N={g['n']:4} sent while stopped ({g['sending']:4.1f} s to send): answered "
-              f"{g['answered']}/{g['n']}, duplicates {g['duplicates']}, in order "
-              f"{'yes' if g['in_order'] else 'NO'}, last answer seen "
-              f"{g['last_seen']:5.1f} s after bot start ({g['backfilled']} via /messages)")
+        print(
+            f"  gap N={g['n']:4} sent while stopped ({g['sending']:4.1f} s to send): answered "
+            f"{g['answered']}/{g['n']}, duplicates {g['duplicates']}, in order "
+            f"{'yes' if g['in_order'] else 'NO'}, last answer seen "
+            f"{g['last_seen']:5.1f} s after bot start ({g['backfilled']} via /messages)"
+        )
 
 
 def ms_spread(values: list[float]) -> str:

@@ -32,10 +32,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
-from adapter.matrix.run import run_bot  # noqa: E402
-from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.config import Config, ListenAddr  # noqa: E402
+from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 from adapter.matrix.observe.metrics import Metrics  # noqa: E402
+from adapter.matrix.run import run_bot  # noqa: E402
 from core.agent import Agent  # noqa: E402
 
 SCRAPE_EVERY_S = 0.1
@@ -72,8 +72,9 @@ async def cli_start_seconds(config: Config) -> float:
     """`python -m adapter.matrix` from exec to its `bot.ready` line, then SIGTERM."""
     env = {**os.environ, **config.to_env()}
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.matrix",
-                                                cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
     async for raw in proc.stderr:
         if json.loads(raw).get("event") == "bot.ready":
             break
@@ -93,8 +94,9 @@ async def scrape_every(url: str, seconds: float, scrapes: list[int]) -> None:
             await asyncio.sleep(seconds)
 
 
-async def metrics_cost(bot: BotProcess, person: ScriptedUser, room: str, logs: list[dict],
-                       samples: int) -> dict:
+async def metrics_cost(
+    bot: BotProcess, person: ScriptedUser, room: str, logs: list[dict], samples: int
+) -> dict:
     """Healthy replies in alternating runs without and with a metrics listener being scraped
     (plain, metered, metered, plain, twice: a drift of the machine weighs on both alike). The
     plain runs that open and close each block, compared, show the noise between runs."""
@@ -102,8 +104,9 @@ async def metrics_cost(bot: BotProcess, person: ScriptedUser, room: str, logs: l
     scrapes = [0]
     for metered in [False, True, True, False] * 2:
         await bot.stop()
-        bot.config = replace(bot.config, metrics_addr=ListenAddr("127.0.0.1", 0) if metered
-                             else None)
+        bot.config = replace(
+            bot.config, metrics_addr=ListenAddr("127.0.0.1", 0) if metered else None
+        )
         await bot.start(logs)
         scraper = None
         if metered:
@@ -118,11 +121,14 @@ async def metrics_cost(bot: BotProcess, person: ScriptedUser, room: str, logs: l
             scraper.cancel()
             with suppress(asyncio.CancelledError):
                 await scraper
-    return {"plain": [t for metered, r in runs if not metered for t in r],
-            "metered": [t for metered, r in runs if metered for t in r],
-            "opening": [t for i, (_, r) in enumerate(runs) if i % 4 == 0 for t in r],
-            "closing": [t for i, (_, r) in enumerate(runs) if i % 4 == 3 for t in r],
-            "scrapes": scrapes[0], **await recording_cost()}
+    return {
+        "plain": [t for metered, r in runs if not metered for t in r],
+        "metered": [t for metered, r in runs if metered for t in r],
+        "opening": [t for i, (_, r) in enumerate(runs) if i % 4 == 0 for t in r],
+        "closing": [t for i, (_, r) in enumerate(runs) if i % 4 == 3 for t in r],
+        "scrapes": scrapes[0],
+        **await recording_cost(),
+    }
 
 
 async def recording_cost(runs: int = 100_000) -> dict:
@@ -165,11 +171,14 @@ async def bench(chats: int, samples: int) -> None:
         config = replace(bot_config(hs, work, "benchbot"), creations_per_minute=1000)
         user_account = hs.register("benchuser", "benchuser-pw")
         cli_config = bot_config(hs, work, "clibot")
-        cli = {"first start": await cli_start_seconds(cli_config),
-               "restart": await cli_start_seconds(cli_config)}
+        cli = {
+            "first start": await cli_start_seconds(cli_config),
+            "restart": await cli_start_seconds(cli_config),
+        }
         bot = BotProcess(config)
-        person = await ScriptedUser.log_in(hs.url, user_account.user_id,
-                                           user_account.password, config.user_id)
+        person = await ScriptedUser.log_in(
+            hs.url, user_account.user_id, user_account.password, config.user_id
+        )
         with structlog.testing.capture_logs() as logs:
             starts = {"first start (password login)": await bot.start(logs)}
             lobby = await person.invite_bot()
@@ -178,10 +187,10 @@ async def bench(chats: int, samples: int) -> None:
             for i in range(chats):
                 _, text = await person.ask(lobby, f"!new Bench {i}", "Created")
                 rooms.extend(linked_rooms(text))
-            healthy = [(await person.ask(rooms[0], f"hi {i}", f"Echo: hi {i}"))[0]
-                       for i in range(samples)]
-            warm_chats = [(await person.ask(lobby, "!chats", "Your chats"))[0]
-                          for _ in range(3)]
+            healthy = [
+                (await person.ask(rooms[0], f"hi {i}", f"Echo: hi {i}"))[0] for i in range(samples)
+            ]
+            warm_chats = [(await person.ask(lobby, "!chats", "Your chats"))[0] for _ in range(3)]
             cost = await metrics_cost(bot, person, rooms[0], logs, samples)
 
             await bot.stop()
@@ -189,8 +198,10 @@ async def bench(chats: int, samples: int) -> None:
             await bot.stop()
             bot.lose_everything()
             starts["restart after total loss"] = await bot.start(logs)
-            first = [(await person.ask(room, "after loss", "Echo: after loss"))[0]
-                     for room in rooms[:samples]]
+            first = [
+                (await person.ask(room, "after loss", "Echo: after loss"))[0]
+                for room in rooms[:samples]
+            ]
             healed = [e for e in logs if e["event"] == "state.healed"]
 
             await bot.stop()
@@ -209,26 +220,40 @@ async def bench(chats: int, samples: int) -> None:
     for what, seconds in starts.items():
         print(f"  bot start -> ready: {what:27} {seconds * 1000:7.1f} ms")
     print(f"  healthy reply                       {ms(healthy)}")
-    print(f"  first reply after total loss        {ms(first)}   "
-          f"ratio {statistics.median(first) / statistics.median(healthy):.2f}x")
-    print(f"  heal itself (state.healed)          median "
-          f"{statistics.median(e['duration_ms'] for e in healed):7.1f} ms  (n={len(healed)})")
-    print(f"  homeserver requests per healed room min {min(requests)}  max {max(requests)}  "
-          f"mean {statistics.mean(requests):.2f}")
+    print(
+        f"  first reply after total loss        {ms(first)}   "
+        f"ratio {statistics.median(first) / statistics.median(healthy):.2f}x"
+    )
+    print(
+        f"  heal itself (state.healed)          median "
+        f"{statistics.median(e['duration_ms'] for e in healed):7.1f} ms  (n={len(healed)})"
+    )
+    print(
+        f"  homeserver requests per healed room min {min(requests)}  max {max(requests)}  "
+        f"mean {statistics.mean(requests):.2f}"
+    )
     print(f"  !chats warm ({chats} chats)             {ms(warm_chats)}")
-    print(f"  !chats after total loss             {cold_chats * 1000:7.1f} ms  "
-          f"({len(cold_heals)} rooms healed, "
-          f"{sum(e['hs_requests'] for e in cold_heals)} state requests; listed "
-          f"{listing.count('Bench ')} chats)")
+    print(
+        f"  !chats after total loss             {cold_chats * 1000:7.1f} ms  "
+        f"({len(cold_heals)} rooms healed, "
+        f"{sum(e['hs_requests'] for e in cold_heals)} state requests; listed "
+        f"{listing.count('Bench ')} chats)"
+    )
     plain, metered = statistics.median(cost["plain"]), statistics.median(cost["metered"])
     print(f"  healthy reply, no metrics listener  {ms(cost['plain'])}")
-    print(f"  healthy reply, /metrics scraped     {ms(cost['metered'])}   "
-          f"ratio {metered / plain:.2f}x  ({cost['scrapes']} scrapes, every "
-          f"{SCRAPE_EVERY_S * 1000:.0f} ms)")
-    print(f"    noise: plain runs closing / opening each block  ratio "
-          f"{statistics.median(cost['closing']) / statistics.median(cost['opening']):.2f}x")
-    print(f"  recording one answered message      {cost['per_message'] * 1e6:7.1f} µs;  one "
-          f"scrape built in {cost['per_scrape'] * 1e6:.0f} µs")
+    print(
+        f"  healthy reply, /metrics scraped     {ms(cost['metered'])}   "
+        f"ratio {metered / plain:.2f}x  ({cost['scrapes']} scrapes, every "
+        f"{SCRAPE_EVERY_S * 1000:.0f} ms)"
+    )
+    print(
+        f"    noise: plain runs closing / opening each block  ratio "
+        f"{statistics.median(cost['closing']) / statistics.median(cost['opening']):.2f}x"
+    )
+    print(
+        f"  recording one answered message      {cost['per_message'] * 1e6:7.1f} µs;  one "
+        f"scrape built in {cost['per_scrape'] * 1e6:.0f} µs"
+    )
 
 
 def main() -> None:

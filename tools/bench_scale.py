@@ -61,16 +61,28 @@ class ProcessBot(BotProcess):
         started = time.perf_counter()
         seen = sum(e.get("event") == "bot.ready" for e in logs)
         path = os.pathsep.join(filter(None, [str(ROOT / "tools"), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, **self.config.to_env(), "LOG_FORMAT": "json", "PYTHONPATH": path,
-               **self.env}
+        env = {
+            **os.environ,
+            **self.config.to_env(),
+            "LOG_FORMAT": "json",
+            "PYTHONPATH": path,
+            **self.env,
+        }
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
-            stderr=asyncio.subprocess.PIPE, limit=2**24)
+            sys.executable,
+            "-m",
+            "adapter.matrix",
+            cwd=ROOT,
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+            limit=2**24,
+        )
         self._reader = asyncio.create_task(self._read(logs))
         while sum(e.get("event") == "bot.ready" for e in logs) <= seen:
             if self._reader.done():
-                raise RuntimeError(f"the bot exited with {await self.proc.wait()} before "
-                                   f"bot.ready: {logs[-3:]}")
+                raise RuntimeError(
+                    f"the bot exited with {await self.proc.wait()} before bot.ready: {logs[-3:]}"
+                )
             await asyncio.sleep(0.01)
         return time.perf_counter() - started
 
@@ -117,9 +129,15 @@ def logged_at(entry: dict) -> float:
     return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-async def first_reply(hs: LocalHomeserver, bot: ProcessBot, logs: list[dict],
-                      owner: ScriptedUser, chat: str, lose: bool, writes_again: bool = False
-                      ) -> dict:
+async def first_reply(
+    hs: LocalHomeserver,
+    bot: ProcessBot,
+    logs: list[dict],
+    owner: ScriptedUser,
+    chat: str,
+    lose: bool,
+    writes_again: bool = False,
+) -> dict:
     """Stop the bot (and lose its DB and session, if ``lose``); the owner writes while it is
     down; once Synapse is idle (the last run's work done), start it (``writes_again``: the
     owner writes once more when it is ready). Seconds from the exec to the last reply's
@@ -139,17 +157,33 @@ async def first_reply(hs: LocalHomeserver, bot: ProcessBot, logs: list[dict],
     probe = max(sources, key=lambda s: found[s]["origin_server_ts"])
     rss, peak = bot.memory_mb()
     starting = next(e for e in logs[mark:] if e.get("event") == "bot.starting")
-    return {"first": found[probe]["origin_server_ts"] / 1000 - began, "ready": ready,
-            "boot": logged_at(starting) - began, "rss": rss, "peak": peak}
+    return {
+        "first": found[probe]["origin_server_ts"] / 1000 - began,
+        "ready": ready,
+        "boot": logged_at(starting) - began,
+        "rss": rss,
+        "peak": peak,
+    }
 
 
-async def measure(hs: LocalHomeserver, bot: ProcessBot, logs: list[dict], owner: ScriptedUser,
-                  chat: str, samples: int) -> dict[str, list[dict]]:
+async def measure(
+    hs: LocalHomeserver,
+    bot: ProcessBot,
+    logs: list[dict],
+    owner: ScriptedUser,
+    chat: str,
+    samples: int,
+) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
-    for kind, lose, writes_again in (("healthy", False, False), ("loss", True, False),
-                                     ("back", True, True)):
-        found[kind] = [await first_reply(hs, bot, logs, owner, chat, lose, writes_again)
-                       for _ in range(samples)]
+    for kind, lose, writes_again in (
+        ("healthy", False, False),
+        ("loss", True, False),
+        ("back", True, True),
+    ):
+        found[kind] = [
+            await first_reply(hs, bot, logs, owner, chat, lose, writes_again)
+            for _ in range(samples)
+        ]
     return found
 
 
@@ -157,7 +191,7 @@ async def onboard(people: list[ScriptedUser]) -> list[tuple[str, str, str]]:
     """Each user invites the bot and joins the Space and chat it makes, a batch at a time."""
     rooms: list[tuple[str, str, str]] = []
     for i in range(0, len(people), ONBOARD_BATCH):
-        rooms += await asyncio.gather(*(p.onboard() for p in people[i:i + ONBOARD_BATCH]))
+        rooms += await asyncio.gather(*(p.onboard() for p in people[i : i + ONBOARD_BATCH]))
     return rooms
 
 
@@ -200,7 +234,7 @@ async def typing_syncs(hs: LocalHomeserver, work: Path, typists: int, seconds: f
                 notices, on = notices + 1, not on
                 await asyncio.sleep(1)  # a typist's pace
 
-        await asyncio.gather(*(type_in(p, c) for p, c in zip(people, chats)))
+        await asyncio.gather(*(type_in(p, c) for p, c in zip(people, chats, strict=False)))
         return {"syncs": proxy.count(SYNC) - count, "notices": notices, "logs": logs}
     finally:
         await bot.stop()
@@ -209,8 +243,14 @@ async def typing_syncs(hs: LocalHomeserver, work: Path, typists: int, seconds: f
         await proxy.stop()
 
 
-async def bench(sizes: tuple[int, int], ks: list[int], samples: int, typists: int,
-                typing_s: float, bot_log: Path | None) -> None:
+async def bench(
+    sizes: tuple[int, int],
+    ks: list[int],
+    samples: int,
+    typists: int,
+    typing_s: float,
+    bot_log: Path | None,
+) -> None:
     small, large = sizes
     logs: list[dict] = []
     people: list[ScriptedUser] = []
@@ -230,24 +270,24 @@ async def bench(sizes: tuple[int, int], ks: list[int], samples: int, typists: in
 
             started = time.perf_counter()
             grown, extra = divmod(large - small, 3)  # users of 3 rooms, and chats to add
-            rooms = await onboard(people[1:grown + 1])
+            rooms = await onboard(people[1 : grown + 1])
             for i in range(extra):
                 await people[1].ask(rooms[0][0], f"!new Extra {i}", "Created")
-            chats = [(p, c) for p, (_, _, c) in zip(people[1:], rooms)]
+            chats = [(p, c) for p, (_, _, c) in zip(people[1:], rooms, strict=False)]
             growing = time.perf_counter() - started
             counted[large] = await server_rooms(config)
             await synapse_idle(hs)
             at[large] = await measure(hs, bot, logs, owner, chat, samples)
 
-            rest, started = people[grown + 1:max(ks) + 1], time.perf_counter()
-            chats += [(p, c) for p, (_, _, c) in zip(rest, await onboard(rest))]
+            rest, started = people[grown + 1 : max(ks) + 1], time.perf_counter()
+            chats += [(p, c) for p, (_, _, c) in zip(rest, await onboard(rest), strict=False)]
             joining = (len(rest), time.perf_counter() - started)  # the DB was just lost
             await bot.stop()
             bot.env["LAMBDA_AGENT"] = "bench_agent:SlowAgent"
             await bot.start(logs)
             agent = LoggedCalls(logs)
             # The rooms the total losses left unknown heal on their first message: not measured.
-            await burst(logs, agent, chats[:max(ks)], "warm-up")
+            await burst(logs, agent, chats[: max(ks)], "warm-up")
             bursts = [await burst(logs, agent, chats[:k], f"burst{k}") for k in ks]
             await bot.stop()
         finally:
@@ -260,24 +300,42 @@ async def bench(sizes: tuple[int, int], ks: list[int], samples: int, typists: in
     report(hs.url, counted, at, growing, joining, bursts, typing, typists, typing_s, logs)
 
 
-def report(url: str, counted: dict[int, int], at: dict[int, dict], growing: float,
-           joining: tuple[int, float], bursts: list[dict], typing: dict, typists: int,
-           typing_s: float, logs: list[dict]) -> None:
+def report(
+    url: str,
+    counted: dict[int, int],
+    at: dict[int, dict],
+    growing: float,
+    joining: tuple[int, float],
+    bursts: list[dict],
+    typing: dict,
+    typists: int,
+    typing_s: float,
+    logs: list[dict],
+) -> None:
     small, large = sorted(at)
-    print(f"Lambda scale benchmark: Synapse on {url}, the bot as a process "
-          f"(python -m adapter.matrix); {len(at[small]['loss'])} starts of each kind a size")
-    print(f"  rooms the bot is in (asked of the server): {counted[small]} and {counted[large]}"
-          f" (grown in {growing:.0f} s)")
-    kinds = (("loss", "after a total loss"), ("back", "  ... the owner writes again"),
-             ("healthy", "healthy restart"))
+    print(
+        f"Lambda scale benchmark: Synapse on {url}, the bot as a process "
+        f"(python -m adapter.matrix); {len(at[small]['loss'])} starts of each kind a size"
+    )
+    print(
+        f"  rooms the bot is in (asked of the server): {counted[small]} and {counted[large]}"
+        f" (grown in {growing:.0f} s)"
+    )
+    kinds = (
+        ("loss", "after a total loss"),
+        ("back", "  ... the owner writes again"),
+        ("healthy", "healthy restart"),
+    )
     print(f"  {'':36}{small:5} rooms {large:5} rooms   ratio")
     print(f"  start -> first reply (target: ratio <= {TARGET_ROOMS_RATIO})")
     for kind, what in kinds:
         a, b = (statistics.median(s["first"] for s in at[n][kind]) for n in (small, large))
         verdict = "ok" if b / a <= TARGET_ROOMS_RATIO else "MISSED"
         print(f"    {what:32}{a:9.2f} s {b:9.2f} s   {b / a:5.2f}x  {verdict}")
-    for key, title in (("ready", "start -> bot.ready (the first sync ingested)"),
-                       ("boot", "of which exec -> bot.starting (interpreter, imports, DB open)")):
+    for key, title in (
+        ("ready", "start -> bot.ready (the first sync ingested)"),
+        ("boot", "of which exec -> bot.starting (interpreter, imports, DB open)"),
+    ):
         print(f"  {title}")
         for kind, what in kinds:
             a, b = (statistics.median(s[key] for s in at[n][kind]) for n in (small, large))
@@ -286,37 +344,58 @@ def report(url: str, counted: dict[int, int], at: dict[int, dict], growing: floa
     for kind, what in kinds:
         rss = [max(s["rss"] for s in at[n][kind]) for n in (small, large)]
         peak = [max(s["peak"] for s in at[n][kind]) for n in (small, large)]
-        print(f"    {what:32}{rss[0]:8.0f} MB{rss[1]:8.0f} MB   {rss[1] / rss[0]:5.2f}x  "
-              f"(peak {peak[0]:.0f} / {peak[1]:.0f} MB)")
+        print(
+            f"    {what:32}{rss[0]:8.0f} MB{rss[1]:8.0f} MB   {rss[1] / rss[0]:5.2f}x  "
+            f"(peak {peak[0]:.0f} / {peak[1]:.0f} MB)"
+        )
     if joining[0]:
-        print(f"  {joining[0]} new users onboarded (batches of {ONBOARD_BATCH} at once) just "
-              f"after a total loss at {large} rooms: {joining[1]:.1f} s")
-    print(f"  K users write at once to a {AGENT_DELAY_S:.0f} s agent: latency / agent time "
-          f"(target: max <= {TARGET_MAX_OVER_MEDIAN} x median)")
+        print(
+            f"  {joining[0]} new users onboarded (batches of {ONBOARD_BATCH} at once) just "
+            f"after a total loss at {large} rooms: {joining[1]:.1f} s"
+        )
+    print(
+        f"  K users write at once to a {AGENT_DELAY_S:.0f} s agent: latency / agent time "
+        f"(target: max <= {TARGET_MAX_OVER_MEDIAN} x median)"
+    )
     for b in bursts:
         r = b["ratios"] or [float("nan")]
         med, top = statistics.median(r), max(r)
-        verdict = "ok" if b["answered"] == b["k"] and top <= TARGET_MAX_OVER_MEDIAN * med \
-            else "MISSED"
-        print(f"    K={b['k']:3}  median {med:5.2f}  max {top:5.2f}  max/median {top / med:4.2f}"
-              f"  answered {b['answered']}/{b['k']}  {verdict}")
+        verdict = (
+            "ok" if b["answered"] == b["k"] and top <= TARGET_MAX_OVER_MEDIAN * med else "MISSED"
+        )
+        print(
+            f"    K={b['k']:3}  median {med:5.2f}  max {top:5.2f}  max/median {top / med:4.2f}"
+            f"  answered {b['answered']}/{b['k']}  {verdict}"
+        )
         if b["to_agent"]:
-            print(f"           message stamped -> agent called {ms_spread(b['to_agent'])}, "
-                  f"calls within {b['spread']:.0f} ms; agent returned -> reply stamped "
-                  f"{ms_spread(b['to_reply'])}")
+            print(
+                f"           message stamped -> agent called {ms_spread(b['to_agent'])}, "
+                f"calls within {b['spread']:.0f} ms; agent returned -> reply stamped "
+                f"{ms_spread(b['to_reply'])}"
+            )
     verdict = "ok" if typing["syncs"] <= TARGET_TYPING_SYNCS else "MISSED"
-    print(f"  bot /sync requests while {typists} users type for {typing_s:.0f} s "
-          f"({typing['notices']} typing notices): {typing['syncs']} "
-          f"(target <= {TARGET_TYPING_SYNCS}: {verdict})")
+    print(
+        f"  bot /sync requests while {typists} users type for {typing_s:.0f} s "
+        f"({typing['notices']} typing notices): {typing['syncs']} "
+        f"(target <= {TARGET_TYPING_SYNCS}: {verdict})"
+    )
     loud = [e for e in logs + typing["logs"] if e.get("level") in ("warning", "error")]
-    print(f"  bot log lines at warning or above: {len(loud)}"
-          + (f" ({sorted({e.get('event') for e in loud})})" if loud else ""))
+    print(
+        f"  bot log lines at warning or above: {len(loud)}"
+        + (f" ({sorted({e.get('event') for e in loud})})" if loud else "")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rooms", type=int, nargs=2, default=[7, 300], metavar=("SMALL", "LARGE"),
-                        help="SMALL is one user's (lobby, Space and 1 to 6 chats)")
+    parser.add_argument(
+        "--rooms",
+        type=int,
+        nargs=2,
+        default=[7, 300],
+        metavar=("SMALL", "LARGE"),
+        help="SMALL is one user's (lobby, Space and 1 to 6 chats)",
+    )
     parser.add_argument("--users", type=int, nargs="+", default=[8, 32, 64, 128])
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--typists", type=int, default=8)
@@ -325,8 +404,16 @@ def main() -> None:
     args = parser.parse_args()
     if not 3 <= args.rooms[0] <= 8 or args.rooms[1] <= args.rooms[0]:
         parser.error("--rooms: SMALL from 3 to 8 (the !new throttle), LARGE above it")
-    asyncio.run(bench((args.rooms[0], args.rooms[1]), sorted(args.users), args.samples,
-                      args.typists, args.typing_seconds, args.bot_log))
+    asyncio.run(
+        bench(
+            (args.rooms[0], args.rooms[1]),
+            sorted(args.users),
+            args.samples,
+            args.typists,
+            args.typing_seconds,
+            args.bot_log,
+        )
+    )
 
 
 if __name__ == "__main__":

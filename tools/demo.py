@@ -21,8 +21,17 @@ from scripted_user import ScriptedUser  # noqa: E402
 
 from adapter.matrix.handlers.chat_rooms import linked_rooms  # noqa: E402
 
-SHOWN = {"bot.ready", "space.created", "chat.created", "state.healed", "state.heal_refused",
-         "state.heal_failed", "sync.catchup", "sync.gap_backfilled", "bot.stopped"}
+SHOWN = {
+    "bot.ready",
+    "space.created",
+    "chat.created",
+    "state.healed",
+    "state.heal_refused",
+    "state.heal_failed",
+    "sync.catchup",
+    "sync.gap_backfilled",
+    "bot.stopped",
+}
 
 
 class Bot:
@@ -33,8 +42,13 @@ class Bot:
     async def start(self) -> None:
         self.ready.clear()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=self.env,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "adapter.matrix",
+            cwd=ROOT,
+            env=self.env,
+            stderr=asyncio.subprocess.PIPE,
+        )
         asyncio.create_task(self._echo_logs(self.proc))
         await asyncio.wait_for(self.ready.wait(), 60)
 
@@ -69,8 +83,7 @@ async def demo() -> None:
         bot = Bot(env)
         step(f"Start the bot on {hs.url}")
         await bot.start()
-        user = await ScriptedUser.log_in(hs.url, alice.user_id, alice.password,
-                                         config.user_id)
+        user = await ScriptedUser.log_in(hs.url, alice.user_id, alice.password, config.user_id)
         step(f"{alice.user_id} invites the bot")
         lobby = await user.invite_bot()
         welcome = await user.wait_for_bot(lobby, "Welcome")
@@ -83,16 +96,24 @@ async def demo() -> None:
         step("Stop the bot and reset the local state (tools/reset_local.py --yes)")
         await bot.stop()
         reset = await asyncio.create_subprocess_exec(
-            sys.executable, "tools/reset_local.py", "--yes", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "tools/reset_local.py",
+            "--yes",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await reset.communicate()
         print("    " + out.decode().strip().replace("\n", "\n    "))
 
         step("Start the bot again: startup does nothing extra")
         await bot.start()
         step("The next message heals its room lazily (see state.healed, cause=local_reset)")
-        for room, body, expect in [(chat, "Are you still there?", "Echo"),
-                                   (lobby, "!chats", "Your chats")]:
+        for room, body, expect in [
+            (chat, "Are you still there?", "Echo"),
+            (lobby, "!chats", "Your chats"),
+        ]:
             _, text = await user.ask(room, body, expect)
             print(f"    alice: {body}\n    bot: {text}")
         await bot.stop()

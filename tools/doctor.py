@@ -17,21 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from doctor_tool.examine import examine  # noqa: E402
-from doctor_tool.local import DbUnusable  # noqa: E402
-from doctor_tool.report import as_json, as_text  # noqa: E402
-from doctor_tool.server import CannotAsk  # noqa: E402
+from doctor_tool.examine import examine
+from doctor_tool.local import DbUnusable
+from doctor_tool.report import as_json, as_text
+from doctor_tool.server import CannotAsk
 
-from adapter.matrix.config import Config, ConfigError  # noqa: E402
-from core.log_setup import configure_logging  # noqa: E402
+from adapter.matrix.config import Config, ConfigError
+from core.log_setup import configure_logging
 
 AGREES, WILL_NOT_HEAL, CANNOT_RUN = 0, 1, 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object instead of the report")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the report"
+    )
     try:
         return parser.parse_args(argv)
     except SystemExit as exit_:
@@ -55,8 +56,11 @@ def run(argv: list[str]) -> int:
     except (DbUnusable, CannotAsk) as err:
         print(f"doctor: cannot run: {err}", file=sys.stderr)
         return CANNOT_RUN
-    print(as_json(diagnosis) if args.json else
-          as_text(diagnosis, config.user_id, config.homeserver, str(config.db_path)))
+    print(
+        as_json(diagnosis)
+        if args.json
+        else as_text(diagnosis, config.user_id, config.homeserver, str(config.db_path))
+    )
     return AGREES if diagnosis.heals_by_itself else WILL_NOT_HEAL
 
 

@@ -50,8 +50,9 @@ class LocalHomeserver:
     a client does not name one; None keeps Synapse's own default (12 for Synapse 1.163).
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None,
-                 default_room_version: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, default_room_version: str | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.default_room_version = default_room_version
@@ -104,8 +105,13 @@ class LocalHomeserver:
         mac = hmac.new(secret, digestmod=hashlib.sha1)
         role = b"admin" if admin else b"notadmin"
         mac.update(b"\x00".join([nonce.encode(), username.encode(), password.encode(), role]))
-        body = {"nonce": nonce, "username": username, "password": password,
-                "admin": admin, "mac": mac.hexdigest()}
+        body = {
+            "nonce": nonce,
+            "username": username,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
         try:
             _request("POST", endpoint, body)
         except urllib.error.HTTPError as err:
@@ -115,10 +121,22 @@ class LocalHomeserver:
 
     def _generate(self) -> None:
         subprocess.run(
-            [sys.executable, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
-             "--config-path", str(self.config_path), "--generate-config",
-             "--report-stats=no", "--data-directory", str(self.data_dir)],
-            check=True, cwd=self.data_dir, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "synapse.app.homeserver",
+                "--server-name",
+                SERVER_NAME,
+                "--config-path",
+                str(self.config_path),
+                "--generate-config",
+                "--report-stats=no",
+                "--data-directory",
+                str(self.data_dir),
+            ],
+            check=True,
+            cwd=self.data_dir,
+            stdout=subprocess.DEVNULL,
         )
 
     def _config(self) -> dict:
@@ -126,22 +144,34 @@ class LocalHomeserver:
 
     def _configure(self) -> None:
         config = self._config()
-        config["listeners"] = [{
-            "port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
-            "tls": False, "x_forwarded": False,
-            "resources": [{"names": ["client"], "compress": False}],
-        }]
-        config.update({
-            "trusted_key_servers": [], "suppress_key_server_warning": True,
-            "federation_domain_whitelist": [], "use_presence": False,
-            "enable_registration": False, "report_stats": False,
-            "rc_message": _RELAXED, "rc_registration": _RELAXED,
-            "rc_joins_per_room": _RELAXED, "rc_admin_redaction": _RELAXED,
-            "rc_room_creation": _RELAXED,
-            "rc_login": {k: _RELAXED for k in ("address", "account", "failed_attempts")},
-            "rc_joins": {k: _RELAXED for k in ("local", "remote")},
-            "rc_invites": {k: _RELAXED for k in ("per_room", "per_user", "per_issuer")},
-        })
+        config["listeners"] = [
+            {
+                "port": self.port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": False,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+        ]
+        config.update(
+            {
+                "trusted_key_servers": [],
+                "suppress_key_server_warning": True,
+                "federation_domain_whitelist": [],
+                "use_presence": False,
+                "enable_registration": False,
+                "report_stats": False,
+                "rc_message": _RELAXED,
+                "rc_registration": _RELAXED,
+                "rc_joins_per_room": _RELAXED,
+                "rc_admin_redaction": _RELAXED,
+                "rc_room_creation": _RELAXED,
+                "rc_login": {k: _RELAXED for k in ("address", "account", "failed_attempts")},
+                "rc_joins": {k: _RELAXED for k in ("local", "remote")},
+                "rc_invites": {k: _RELAXED for k in ("per_room", "per_user", "per_issuer")},
+            }
+        )
         # Set or cleared on every start: a reused data_dir keeps no version from an earlier run.
         config.pop("default_room_version", None)
         if self.default_room_version is not None:
@@ -154,7 +184,8 @@ class LocalHomeserver:
             if self._process is not None and self._process.poll() is not None:
                 raise HomeserverError(
                     f"Synapse exited with {self._process.returncode}; "
-                    f"see {self.data_dir / 'synapse.stdout.log'}")
+                    f"see {self.data_dir / 'synapse.stdout.log'}"
+                )
             try:
                 _request("GET", f"{self.url}/_matrix/client/versions")
                 return
@@ -176,8 +207,9 @@ def _die_with_parent() -> None:
 
 def _request(method: str, url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read() or b"{}")
 

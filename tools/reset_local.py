@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reset_tool.facts import LocalFacts, inspect_local  # noqa: E402
-from reset_tool.local import ResetLock, carry_out, create_fresh_db  # noqa: E402
-from reset_tool.plan import plan_reset  # noqa: E402
-from reset_tool.report import print_plan, print_server_steps, print_state  # noqa: E402
-from reset_tool.server import server_cleanup  # noqa: E402
+from reset_tool.facts import LocalFacts, inspect_local
+from reset_tool.local import ResetLock, carry_out, create_fresh_db
+from reset_tool.plan import plan_reset
+from reset_tool.report import print_plan, print_server_steps, print_state
+from reset_tool.server import server_cleanup
 
-from adapter.matrix.config import Config, ConfigError, local_paths  # noqa: E402
-from core.store import StoreLocked  # noqa: E402
+from adapter.matrix.config import Config, ConfigError, local_paths
+from core.store import StoreLocked
 
 DONE, REFUSED, USAGE = 0, 1, 2
 
@@ -37,14 +37,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--backup", type=Path, metavar="DIR",
-                        help="move the files into a timestamped folder in DIR instead of deleting")
-    parser.add_argument("--server", action="store_true",
-                        help="also kick, leave and forget every room the bot created, "
-                             "then log out its device")
-    parser.add_argument("--force", action="store_true",
-                        help="delete the file at LAMBDA_MATRIX_DB even when it is not the bot's "
-                             "database (or is too damaged to tell)")
+    parser.add_argument(
+        "--backup",
+        type=Path,
+        metavar="DIR",
+        help="move the files into a timestamped folder in DIR instead of deleting",
+    )
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="also kick, leave and forget every room the bot created, then log out its device",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete the file at LAMBDA_MATRIX_DB even when it is not the bot's "
+        "database (or is too damaged to tell)",
+    )
     try:
         return parser.parse_args(argv)
     except SystemExit as exit_:
@@ -74,16 +83,22 @@ def run(argv: list[str]) -> int:
             print(f"--server needs the bot's environment: {err}", file=sys.stderr)
             return USAGE
     if not db_path.parent.is_dir():
-        print(f"Refused: the folder of LAMBDA_MATRIX_DB ({db_path.parent}) does not exist; "
-              "check the variable.", file=sys.stderr)
+        print(
+            f"Refused: the folder of LAMBDA_MATRIX_DB ({db_path.parent}) does not exist; "
+            "check the variable.",
+            file=sys.stderr,
+        )
         return REFUSED
     lock = ResetLock(db_path)
     try:
         lock.acquire()
     except StoreLocked:
-        print(f"Refused: a bot (pid {lock.holder_pid()}) is using {db_path}.\n"
-              f"Stop it first (Ctrl-C in its terminal, or `kill -TERM {lock.holder_pid()}`), "
-              "then run this again.", file=sys.stderr)
+        print(
+            f"Refused: a bot (pid {lock.holder_pid()}) is using {db_path}.\n"
+            f"Stop it first (Ctrl-C in its terminal, or `kill -TERM {lock.holder_pid()}`), "
+            "then run this again.",
+            file=sys.stderr,
+        )
         return REFUSED
     try:
         return _reset(args, config, inspect_local(db_path, store_path), lock)
@@ -94,8 +109,9 @@ def run(argv: list[str]) -> int:
         lock.release()
 
 
-def _reset(args: argparse.Namespace, config: Config | None, facts: LocalFacts,
-           lock: ResetLock) -> int:
+def _reset(
+    args: argparse.Namespace, config: Config | None, facts: LocalFacts, lock: ResetLock
+) -> int:
     plan = plan_reset(facts, force=args.force)
     print_state(facts)
     if plan.refusal:
@@ -110,21 +126,28 @@ def _reset(args: argparse.Namespace, config: Config | None, facts: LocalFacts,
         print("Nothing changed.")
         return REFUSED
     if config is not None:
-        if not args.yes and not confirm("Also kick, leave and forget every room the bot "
-                                        "created on the homeserver, and log out its device?"):
+        if not args.yes and not confirm(
+            "Also kick, leave and forget every room the bot "
+            "created on the homeserver, and log out its device?"
+        ):
             print("Nothing changed.")
             return REFUSED
         print("\nServer side:")
         if not asyncio.run(server_cleanup(config)):
-            print("Some server-side steps failed (see above); the local state is left as it "
-                  "was, so running this again retries them.", file=sys.stderr)
+            print(
+                "Some server-side steps failed (see above); the local state is left as it "
+                "was, so running this again retries them.",
+                file=sys.stderr,
+            )
             return REFUSED
     moved_to = carry_out(plan, args.backup)
     asyncio.run(create_fresh_db(facts.db.path))
     lock.discard = True
-    print(f"\nLocal state {'moved to ' + str(moved_to) if moved_to else 'deleted'}"
-          f"{', except what the plan leaves' if plan.kept else ''}; a fresh "
-          f"{facts.db.path} records its birth, so heals of older rooms log cause=local_reset.")
+    print(
+        f"\nLocal state {'moved to ' + str(moved_to) if moved_to else 'deleted'}"
+        f"{', except what the plan leaves' if plan.kept else ''}; a fresh "
+        f"{facts.db.path} records its birth, so heals of older rooms log cause=local_reset."
+    )
     if config is None:
         print_server_steps(facts.db.rooms)
     return DONE

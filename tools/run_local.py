@@ -57,15 +57,19 @@ def main() -> int:
     try:
         bot = hs.register("lambda", creds["bot"])
         demo = hs.register("demo", creds["demo"])
-        print(f"""
+        print(
+            f"""
 Homeserver : {hs.url}
 Demo login : {demo.user_id}   password: {demo.password}
 Bot        : {bot.user_id}
 Log in as the demo user (Element: "Edit" homeserver -> {hs.url}), create a room,
 invite {bot.user_id}, and the bot builds your Lambda Space. Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
         env = {
-            "MATRIX_HOMESERVER": hs.url, "MATRIX_USER_ID": bot.user_id,
+            "MATRIX_HOMESERVER": hs.url,
+            "MATRIX_USER_ID": bot.user_id,
             "MATRIX_PASSWORD": bot.password,
             "LAMBDA_MATRIX_DB": str(LOCAL / "lambda_matrix.db"),
             "MATRIX_STORE_PATH": str(LOCAL / "matrix_store"),

@@ -30,6 +30,13 @@ def throwaway_homeserver(prefix: str) -> Iterator[tuple[LocalHomeserver, Path]]:
 def bot_config(hs: LocalHomeserver, work: Path, name: str) -> Config:
     """A bot account ``name`` on ``hs``, with its DB and session in ``work``."""
     account = hs.register(name, f"{name}-pw")
-    return Config(homeserver=hs.url, user_id=account.user_id, password=account.password,
-                  access_token=None, db_path=work / f"{name}.db",
-                  store_path=work / f"{name}_store", log_format="json", log_level="info")
+    return Config(
+        homeserver=hs.url,
+        user_id=account.user_id,
+        password=account.password,
+        access_token=None,
+        db_path=work / f"{name}.db",
+        store_path=work / f"{name}_store",
+        log_format="json",
+        log_level="info",
+    )

@@ -14,7 +14,9 @@ from nio import (
     SyncResponse,
 )
 
-from adapter.matrix.handlers.chat_rooms import linked_rooms  # the caller puts the repository on sys.path
+from adapter.matrix.handlers.chat_rooms import (
+    linked_rooms,  # the caller puts the repository on sys.path
+)
 
 SOURCE_KEY = "io.lambda.source"  # in every bot reply: the event it answers (SPEC §3)
 # Synapse's default timeline limit is 10: a round with more events would hide some of them.
@@ -27,22 +29,23 @@ class ScriptedUser:
         self.timeline: dict[str, list[dict]] = defaultdict(list)  # every event synced, in order
 
     @classmethod
-    async def log_in(cls, homeserver: str, user_id: str, password: str,
-                     bot_id: str) -> ScriptedUser:
+    async def log_in(
+        cls, homeserver: str, user_id: str, password: str, bot_id: str
+    ) -> ScriptedUser:
         client = AsyncClient(homeserver, user_id)
         await client.login(password)
         return cls(client, bot_id)
 
     async def _drain(self, timeout_ms: int) -> list[tuple[str, dict]]:
         """One sync; joins every room it is invited to; returns (room_id, event) pairs."""
-        resp = await self.client.sync(timeout=timeout_ms, since=self.since,
-                                      sync_filter=SYNC_FILTER)
+        resp = await self.client.sync(timeout=timeout_ms, since=self.since, sync_filter=SYNC_FILTER)
         assert isinstance(resp, SyncResponse), resp
         self.since = resp.next_batch
         for room_id in resp.rooms.invite:
             await self.client.join(room_id)
-        events = [(rid, ev.source) for rid, info in resp.rooms.join.items()
-                  for ev in info.timeline.events]
+        events = [
+            (rid, ev.source) for rid, info in resp.rooms.join.items() for ev in info.timeline.events
+        ]
         for rid, ev in events:
             self.timeline[rid].append(ev)
         return events
@@ -63,8 +66,9 @@ class ScriptedUser:
         return lobby, space, chat
 
     async def send(self, room_id: str, body: str) -> str:
-        resp = await self.client.room_send(room_id, "m.room.message",
-                                           {"msgtype": "m.text", "body": body})
+        resp = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": body}
+        )
         assert isinstance(resp, RoomSendResponse), resp
         return resp.event_id
 
@@ -79,18 +83,25 @@ class ScriptedUser:
 
     def answers(self, room_id: str) -> list[dict]:
         """The bot's replies in ``room_id`` that name their source event, in timeline order."""
-        return [ev for ev in self.timeline[room_id] if ev.get("sender") == self.bot_id
-                and SOURCE_KEY in (ev.get("content") or {})]
+        return [
+            ev
+            for ev in self.timeline[room_id]
+            if ev.get("sender") == self.bot_id and SOURCE_KEY in (ev.get("content") or {})
+        ]
 
-    async def wait_answers(self, room_id: str, sources: list[str],
-                           timeout: float = 60) -> dict[str, dict]:
+    async def wait_answers(
+        self, room_id: str, sources: list[str], timeout: float = 60
+    ) -> dict[str, dict]:
         """The bot's reply to each of ``sources`` (event ids), as synced; on timeout, what
         was found so far."""
         wanted = set(sources)
         deadline = time.monotonic() + timeout
         while True:
-            found = {ev["content"][SOURCE_KEY]: ev for ev in self.answers(room_id)
-                     if ev["content"][SOURCE_KEY] in wanted}
+            found = {
+                ev["content"][SOURCE_KEY]: ev
+                for ev in self.answers(room_id)
+                if ev["content"][SOURCE_KEY] in wanted
+            }
             if len(found) == len(wanted) or time.monotonic() > deadline:
                 return found
             await self._drain(2_000)
@@ -102,8 +113,11 @@ class ScriptedUser:
         token = self.since
         while token and len(events) < count:
             resp = await self.client.room_messages(
-                room_id, token, limit=min(100, count - len(events)),
-                message_filter={"types": ["m.room.message"]})
+                room_id,
+                token,
+                limit=min(100, count - len(events)),
+                message_filter={"types": ["m.room.message"]},
+            )
             assert isinstance(resp, RoomMessagesResponse), resp
             events += [ev.source for ev in resp.chunk]
             token = resp.end if resp.chunk else None

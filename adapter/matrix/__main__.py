@@ -6,8 +6,8 @@ import sys
 
 import structlog
 
-from adapter.matrix.run import main
 from adapter.matrix.config import Config, ConfigError
+from adapter.matrix.run import main
 from core.log_setup import configure_logging
 
 try:

@@ -20,20 +20,9 @@ from aiohttp import ClientError
 from nio import AsyncClient, AsyncClientConfig, SyncResponse
 
 from adapter.matrix.chain.access import Access
-from adapter.matrix.config import Config
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.delivery.lanes import Delivery
 from adapter.matrix.chain.dispatcher import Dispatcher
-from adapter.matrix.handlers import handle_update
-from adapter.matrix.healing.healer import Healer
 from adapter.matrix.chain.healing import HealingMiddleware
-from adapter.matrix.ingest.catchup import CatchUpReader
-from adapter.matrix.homeserver.client import Homeserver, HomeserverError
-from adapter.matrix.delivery.inbox import Inbox, WriteFailed
-from adapter.matrix.ingest.sync import Ingest, sync_token_refused
-from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES, Sweep
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     answered_once,
@@ -43,10 +32,21 @@ from adapter.matrix.chain.middlewares import (
     store_faults,
 )
 from adapter.matrix.chain.notices import tell_store_down
+from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.config import Config
+from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.delivery.inbox import Inbox, WriteFailed
+from adapter.matrix.delivery.lanes import Delivery
+from adapter.matrix.handlers import handle_update
+from adapter.matrix.healing.healer import Healer
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.homeserver.session import HomeserverUnreachable
+from adapter.matrix.ingest.catchup import CatchUpReader
+from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES, Sweep
+from adapter.matrix.ingest.sync import Ingest, sync_token_refused
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.chain.router import RoomRouter
-from adapter.matrix.homeserver.session import HomeserverUnreachable
 from adapter.matrix.store.records import MatrixStore
 from core.agent import Agent
 from core.chat import ChatManager
@@ -73,8 +73,13 @@ SYNC_FILTER = {
 # size), and catches up in the background (transport.sweep): on a homeserver without sliding
 # sync, with one first sync of every room's latest events, short.
 QUICK_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "rooms": []}}
-CATCHUP_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {
-    **SYNC_FILTER["room"]["timeline"], "limit": TIMELINE, "types": TIMELINE_TYPES}}}
+CATCHUP_SYNC_FILTER = {
+    **SYNC_FILTER,
+    "room": {
+        **SYNC_FILTER["room"],
+        "timeline": {**SYNC_FILTER["room"]["timeline"], "limit": TIMELINE, "types": TIMELINE_TYPES},
+    },
+}
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
 
@@ -83,26 +88,42 @@ def client_config() -> AsyncClientConfig:
     # nio retries 429s (sleeping the full retry_after, a minute for room creation) and
     # timeouts forever by default. Rate limits are handled in Homeserver._call instead, and
     # timeouts are bounded, so a heal or a reply fails visibly rather than stalling the bot.
-    return AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30,
-                             max_timeout_retry_wait_time=5, encryption_enabled=False)
+    return AsyncClientConfig(
+        max_limit_exceeded=0,
+        max_timeouts=2,
+        request_timeout=30,
+        max_timeout_retry_wait_time=5,
+        encryption_enabled=False,
+    )
 
 
 class SyncTokenRefused(Exception):
     """The homeserver no longer accepts the stored sync token."""
 
 
-GAVE_UP = ("Sorry, I could not answer this message: the homeserver kept failing for too "
-           "long. Please send it again.")
-GAVE_UP_CATCHING_UP = ("Sorry, I could not catch up on the messages sent here while I was "
-                       "away: the homeserver kept failing for too long. Please send again "
-                       "what still needs an answer.")
+GAVE_UP = (
+    "Sorry, I could not answer this message: the homeserver kept failing for too "
+    "long. Please send it again."
+)
+GAVE_UP_CATCHING_UP = (
+    "Sorry, I could not catch up on the messages sent here while I was "
+    "away: the homeserver kept failing for too long. Please send again "
+    "what still needs an answer."
+)
 
 
 class Bot:
     """One sync loop that only ingests, and the workers that deliver what it ingested."""
 
-    def __init__(self, client: AsyncClient, store: SQLiteStore, agent: Agent,
-                 config: Config, metrics: Metrics, health: Health) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        store: SQLiteStore,
+        agent: Agent,
+        config: Config,
+        metrics: Metrics,
+        health: Health,
+    ) -> None:
         self.client = client
         self.db = store
         self.config = config
@@ -110,25 +131,39 @@ class Bot:
         self.metrics, self.health = metrics, health
         hs = Homeserver(client, config.server_name)
         conversation = Conversations(hs, config.history_turns)
-        self.services = Services(hs=hs, store=self.store, chats=ChatManager(store),
-                                 agent=agent, router=RoomRouter(self.store),
-                                 access=Access(config.allowed_patterns, config.max_chats,
-                                               config.creations_per_minute),
-                                 conversation=conversation, metrics=self.metrics,
-                                 health=self.health,
-                                 agent_slots=asyncio.Semaphore(config.concurrency))
+        self.services = Services(
+            hs=hs,
+            store=self.store,
+            chats=ChatManager(store),
+            agent=agent,
+            router=RoomRouter(self.store),
+            access=Access(config.allowed_patterns, config.max_chats, config.creations_per_minute),
+            conversation=conversation,
+            metrics=self.metrics,
+            health=self.health,
+            agent_slots=asyncio.Semaphore(config.concurrency),
+        )
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
         self.sweep = Sweep(hs, lambda: self.fetch(None, False, every_room=True))
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self.dispatcher = Dispatcher(
-            [store_faults, allowed_users_only, resolve_route,
-             HealingMiddleware(Healer(self.services)), owner_only, catchup_in_chats_only,
-             answered_once],
-            handle_update, EventData(services=self.services))
+            [
+                store_faults,
+                allowed_users_only,
+                resolve_route,
+                HealingMiddleware(Healer(self.services)),
+                owner_only,
+                catchup_in_chats_only,
+                answered_once,
+            ],
+            handle_update,
+            EventData(services=self.services),
+        )
 
-    async def fetch(self, since: str | None, long_poll: bool, again: bool = False,
-                    every_room: bool = False) -> SyncResponse:
+    async def fetch(
+        self, since: str | None, long_poll: bool, again: bool = False, every_room: bool = False
+    ) -> SyncResponse:
         """One sync request; the only part of the loop that a stop may interrupt. ``again``:
         the same ``since`` as a round that failed (the homeserver's, or the DB's), answered at
         once, so that a recovery shows (``sync.recovered``, ``/health``) without waiting out a
@@ -142,8 +177,11 @@ class Bot:
             timeout = 1 + secrets.randbelow(1000)
         else:
             timeout = SYNC_TIMEOUT_MS if long_poll else 0
-        sync_filter = SYNC_FILTER if since is not None else (
-            CATCHUP_SYNC_FILTER if every_room else QUICK_SYNC_FILTER)
+        sync_filter = (
+            SYNC_FILTER
+            if since is not None
+            else (CATCHUP_SYNC_FILTER if every_room else QUICK_SYNC_FILTER)
+        )
         if since is None:  # nio falls back on the last token it saw: none is meant here
             self.client.next_batch = self.client.loaded_sync_token = None
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=sync_filter)
@@ -151,8 +189,9 @@ class Bot:
             self.services.hs.note_sync(resp)
             return resp
         transport = resp.transport_response
-        if since is not None and sync_token_refused(transport.status if transport else None,
-                                                    resp.status_code, resp.message):
+        if since is not None and sync_token_refused(
+            transport.status if transport else None, resp.status_code, resp.message
+        ):
             raise SyncTokenRefused(f"{resp.status_code} {resp.message}")
         raise HomeserverUnreachable(f"sync: {resp.status_code} {resp.message}")
 
@@ -160,16 +199,16 @@ class Bot:
         self.metrics.updates_given_up.inc()
         if update.kind != "invite":
             await self.services.try_reply(
-                update, GAVE_UP_CATCHING_UP if update.kind == "catchup" else GAVE_UP,
-                part="gave-up")
+                update, GAVE_UP_CATCHING_UP if update.kind == "catchup" else GAVE_UP, part="gave-up"
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
-        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up,
-                            expand=self.catchup.expand)
+        delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
-        delivery.push(replace(entry, update=replace(entry.update, replayed=True))
-                      for entry in pending)
+        delivery.push(
+            replace(entry, update=replace(entry.update, replayed=True)) for entry in pending
+        )
         since = await self.store.get_sync_token()
         log.info("sync.starting", resume=since is not None, inbox=len(pending))
         try:
@@ -202,22 +241,31 @@ class Bot:
                 await inbox.release()
                 self.ingest.swept()
                 return
-            except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError, OSError,
-                    WriteFailed) as err:
-                log.warning("sync.catchup_failed", error=str(err) or type(err).__name__,
-                            retry_in_s=backoff)
+            except (
+                TimeoutError,
+                HomeserverUnreachable,
+                HomeserverError,
+                ClientError,
+                OSError,
+                WriteFailed,
+            ) as err:
+                log.warning(
+                    "sync.catchup_failed", error=str(err) or type(err).__name__, retry_in_s=backoff
+                )
             except Exception:  # a bug: logged, retried like a fault, never silently gone
                 log.exception("sync.catchup_crashed", retry_in_s=backoff)
             await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _sync_loop(self, stop: asyncio.Event, since: str | None, inbox: Inbox,
-                         delivery: Delivery) -> None:
+    async def _sync_loop(
+        self, stop: asyncio.Event, since: str | None, inbox: Inbox, delivery: Delivery
+    ) -> None:
         ready, backoff = False, 1.0
         waiting: set[str] | None = None  # while the DB refuses writes: the messages held back
         while not stop.is_set():
-            fetch = asyncio.ensure_future(self.fetch(since, ready,
-                                                     again=waiting is not None or backoff > 1))
+            fetch = asyncio.ensure_future(
+                self.fetch(since, ready, again=waiting is not None or backoff > 1)
+            )
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -231,8 +279,7 @@ class Bot:
                     inbox.hold_token()
                     if self._catching_up is not None:
                         self._catching_up.cancel()
-                    self._catching_up = asyncio.create_task(
-                        self._catch_up(stop, inbox, delivery))
+                    self._catching_up = asyncio.create_task(self._catch_up(stop, inbox, delivery))
                 updates = await self.ingest.updates(resp, since)
                 self.metrics.sync_rounds.inc()
                 self.health.homeserver_answered()
@@ -241,14 +288,18 @@ class Bot:
                 log.warning("sync.token_refused", since=since, error=str(err))
                 since = None
                 continue
-            except (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError,
-                    OSError) as err:
+            except (
+                TimeoutError,
+                HomeserverUnreachable,
+                HomeserverError,
+                ClientError,
+                OSError,
+            ) as err:
                 if stop.is_set():
                     break  # stopping; or the session was lost for good (run_bot says so)
                 self.metrics.sync_failures.inc()
                 self.health.homeserver_failed(str(err) or type(err).__name__)
-                log.warning("sync.failed", error=str(err) or type(err).__name__,
-                            retry_in_s=backoff)
+                log.warning("sync.failed", error=str(err) or type(err).__name__, retry_in_s=backoff)
                 await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
@@ -258,8 +309,14 @@ class Bot:
                 # Nothing was recorded and the token stays where it was: the homeserver hands
                 # these events again on the next try, so none is lost.
                 self.health.store_refused(str(fault))
-                log.error("store.write_failed", during="sync", error=str(fault),
-                          remedy=fault.remedy, updates=len(updates), retry_in_s=backoff)
+                log.error(
+                    "store.write_failed",
+                    during="sync",
+                    error=str(fault),
+                    remedy=fault.remedy,
+                    updates=len(updates),
+                    retry_in_s=backoff,
+                )
                 waiting = waiting if waiting is not None else set()
                 await self._tell_held_back(updates, waiting)
                 await sleep_or_stop(stop, backoff)

@@ -14,7 +14,8 @@ from core.log_setup import LEVELS
 _USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
 _IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
 _LISTEN_ADDR = re.compile(  # host:port, or [IPv6]:port
-    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$")
+    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$"
+)
 ECHO_AGENT = "core.agent:EchoAgent"
 # Agent calls at once (LAMBDA_CONCURRENCY). An agent is I/O-bound (a call to a model's API): a
 # call in flight costs the bot a coroutine and a socket, so the cap is there for the agent's
@@ -76,8 +77,9 @@ class Config:
         return self.user_id.split(":", 1)[1]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, need_credentials: bool = True
-                 ) -> Config:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, need_credentials: bool = True
+    ) -> Config:
         env = os.environ if env is None else env
         problems: list[str] = []
 
@@ -107,45 +109,69 @@ class Config:
         agent = value("LAMBDA_AGENT") or ECHO_AGENT
         if not _IMPORT_STRING.match(agent):
             problems.append(f"LAMBDA_AGENT must be an import string module:factory, got {agent!r}")
-        concurrency = _number(value("LAMBDA_CONCURRENCY"), int, DEFAULT_CONCURRENCY,
-                              "LAMBDA_CONCURRENCY", problems)
-        catchup_hours = _number(value("LAMBDA_CATCHUP_HOURS"), float, 24.0,
-                                "LAMBDA_CATCHUP_HOURS", problems)
-        allowed = tuple(p.strip() for p in (value("LAMBDA_ALLOWED_USERS") or "").split(",")
-                        if p.strip())
+        concurrency = _number(
+            value("LAMBDA_CONCURRENCY"), int, DEFAULT_CONCURRENCY, "LAMBDA_CONCURRENCY", problems
+        )
+        catchup_hours = _number(
+            value("LAMBDA_CATCHUP_HOURS"), float, 24.0, "LAMBDA_CATCHUP_HOURS", problems
+        )
+        allowed = tuple(
+            p.strip() for p in (value("LAMBDA_ALLOWED_USERS") or "").split(",") if p.strip()
+        )
         if bad := [p for p in allowed if not p.startswith("@") or ":" not in p]:
-            problems.append("LAMBDA_ALLOWED_USERS must be comma-separated patterns over user "
-                            f"ids like @*:example.org or @ann:other.org, got {', '.join(bad)}")
+            problems.append(
+                "LAMBDA_ALLOWED_USERS must be comma-separated patterns over user "
+                f"ids like @*:example.org or @ann:other.org, got {', '.join(bad)}"
+            )
         max_chats = _number(value("LAMBDA_MAX_CHATS"), int, 100, "LAMBDA_MAX_CHATS", problems)
-        history_turns = _number(value("LAMBDA_HISTORY_TURNS"), int, 20, "LAMBDA_HISTORY_TURNS",
-                                problems, zero_ok=True)
+        history_turns = _number(
+            value("LAMBDA_HISTORY_TURNS"), int, 20, "LAMBDA_HISTORY_TURNS", problems, zero_ok=True
+        )
         metrics_addr = None
         if (raw_addr := value("LAMBDA_METRICS_ADDR")) is not None:
             try:
                 metrics_addr = ListenAddr.parse(raw_addr)
             except ValueError:
-                problems.append("LAMBDA_METRICS_ADDR must be host:port (for example "
-                                f"127.0.0.1:9464 or [::1]:9464), got {raw_addr!r}")
+                problems.append(
+                    "LAMBDA_METRICS_ADDR must be host:port (for example "
+                    f"127.0.0.1:9464 or [::1]:9464), got {raw_addr!r}"
+                )
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
         return cls(
-            homeserver=homeserver.rstrip("/"), user_id=user_id, password=password,
-            access_token=token, db_path=db_path, store_path=store_path,
-            log_format=log_format, log_level=log_level, agent=agent,
-            concurrency=concurrency, catchup_hours=catchup_hours, allowed_users=allowed,
-            max_chats=max_chats, history_turns=history_turns, metrics_addr=metrics_addr,
+            homeserver=homeserver.rstrip("/"),
+            user_id=user_id,
+            password=password,
+            access_token=token,
+            db_path=db_path,
+            store_path=store_path,
+            log_format=log_format,
+            log_level=log_level,
+            agent=agent,
+            concurrency=concurrency,
+            catchup_hours=catchup_hours,
+            allowed_users=allowed,
+            max_chats=max_chats,
+            history_turns=history_turns,
+            metrics_addr=metrics_addr,
         )
 
     def to_env(self) -> dict[str, str]:
         """The SPEC §3 variables that ``from_env`` reads back into this config."""
-        env = {"MATRIX_HOMESERVER": self.homeserver, "MATRIX_USER_ID": self.user_id,
-               "LAMBDA_MATRIX_DB": str(self.db_path), "MATRIX_STORE_PATH": str(self.store_path),
-               "LOG_FORMAT": self.log_format, "LOG_LEVEL": self.log_level,
-               "LAMBDA_AGENT": self.agent, "LAMBDA_CONCURRENCY": str(self.concurrency),
-               "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours),
-               "LAMBDA_MAX_CHATS": str(self.max_chats),
-               "LAMBDA_HISTORY_TURNS": str(self.history_turns)}
+        env = {
+            "MATRIX_HOMESERVER": self.homeserver,
+            "MATRIX_USER_ID": self.user_id,
+            "LAMBDA_MATRIX_DB": str(self.db_path),
+            "MATRIX_STORE_PATH": str(self.store_path),
+            "LOG_FORMAT": self.log_format,
+            "LOG_LEVEL": self.log_level,
+            "LAMBDA_AGENT": self.agent,
+            "LAMBDA_CONCURRENCY": str(self.concurrency),
+            "LAMBDA_CATCHUP_HOURS": str(self.catchup_hours),
+            "LAMBDA_MAX_CHATS": str(self.max_chats),
+            "LAMBDA_HISTORY_TURNS": str(self.history_turns),
+        }
         if self.metrics_addr is not None:
             env["LAMBDA_METRICS_ADDR"] = str(self.metrics_addr)
         if self.allowed_users:
@@ -157,8 +183,14 @@ class Config:
         return env
 
 
-def _number(raw: str | None, kind: type[int] | type[float], default: int | float, name: str,
-            problems: list[str], zero_ok: bool = False) -> int | float:
+def _number(
+    raw: str | None,
+    kind: type[int] | type[float],
+    default: int | float,
+    name: str,
+    problems: list[str],
+    zero_ok: bool = False,
+) -> int | float:
     """A positive number from the environment (``kind`` is int or float); 0 too if
     ``zero_ok``."""
     if raw is None:
@@ -176,5 +208,7 @@ def _number(raw: str | None, kind: type[int] | type[float], default: int | float
 def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
     """The local state: (SQLite file, Matrix session directory)."""
     env = os.environ if env is None else env
-    return (Path(env.get("LAMBDA_MATRIX_DB", "").strip() or "lambda_matrix.db"),
-            Path(env.get("MATRIX_STORE_PATH", "").strip() or "matrix_store"))
+    return (
+        Path(env.get("LAMBDA_MATRIX_DB", "").strip() or "lambda_matrix.db"),
+        Path(env.get("MATRIX_STORE_PATH", "").strip() or "matrix_store"),
+    )

@@ -11,15 +11,15 @@ from nio import AsyncClient
 
 from adapter.matrix.bot import MAX_BACKOFF_S, Bot, client_config, sleep_or_stop
 from adapter.matrix.config import Config
-from adapter.matrix.observe.health import Health
-from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
-from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
     LoginFailed,
     SessionClient,
     log_in,
 )
+from adapter.matrix.observe.health import Health
+from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
+from adapter.matrix.observe.metrics import Metrics
 from core.agent import Agent, AgentLoadError, load_agent
 from core.store import (
     ProcessLock,
@@ -33,8 +33,9 @@ from core.store import (
 log = structlog.get_logger()
 
 
-async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asyncio.Event,
-                               health: Health) -> bool:
+async def _log_in_with_backoff(
+    client: AsyncClient, config: Config, stop: asyncio.Event, health: Health
+) -> bool:
     backoff = 1.0
     while not stop.is_set():
         try:
@@ -44,8 +45,12 @@ async def _log_in_with_backoff(client: AsyncClient, config: Config, stop: asynci
             return True
         except HomeserverUnreachable as err:
             health.homeserver_failed(str(err))
-            log.warning("homeserver.unreachable", homeserver=config.homeserver,
-                        error=str(err), retry_in_s=backoff)
+            log.warning(
+                "homeserver.unreachable",
+                homeserver=config.homeserver,
+                error=str(err),
+                retry_in_s=backoff,
+            )
             await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
     return False
@@ -61,30 +66,47 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             log.error("config.invalid", error=str(err))
             return 2
     if (read_only := unwritable(config.db_path)) is not None:
-        log.error("store.read_only", db=str(config.db_path), path=str(read_only),
-                  error=f"{read_only} is not writable by this user",
-                  remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
-                         "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
-                         "DB is intact: do not reset it")
+        log.error(
+            "store.read_only",
+            db=str(config.db_path),
+            path=str(read_only),
+            error=f"{read_only} is not writable by this user",
+            remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
+            "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
+            "DB is intact: do not reset it",
+        )
         return 1
     lock = ProcessLock(config.db_path)
     try:
         lock.acquire()
     except StoreLocked:
-        log.error("store.locked", db=str(config.db_path), pid=lock.holder_pid(),
-                  remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first")
+        log.error(
+            "store.locked",
+            db=str(config.db_path),
+            pid=lock.holder_pid(),
+            remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first",
+        )
         return 1
     try:
         try:
             store = await SQLiteStore.open(config.db_path)
         except StoreUnreadable as err:
-            log.error("store.unreadable", db=str(config.db_path), error=str(err),
-                      remedy="python tools/reset_local.py")
+            log.error(
+                "store.unreadable",
+                db=str(config.db_path),
+                error=str(err),
+                remedy="python tools/reset_local.py",
+            )
             return 1
         except StoreUnwritable as err:
-            log.error("store.write_failed", during="start", db=str(config.db_path),
-                      error=str(err), remedy="free disk space or make the folder writable; "
-                                             "there is no DB yet, nothing to reset")
+            log.error(
+                "store.write_failed",
+                during="start",
+                db=str(config.db_path),
+                error=str(err),
+                remedy="free disk space or make the folder writable; "
+                "there is no DB yet, nothing to reset",
+            )
             return 1
         metrics, health = Metrics(), Health(config.outage_after_s)
         listener = None
@@ -97,8 +119,13 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 return 2
         client = SessionClient(config, client_config())
         try:
-            log.info("bot.starting", homeserver=config.homeserver, user_id=config.user_id,
-                     db=str(config.db_path), db_created=store.created)
+            log.info(
+                "bot.starting",
+                homeserver=config.homeserver,
+                user_id=config.user_id,
+                db=str(config.db_path),
+                db_created=store.created,
+            )
             if not await _log_in_with_backoff(client, config, stop, health):
                 return 0
             client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
@@ -108,8 +135,9 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             log.info("bot.stopped")
             return 0
         except LoginFailed as err:
-            log.error("login.failed", error=str(err),
-                      remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN")
+            log.error(
+                "login.failed", error=str(err), remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN"
+            )
             return 1
         finally:
             if listener is not None:

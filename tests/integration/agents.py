@@ -70,8 +70,10 @@ class MarkdownAgent:
     """An agent of the old style (no history) that answers in Markdown, hostile bits too."""
 
     async def reply(self, chat: Chat, text: str) -> str:
-        return (f"**Echo:** {text}\n\n<script>alert(1)</script> <b onmouseover=\"x()\">raw</b>\n\n"
-                "[click](javascript:alert(1))\n\n```python\nprint('hi')\n```")
+        return (
+            f'**Echo:** {text}\n\n<script>alert(1)</script> <b onmouseover="x()">raw</b>\n\n'
+            "[click](javascript:alert(1))\n\n```python\nprint('hi')\n```"
+        )
 
 
 class CountingAgent:

@@ -27,9 +27,9 @@ from nio import (
     TypingNoticeEvent,
 )
 
-from adapter.matrix.run import run_bot
-from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
+from adapter.matrix.handlers.chat_rooms import linked_rooms
+from adapter.matrix.run import run_bot
 from core.store import SQLiteStore
 from tests.integration.fault_proxy import FaultProxy
 
@@ -49,8 +49,11 @@ class LogSink:
         self.entries = entries
 
     def named(self, event: str, **fields: Any) -> list[dict]:
-        return [e for e in self.entries if e.get("event") == event
-                and all(e.get(k) == v for k, v in fields.items())]
+        return [
+            e
+            for e in self.entries
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
 
     def caught_up(self) -> tuple[int, int]:
         """(answered, skipped) by the catch-up of the last start: the rooms' reads back."""
@@ -58,13 +61,15 @@ class LogSink:
         reads = [e for e in self.entries[last:] if e.get("event") == "sync.catchup_read"]
         return sum(r["answered"] for r in reads), sum(r["skipped"] for r in reads)
 
-    async def wait_for(self, event: str, timeout: float = TIMEOUT, count: int = 1,
-                       **fields: Any) -> list[dict]:
+    async def wait_for(
+        self, event: str, timeout: float = TIMEOUT, count: int = 1, **fields: Any
+    ) -> list[dict]:
         deadline = time.monotonic() + timeout
         while len(found := self.named(event, **fields)) < count:
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {event} {fields} in logs: "
-                                     f"{[e.get('event') for e in self.entries][-30:]}")
+                raise AssertionError(
+                    f"no {event} {fields} in logs: {[e.get('event') for e in self.entries][-30:]}"
+                )
             await asyncio.sleep(0.05)
         return found
 
@@ -151,16 +156,22 @@ class BotProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=self.env,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "adapter.matrix",
+            cwd=ROOT,
+            env=self.env,
+            stderr=asyncio.subprocess.PIPE,
+        )
 
     async def wait_log(self, event: str, timeout: float = TIMEOUT) -> dict:
         """Read the process's JSON log until a line with ``event``; returns that line."""
         assert self.proc and self.proc.stderr
         deadline = time.monotonic() + timeout
         while True:
-            raw = await asyncio.wait_for(self.proc.stderr.readline(),
-                                         max(0.1, deadline - time.monotonic()))
+            raw = await asyncio.wait_for(
+                self.proc.stderr.readline(), max(0.1, deadline - time.monotonic())
+            )
             assert raw, f"the bot exited before logging {event}: {self.lines[-5:]}"
             self.lines.append(json.loads(raw))
             if self.lines[-1].get("event") == event:
@@ -182,9 +193,15 @@ async def reset_tool(config: Config, *args: str, stdin: bytes = b"") -> tuple[in
     """Run ``tools/reset_local.py`` with the bot's environment: (exit code, output)."""
     env = {**os.environ, **config.to_env()}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "tools/reset_local.py", *args, cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "tools/reset_local.py",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await proc.communicate(stdin)
     return proc.returncode, out.decode()
 
@@ -193,9 +210,14 @@ async def doctor_tool(config: Config, *args: str, **env: str) -> tuple[int, str,
     """Run ``tools/doctor.py`` with the bot's environment (``env`` overrides a variable):
     (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "tools/doctor.py", *args, cwd=ROOT,
+        sys.executable,
+        "tools/doctor.py",
+        *args,
+        cwd=ROOT,
         env={**os.environ, **config.to_env(), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     return proc.returncode, out.decode(), err.decode()
 
@@ -234,14 +256,25 @@ class TestUser:
         return result
 
     def bot_messages(self, room_id: str, bot_id: str) -> list[dict]:
-        return [ev for ev in self.timeline[room_id]
-                if ev.get("type") == "m.room.message" and ev.get("sender") == bot_id]
+        return [
+            ev
+            for ev in self.timeline[room_id]
+            if ev.get("type") == "m.room.message" and ev.get("sender") == bot_id
+        ]
 
-    async def wait_reply(self, room_id: str, bot_id: str, contains: str,
-                         timeout: float = TIMEOUT) -> dict:
+    async def wait_reply(
+        self, room_id: str, bot_id: str, contains: str, timeout: float = TIMEOUT
+    ) -> dict:
         def find():
-            return next((ev for ev in self.bot_messages(room_id, bot_id)
-                         if contains in ev["content"].get("body", "")), None)
+            return next(
+                (
+                    ev
+                    for ev in self.bot_messages(room_id, bot_id)
+                    if contains in ev["content"].get("body", "")
+                ),
+                None,
+            )
+
         return await self.wait_for(find, timeout)
 
     async def send(self, room_id: str, body: str) -> str:
@@ -258,8 +291,15 @@ class TestUser:
         await self.send(room_id, body)
 
         def find():
-            return next((ev for ev in self.bot_messages(room_id, bot_id)[seen:]
-                         if expect in ev["content"].get("body", "")), None)
+            return next(
+                (
+                    ev
+                    for ev in self.bot_messages(room_id, bot_id)[seen:]
+                    if expect in ev["content"].get("body", "")
+                ),
+                None,
+            )
+
         return await self.wait_for(find)
 
     async def join(self, room_id: str) -> None:
@@ -297,9 +337,16 @@ def logs(request: pytest.FixtureRequest):
 @pytest.fixture
 def bot_config(homeserver, tmp_path: Path) -> Config:
     account = homeserver.register(unique("bot"), "bot-password")
-    return Config(homeserver=homeserver.url, user_id=account.user_id, password=account.password,
-                  access_token=None, db_path=tmp_path / "lambda_matrix.db",
-                  store_path=tmp_path / "matrix_store", log_format="json", log_level="debug")
+    return Config(
+        homeserver=homeserver.url,
+        user_id=account.user_id,
+        password=account.password,
+        access_token=None,
+        db_path=tmp_path / "lambda_matrix.db",
+        store_path=tmp_path / "matrix_store",
+        log_format="json",
+        log_level="debug",
+    )
 
 
 @pytest.fixture
@@ -342,6 +389,7 @@ async def proxy(homeserver):
 async def proxied_bot(bot_config: Config, proxy: FaultProxy, logs: LogSink):
     """The bot talking to Synapse through the fault-injecting proxy."""
     from dataclasses import replace
+
     runner = BotRunner(replace(bot_config, homeserver=proxy.url), logs)
     await runner.start()
     yield runner

@@ -40,16 +40,18 @@ class FaultProxy:
         self._session: ClientSession | None = None
         self.url = ""
 
-    def fail(self, path_regex: str, status: int, body: dict | None = None,
-             times: int = 1_000_000) -> None:
+    def fail(
+        self, path_regex: str, status: int, body: dict | None = None, times: int = 1_000_000
+    ) -> None:
         self.faults.append(Fault(re.compile(path_regex), status, body or {}, times))
 
     def heal(self) -> None:
         self.faults.clear()
         self.holds.clear()
 
-    def hold(self, method: str, path_regex: str, nth: int = 1, forward: bool = True
-             ) -> asyncio.Event:
+    def hold(
+        self, method: str, path_regex: str, nth: int = 1, forward: bool = True
+    ) -> asyncio.Event:
         """Hold the ``nth`` matching request forever; the event is set when it is reached."""
         hold = Hold(method, re.compile(path_regex), nth - 1, forward)
         self.holds.append(hold)
@@ -89,11 +91,15 @@ class FaultProxy:
             await asyncio.Event().wait()  # until the bot is killed and the proxy stopped
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with self._session.request(request.method, self.upstream + request.path_qs,
-                                         data=body, headers=headers) as upstream:
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as upstream:
             payload = await upstream.read()
-            out = {k: v for k, v in upstream.headers.items()
-                   if k.lower() in ("content-type", "content-encoding")}
+            out = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() in ("content-type", "content-encoding")
+            }
         if hold is not None:
             hold.reached.set()
             await asyncio.Event().wait()

@@ -22,7 +22,8 @@ async def alice_only(bot_config, logs, make_user):
 
 @pytest.mark.warnings_expected("invite.refused is a warning")
 async def test_an_invite_from_a_user_not_allowed_is_rejected_and_creates_nothing(
-        alice_only, make_user):
+    alice_only, make_user
+):
     bot, _ = alice_only
     mallory = await make_user("mallory")
     rooms_before = await bot.server_room_count()
@@ -32,8 +33,10 @@ async def test_an_invite_from_a_user_not_allowed_is_rejected_and_creates_nothing
 
     async def bot_left() -> bool:
         member = await mallory.client.room_get_state_event(lobby, "m.room.member", bot.user_id)
-        return isinstance(member, RoomGetStateEventResponse) and \
-            member.content["membership"] == "leave"
+        return (
+            isinstance(member, RoomGetStateEventResponse)
+            and member.content["membership"] == "leave"
+        )
 
     for _ in range(50):
         if await bot_left():
@@ -57,8 +60,7 @@ async def test_messages_from_a_user_not_allowed_never_reach_the_bot(alice_only, 
     assert len(alice.bot_messages(lobby, bot.user_id)) == 2  # the welcome and !help only
 
 
-async def test_the_chat_cap_and_the_creation_throttle_answer_clearly(bot_config, logs,
-                                                                     make_user):
+async def test_the_chat_cap_and_the_creation_throttle_answer_clearly(bot_config, logs, make_user):
     alice = await make_user("alice")
     bot = BotRunner(replace(bot_config, max_chats=3), logs)
     await bot.start()

@@ -7,11 +7,11 @@ from urllib.parse import quote
 from nio import AsyncClient
 
 from adapter.matrix.chain.access import Access
-from adapter.matrix.handlers.chat_rooms import create_chat, linked_rooms
 from adapter.matrix.chain.context import Services
-from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.handlers.chat_rooms import create_chat, linked_rooms
+from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.store.records import MatrixStore
 from core.agent import EchoAgent
 from core.chat import ChatManager
@@ -33,7 +33,8 @@ async def test_invite_after_total_loss_reuses_space_and_first_chat(bot, make_use
 
 
 async def test_a_new_users_invite_after_a_total_loss_reads_no_other_users_room(
-        proxied_bot, proxy, make_user):
+    proxied_bot, proxy, make_user
+):
     """Bob has no Space, and his new Space has no chat to adopt: knowing it reads no state
     of Alice's rooms (after a total loss the DB knows none of them: at scale, all rooms)."""
     alice, bob = await make_user("alice"), await make_user("bob")
@@ -42,12 +43,17 @@ async def test_a_new_users_invite_after_a_total_loss_reads_no_other_users_room(
     mark = len(proxy.requests)
     await bob.onboard(proxied_bot.user_id)
     states = [path for path in proxy.requests[mark:] if "/state" in path]
-    assert not [path for path in states for room in alice_rooms
-                if room in path or quote(room, safe="") in path]
+    assert not [
+        path
+        for path in states
+        for room in alice_rooms
+        if room in path or quote(room, safe="") in path
+    ]
 
 
 async def test_crash_after_creating_the_space_ends_with_one_space_and_one_first_chat(
-        bot, make_user):
+    bot, make_user
+):
     alice = await make_user("alice")
     await bot.stop()
     # The crash: the Space exists on the server (marker, Alice invited), nothing else does.
@@ -81,10 +87,15 @@ async def test_replayed_new_command_creates_its_room_once(bot, make_user):
     try:
         mstore = MatrixStore(store)
         hs = Homeserver(client, "localhost")
-        svc = Services(hs=hs, store=mstore, chats=ChatManager(store),
-                       agent=EchoAgent(), router=RoomRouter(mstore),
-                       access=Access(("@*:localhost",), max_chats=100),
-                       conversation=Conversations(hs, 20))
+        svc = Services(
+            hs=hs,
+            store=mstore,
+            chats=ChatManager(store),
+            agent=EchoAgent(),
+            router=RoomRouter(mstore),
+            access=Access(("@*:localhost",), max_chats=100),
+            conversation=Conversations(hs, 20),
+        )
         rooms_before = len((await client.joined_rooms()).rooms)
         first = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")
         again = await create_chat(svc, alice.user_id, space, "Replayed", "$source-event")

@@ -16,13 +16,15 @@ SLIDING = r"/org\.matrix\.simplified_msc3575/sync"
 
 
 def messages_reads(proxy, room_id: str) -> int:
-    return sum(1 for r in proxy.requests
-               if re.match(rf"GET .*/rooms/{re.escape(room_id)}/messages", r))
+    return sum(
+        1 for r in proxy.requests if re.match(rf"GET .*/rooms/{re.escape(room_id)}/messages", r)
+    )
 
 
 @pytest.mark.warnings_expected("the busy room's first reads fail on purpose (sync.catchup)")
 async def test_after_a_total_loss_only_the_room_with_unanswered_messages_reads_back(
-        proxied_bot, proxy, make_user, logs):
+    proxied_bot, proxy, make_user, logs
+):
     bot = proxied_bot
     alice, bob = await make_user("alice"), await make_user("bob")
     _, _, busy = await alice.onboard(bot.user_id)
@@ -50,12 +52,12 @@ async def test_after_a_total_loss_only_the_room_with_unanswered_messages_reads_b
 
 
 async def test_the_sweep_walks_the_rooms_most_recent_first_a_window_at_a_time(
-        proxied_bot, proxy, make_user, logs, monkeypatch):
+    proxied_bot, proxy, make_user, logs, monkeypatch
+):
     monkeypatch.setattr(sweep, "FIRST_WINDOW", 2)
     monkeypatch.setattr(sweep, "WINDOW", 3)
     bot = proxied_bot
-    alice, bob, carol, dave = [await make_user(name) for name in ("alice", "bob", "carol",
-                                                                   "dave")]
+    alice, bob, carol, dave = [await make_user(name) for name in ("alice", "bob", "carol", "dave")]
     for person in (bob, carol):
         await person.onboard(bot.user_id)
     _, _, chat = await alice.onboard(bot.user_id)
@@ -78,7 +80,8 @@ async def test_the_sweep_walks_the_rooms_most_recent_first_a_window_at_a_time(
 
 
 async def test_without_sliding_sync_the_sweep_is_one_first_sync_of_every_room(
-        proxied_bot, proxy, make_user, logs):
+    proxied_bot, proxy, make_user, logs
+):
     proxy.fail(SLIDING, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
     bot = proxied_bot
     alice, carol = await make_user("alice"), await make_user("carol")

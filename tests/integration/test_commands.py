@@ -101,16 +101,25 @@ async def test_messages_from_non_owner_are_ignored(bot, make_user):
     # answer to Mallory's would already be in the timeline, right after her message.
     answer = await alice.ask(lobby, bot.user_id, "!help", "Commands:")
     timeline = alice.timeline[lobby]
-    since_intrusion = timeline[[ev.get("event_id") for ev in timeline].index(intruding):]
+    since_intrusion = timeline[[ev.get("event_id") for ev in timeline].index(intruding) :]
     assert [ev for ev in since_intrusion if ev.get("sender") == bot.user_id] == [answer]
-    assert intruding not in [ev["content"].get(SOURCE_KEY)
-                             for ev in alice.bot_messages(lobby, bot.user_id)]
+    assert intruding not in [
+        ev["content"].get(SOURCE_KEY) for ev in alice.bot_messages(lobby, bot.user_id)
+    ]
 
 
 async def test_encrypted_message_gets_a_clear_hint_not_silence(bot, make_user):
     alice = await make_user("alice")
     lobby, _, _ = await alice.onboard(bot.user_id)
-    await alice.client.room_send(lobby, "m.room.encrypted", {
-        "algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnAC", "session_id": "s1",
-        "sender_key": "k1", "device_id": "DEV"})
+    await alice.client.room_send(
+        lobby,
+        "m.room.encrypted",
+        {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "ciphertext": "AwgAEnAC",
+            "session_id": "s1",
+            "sender_key": "k1",
+            "device_id": "DEV",
+        },
+    )
     await alice.wait_reply(lobby, bot.user_id, "can't read encrypted messages")

@@ -26,13 +26,18 @@ class GatedMarkdownAgent:
         if text.startswith("slow"):
             self.holding.append(text)
             await self.release.wait()
-        return (f"**Echo:** {text}\n\n<script>alert(1)</script> <b onmouseover=\"x()\">raw</b>"
-                "\n\n[click](javascript:alert(1))\n\n```python\nprint('hi')\n```")
+        return (
+            f'**Echo:** {text}\n\n<script>alert(1)</script> <b onmouseover="x()">raw</b>'
+            "\n\n[click](javascript:alert(1))\n\n```python\nprint('hi')\n```"
+        )
 
 
 def answer_to(user, room_id: str, bot_id: str, event_id: str) -> list[dict]:
-    return [ev["content"] for ev in user.bot_messages(room_id, bot_id)
-            if ev["content"].get(SOURCE_KEY) == event_id]
+    return [
+        ev["content"]
+        for ev in user.bot_messages(room_id, bot_id)
+        if ev["content"].get(SOURCE_KEY) == event_id
+    ]
 
 
 async def ask(user, room_id: str, bot_id: str, text: str) -> str:
@@ -43,7 +48,8 @@ async def ask(user, room_id: str, bot_id: str, text: str) -> str:
 
 
 async def test_the_agent_gets_the_rooms_conversation_across_a_total_loss_and_a_reset(
-        bot_config, logs, make_user):
+    bot_config, logs, make_user
+):
     agent = RecordingAgent()
     bot = BotRunner(bot_config, logs, agent)
     await bot.start()
@@ -64,12 +70,16 @@ async def test_the_agent_gets_the_rooms_conversation_across_a_total_loss_and_a_r
     await ask(alice, other, bot_id, "in another room")
     assert agent.history_of("in another room") == []
 
-    edit = await alice.send_content(chat, {
-        "msgtype": "m.text", "body": "* one, edited",
-        "m.new_content": {"msgtype": "m.text", "body": "one, edited"},
-        "m.relates_to": {"rel_type": "m.replace", "event_id": one}})
-    two = next(ev["event_id"] for ev in alice.timeline[chat]
-               if ev["content"].get("body") == "two")
+    edit = await alice.send_content(
+        chat,
+        {
+            "msgtype": "m.text",
+            "body": "* one, edited",
+            "m.new_content": {"msgtype": "m.text", "body": "one, edited"},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": one},
+        },
+    )
+    two = next(ev["event_id"] for ev in alice.timeline[chat] if ev["content"].get("body") == "two")
     await alice.client.room_redact(chat, two)
     await ask(alice, chat, bot_id, "three")
     expected = [("user", "one, edited"), ("assistant", "Echo: one"), ("assistant", "Echo: two")]
@@ -99,7 +109,8 @@ async def test_the_agent_gets_the_rooms_conversation_across_a_total_loss_and_a_r
 
 
 async def test_answers_render_markdown_safely_and_reply_where_they_do_not_follow(
-        bot_config, logs, make_user):
+    bot_config, logs, make_user
+):
     agent = GatedMarkdownAgent()
     bot = BotRunner(bot_config, logs, agent)
     await bot.start()
@@ -142,11 +153,15 @@ async def test_answers_render_markdown_safely_and_reply_where_they_do_not_follow
 
 @pytest.mark.parametrize("device", ["same_device", "new_device"])
 async def test_an_answer_whose_response_was_lost_is_not_sent_or_thought_again(
-        bot_config, logs, make_user, proxy, tmp_path: Path, monkeypatch, device):
+    bot_config, logs, make_user, proxy, tmp_path: Path, monkeypatch, device
+):
     calls = tmp_path / "agent_calls.txt"
     monkeypatch.setenv("TEST_AGENT_CALLS", str(calls))
-    config = replace(bot_config, homeserver=proxy.url,  # the session is kept per URL
-                     agent="tests.integration.agents:CountingAgent")
+    config = replace(
+        bot_config,
+        homeserver=proxy.url,  # the session is kept per URL
+        agent="tests.integration.agents:CountingAgent",
+    )
     bot = BotRunner(config, logs)
     await bot.start()
     alice = await make_user("alice")

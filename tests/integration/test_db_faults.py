@@ -52,8 +52,10 @@ def read_only(path: Path) -> Iterator[None]:
         finally:
             path.chmod(mode)
         return
-    if not shutil.which("chattr") or subprocess.run(
-            ["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+    if (
+        not shutil.which("chattr")
+        or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0
+    ):
         pytest.skip("running as root, and chattr +i is not available here")
     try:
         yield
@@ -70,14 +72,15 @@ async def wait_line(proc: BotProcess, event: str, **fields: object) -> dict:
 
 
 def echoes(user, room_id: str, bot_id: str) -> list[str]:
-    return [ev["content"]["body"].removeprefix("Echo: ")
-            for ev in user.bot_messages(room_id, bot_id)
-            if ev["content"]["body"].startswith("Echo: ")]
+    return [
+        ev["content"]["body"].removeprefix("Echo: ")
+        for ev in user.bot_messages(room_id, bot_id)
+        if ev["content"]["body"].startswith("Echo: ")
+    ]
 
 
 def store_notices(user, room_id: str, bot_id: str) -> list[dict]:
-    return [ev for ev in user.bot_messages(room_id, bot_id)
-            if STORE_DOWN in ev["content"]["body"]]
+    return [ev for ev in user.bot_messages(room_id, bot_id) if STORE_DOWN in ev["content"]["body"]]
 
 
 async def inbox_left(config) -> list[str]:
@@ -90,7 +93,8 @@ async def inbox_left(config) -> list[str]:
 
 @pytest.mark.parametrize("recovery", ["space_returns", "restart_after_space_returns"])
 async def test_a_full_disk_holds_messages_back_and_answers_each_once_when_space_returns(
-        bot, make_user, recovery):
+    bot, make_user, recovery
+):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await bot.stop()
@@ -122,10 +126,12 @@ async def test_a_full_disk_holds_messages_back_and_answers_each_once_when_space_
 
 
 @pytest.mark.warnings_expected("the heal fails on the homeserver first")
-@pytest.mark.parametrize("lost, told", [("everything", 0), ("chat", 1)],
-                         ids=["owner_unknown", "owner_known"])
+@pytest.mark.parametrize(
+    "lost, told", [("everything", 0), ("chat", 1)], ids=["owner_unknown", "owner_known"]
+)
 async def test_a_heal_whose_records_cannot_be_written_is_retried_and_answered_once(
-        bot_config, proxy, make_user, logs, lost, told):
+    bot_config, proxy, make_user, logs, lost, told
+):
     config = replace(bot_config, homeserver=proxy.url)
     runner = BotRunner(config, logs)
     await runner.start()
@@ -158,12 +164,17 @@ async def test_a_heal_whose_records_cannot_be_written_is_retried_and_answered_on
 
 
 async def test_an_answered_message_the_full_disk_keeps_in_the_inbox_is_not_answered_again(
-        bot, make_user):
+    bot, make_user
+):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await bot.stop()
-    proc = BotProcess(bot.config, LOG_LEVEL="info", TEST_AGENT_DELAY_S="2",
-                      LAMBDA_AGENT="tests.integration.agents:SlowAgent")
+    proc = BotProcess(
+        bot.config,
+        LOG_LEVEL="info",
+        TEST_AGENT_DELAY_S="2",
+        LAMBDA_AGENT="tests.integration.agents:SlowAgent",
+    )
     await proc.start()
     await proc.wait_log("bot.ready")
     event_id = await alice.send(chat, "answered, not dropped")
@@ -184,7 +195,8 @@ async def test_an_answered_message_the_full_disk_keeps_in_the_inbox_is_not_answe
 @pytest.mark.warnings_expected("a read-only DB is an error")
 @pytest.mark.parametrize("what", ["file", "folder"])
 async def test_a_db_read_only_at_start_stops_the_bot_with_the_remedy_and_loses_nothing(
-        bot, make_user, what):
+    bot, make_user, what
+):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await alice.ask(chat, bot.user_id, "before", "Echo: before")
@@ -208,7 +220,8 @@ async def test_a_db_read_only_at_start_stops_the_bot_with_the_remedy_and_loses_n
 
 @pytest.mark.warnings_expected("a read-only DB is an error at the next start")
 async def test_a_db_made_read_only_while_running_keeps_answering_and_the_next_start_refuses(
-        bot, make_user):
+    bot, make_user
+):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     with read_only(bot.config.db_path):

@@ -16,9 +16,11 @@ from tests.integration.conftest import BotProcess, BotRunner, reset_tool
 
 def echoes(user, room_id: str, bot_id: str, prefix: str) -> list[str]:
     """The bot's echoes in the room of messages starting with ``prefix``, in timeline order."""
-    return [ev["content"]["body"].removeprefix("Echo: ")
-            for ev in user.bot_messages(room_id, bot_id)
-            if ev["content"]["body"].startswith(f"Echo: {prefix}")]
+    return [
+        ev["content"]["body"].removeprefix("Echo: ")
+        for ev in user.bot_messages(room_id, bot_id)
+        if ev["content"]["body"].startswith(f"Echo: {prefix}")
+    ]
 
 
 async def wait_echoes(user, room_id: str, bot_id: str, sent: list[str]) -> list[str]:
@@ -90,15 +92,16 @@ async def test_a_slow_answer_in_one_room_delays_no_other_room(bot_config, logs, 
     await alice.wait_for(lambda: runner.user_id in alice.typing.get(alice_chat, []))
     assert echoes(alice, alice_chat, runner.user_id, "") == []
     agent.release.set()
-    assert await wait_echoes(alice, alice_chat, runner.user_id, ["slow question", "then this"]) \
-        == ["slow question", "then this"]
+    assert await wait_echoes(alice, alice_chat, runner.user_id, ["slow question", "then this"]) == [
+        "slow question",
+        "then this",
+    ]
     await alice.wait_for(lambda: runner.user_id not in alice.typing.get(alice_chat, []))
     await runner.stop()
 
 
 @pytest.mark.warnings_expected("agent.failed is an error")
-async def test_agent_failure_and_timeout_are_told_once_and_not_retried(
-        bot_config, logs, make_user):
+async def test_agent_failure_and_timeout_are_told_once_and_not_retried(bot_config, logs, make_user):
     runner = BotRunner(bot_config, logs, FaultyAgent())
     await runner.start()
     alice = await make_user("alice")
@@ -110,16 +113,23 @@ async def test_agent_failure_and_timeout_are_told_once_and_not_retried(
     await alice.ask(chat, runner.user_id, "fine", "Echo: fine")
     await runner.restart()
     await alice.ask(chat, runner.user_id, "still fine", "Echo: still fine")
-    apologies = [e for e in alice.bot_messages(chat, runner.user_id)
-                 if "the assistant failed" in e["content"]["body"]]
+    apologies = [
+        e
+        for e in alice.bot_messages(chat, runner.user_id)
+        if "the assistant failed" in e["content"]["body"]
+    ]
     assert len(apologies) == 2
     await runner.stop()
 
 
-@pytest.mark.parametrize("agent, kill_on", [
-    ("tests.integration.agents:SlowAgent", "test_agent.thinking"),
-    ("core.agent:EchoAgent", "message.answered"),
-], ids=["while_the_agent_thinks", "right_after_the_reply"])
+@pytest.mark.parametrize(
+    "agent, kill_on",
+    [
+        ("tests.integration.agents:SlowAgent", "test_agent.thinking"),
+        ("core.agent:EchoAgent", "message.answered"),
+    ],
+    ids=["while_the_agent_thinks", "right_after_the_reply"],
+)
 async def test_kill_9_mid_message_answers_it_exactly_once(bot, make_user, agent, kill_on):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
@@ -150,7 +160,8 @@ async def test_kill_9_during_a_gap_backfill_answers_every_message_once(bot, make
 
 @pytest.mark.warnings_expected("messages lost past the bound")
 async def test_a_gap_past_the_bound_tells_the_owner_how_many_went_unanswered(
-        bot, make_user, monkeypatch):
+    bot, make_user, monkeypatch
+):
     monkeypatch.setattr(events, "MAX_BACKFILL", 5)  # the real bound is 1,000 a room
     alice = await make_user("alice")
     chat, sent = await sent_while_down(bot, alice, "flood", 112)

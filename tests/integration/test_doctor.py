@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient, RoomLeaveResponse
 
-from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.config import Config
-from adapter.matrix.store.records import MatrixStore
+from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.homeserver.session import Session, load_session, save_session
+from adapter.matrix.store.records import MatrixStore
 from core.chat import ChatManager
 from core.store import SQLiteStore
 from tests.integration.conftest import doctor_tool, reset_tool
@@ -45,8 +45,7 @@ async def test_the_doctor_foretells_each_heal_and_the_cause_it_logs(bot, make_us
     # While the bot runs, and holds the DB's lock.
     code, report, rooms = await diagnose(bot.config)
     assert code == 0 and report["consistent"], report
-    assert states(rooms) == {space: ("space", "ok"), lobby: ("lobby", "ok"),
-                             chat: ("chat", "ok")}
+    assert states(rooms) == {space: ("space", "ok"), lobby: ("lobby", "ok"), chat: ("chat", "ok")}
     assert {r["owner"] for r in rooms.values()} == {alice.user_id}
     assert report["birth"]["cause"] == "store_missing"
     assert report["inbox"] == {"pending": 0, "oldest_s": None}
@@ -69,15 +68,16 @@ async def test_the_doctor_foretells_each_heal_and_the_cause_it_logs(bot, make_us
             await bot.restart_losing(loss)
         code, report, rooms = await diagnose(bot.config)
         assert code == 0 and report["birth"]["cause"] == cause, report
-        assert states(rooms) == {space: ("space", "missing_locally"),
-                                 lobby: ("lobby", "missing_locally"),
-                                 chat: ("chat", "missing_locally")}
+        assert states(rooms) == {
+            space: ("space", "missing_locally"),
+            lobby: ("lobby", "missing_locally"),
+            chat: ("chat", "missing_locally"),
+        }
         assert all(f"cause={cause}" in r["detail"] for r in rooms.values())
         assert await ask_and_heal(bot, alice, chat, f"after {loss}") == cause
 
 
-async def test_the_doctor_flags_what_will_not_heal_but_not_a_rename_still_to_sync(
-        bot, make_user):
+async def test_the_doctor_flags_what_will_not_heal_but_not_a_rename_still_to_sync(bot, make_user):
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)
     created = await alice.ask(chat, bot.user_id, "!new Notes", "Created")
@@ -131,7 +131,8 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 async def test_the_doctor_cannot_run_without_its_environment_a_db_a_session_or_a_homeserver(
-        bot_config: Config):
+    bot_config: Config,
+):
     code, _, err = await doctor_tool(bot_config, "--no-such-flag")
     assert code == 2
     code, _, err = await doctor_tool(bot_config, MATRIX_HOMESERVER="")

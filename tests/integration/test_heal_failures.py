@@ -26,7 +26,8 @@ def retry_notices(alice, chat: str, bot_id: str) -> list[dict]:
 
 
 async def test_heal_failure_is_reported_once_and_the_message_answered_after_recovery(
-        proxied_bot, proxy, make_user):
+    proxied_bot, proxy, make_user
+):
     bot = proxied_bot
     alice = await make_user("alice")
     chat = await fail_heals_after_a_loss(bot, proxy, alice, "first try")
@@ -40,16 +41,19 @@ async def test_heal_failure_is_reported_once_and_the_message_answered_after_reco
     assert len(bot.logs.named("state.healed", room_id=chat)) == 1
 
 
-async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot, proxy,
-                                                                    make_user):
+async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot, proxy, make_user):
     bot = proxied_bot
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await bot.restart_losing("everything")
     # A long limit is not slept through inside the request: the heal fails, and is retried
     # after retry_after_ms (the proxy stops limiting after the first answer).
-    proxy.fail(STATE, 429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down",
-                            "retry_after_ms": 4000}, times=1)
+    proxy.fail(
+        STATE,
+        429,
+        {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down", "retry_after_ms": 4000},
+        times=1,
+    )
     await alice.send(chat, "patience")
     failed = await bot.logs.wait_for("state.heal_failed", room_id=chat)
     assert "M_LIMIT_EXCEEDED" in failed[0]["error"]
@@ -58,7 +62,8 @@ async def test_rate_limited_heal_retries_by_itself_after_retry_after(proxied_bot
 
 
 async def test_unreachable_homeserver_at_start_is_retried_without_crashing(
-        proxied_bot, proxy, make_user):
+    proxied_bot, proxy, make_user
+):
     bot = proxied_bot
     await bot.stop()
     proxy.fail(r"/sync$", 0, times=12)
@@ -69,7 +74,8 @@ async def test_unreachable_homeserver_at_start_is_retried_without_crashing(
 
 
 async def test_failed_heal_is_kept_across_a_restart_during_the_outage(
-        proxied_bot, proxy, make_user):
+    proxied_bot, proxy, make_user
+):
     bot = proxied_bot
     alice = await make_user("alice")
     chat = await fail_heals_after_a_loss(bot, proxy, alice, "during the outage")

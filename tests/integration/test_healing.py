@@ -10,18 +10,32 @@ from nio import RoomCreateResponse
 from adapter.matrix.handlers.chat_rooms import linked_rooms, matrix_to
 from adapter.matrix.vocabulary.markers import ChatMarker
 
-LOSSES = ["everything", "chat", "matrix_room", "matrix_user", "pending", "sync_token",
-          "matrix_store"]
+LOSSES = [
+    "everything",
+    "chat",
+    "matrix_room",
+    "matrix_user",
+    "pending",
+    "sync_token",
+    "matrix_store",
+]
 ACTIONS = ["message", "rename", "archive", "chats", "new"]
 # Besides losing everything or the room records, which any action needs:
-NEEDS_HEAL = {("chat", "message"), ("chat", "rename"), ("chat", "archive"), ("chat", "chats"),
-              ("matrix_user", "chats"), ("matrix_user", "new")}
+NEEDS_HEAL = {
+    ("chat", "message"),
+    ("chat", "rename"),
+    ("chat", "archive"),
+    ("chat", "chats"),
+    ("matrix_user", "chats"),
+    ("matrix_user", "new"),
+}
 
 
 @pytest.mark.parametrize("action", ACTIONS)
 @pytest.mark.parametrize("loss", LOSSES)
-async def test_after_loss_action_works_and_healing_creates_no_room(loss, action, bot, make_user,
-                                                                   request):
+async def test_after_loss_action_works_and_healing_creates_no_room(
+    loss, action, bot, make_user, request
+):
     heals = (loss, action) in NEEDS_HEAL or loss in ("everything", "matrix_room")
     if heals and loss != "everything":  # the DB held part of the room: inconsistent, a warning
         request.applymarker(pytest.mark.warnings_expected("partial records"))
@@ -94,18 +108,30 @@ async def test_burst_into_unknown_room_heals_once_and_answers_every_message(bot,
 
 @pytest.mark.warnings_expected("a refused heal is a warning")
 async def test_forged_room_is_refused_once_and_leaks_nothing(bot, make_user):
-    alice, mallory, carol = await make_user("alice"), await make_user("mallory"), \
-        await make_user("carol")
+    alice, mallory, carol = (
+        await make_user("alice"),
+        await make_user("mallory"),
+        await make_user("carol"),
+    )
     _, alice_space, alice_chat = await alice.onboard(bot.user_id)
     await alice.ask(alice_chat, bot.user_id, "!rename Secret plans", "Renamed")
     # Mallory builds a room that claims to be Alice's chat, inside Alice's Space.
     resp = await mallory.client.room_create(
-        name="Secret plans", invite=[bot.user_id, carol.user_id],
+        name="Secret plans",
+        invite=[bot.user_id, carol.user_id],
         initial_state=[
-            {"type": ChatMarker.TYPE, "state_key": "",
-             "content": {"owner": alice.user_id, "chat_id": "abc", "status": "active", "v": 1}},
-            {"type": "m.space.parent", "state_key": alice_space,
-             "content": {"via": ["localhost"], "canonical": True}}])
+            {
+                "type": ChatMarker.TYPE,
+                "state_key": "",
+                "content": {"owner": alice.user_id, "chat_id": "abc", "status": "active", "v": 1},
+            },
+            {
+                "type": "m.space.parent",
+                "state_key": alice_space,
+                "content": {"via": ["localhost"], "canonical": True},
+            },
+        ],
+    )
     assert isinstance(resp, RoomCreateResponse)
     forged = resp.room_id
     await mallory.wait_reply(forged, bot.user_id, "Welcome to Lambda")  # bootstraps Mallory
@@ -128,8 +154,9 @@ async def test_forged_lobby_only_shows_the_senders_own_space(bot, make_user):
     _, alice_space, alice_chat = await alice.onboard(bot.user_id)
     m_lobby, m_space, m_chat = await mallory.onboard(bot.user_id)
     for event_type, key, content in [
-            (ChatMarker.TYPE, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
-            ("m.space.parent", alice_space, {"via": ["localhost"]})]:
+        (ChatMarker.TYPE, "", {"owner": alice.user_id, "chat_id": "x", "status": "active"}),
+        ("m.space.parent", alice_space, {"via": ["localhost"]}),
+    ]:
         await mallory.client.room_put_state(m_lobby, event_type, content, key)
     await bot.restart_losing("everything")
     listing = await mallory.ask(m_lobby, bot.user_id, "!chats", "Your chats")

@@ -63,14 +63,19 @@ class Markup(HTMLParser):
 def injected(html: str) -> list[tuple[str, dict]]:
     """Elements or attributes the bot did not write itself: only its own tags, and links
     only to matrix.to, may appear."""
-    return [(tag, attrs) for tag, attrs in Markup(html).elements
-            if tag not in BOT_MARKUP or set(attrs) - {"href"}
-            or (tag == "a" and not (attrs.get("href") or "").startswith("https://matrix.to/"))]
+    return [
+        (tag, attrs)
+        for tag, attrs in Markup(html).elements
+        if tag not in BOT_MARKUP
+        or set(attrs) - {"href"}
+        or (tag == "a" and not (attrs.get("href") or "").startswith("https://matrix.to/"))
+    ]
 
 
 def answers_to(user, room_id: str, bot_id: str, event_id: str) -> list[dict]:
-    return [ev for ev in user.bot_messages(room_id, bot_id)
-            if ev["content"].get(SOURCE_KEY) == event_id]
+    return [
+        ev for ev in user.bot_messages(room_id, bot_id) if ev["content"].get(SOURCE_KEY) == event_id
+    ]
 
 
 async def test_hostile_strings_each_get_one_clear_answer_and_html_is_escaped(bot, make_user):
@@ -89,10 +94,15 @@ async def test_hostile_strings_each_get_one_clear_answer_and_html_is_escaped(bot
         if bad := injected(answers[0]["content"].get("formatted_body", "")):
             problems.append(f"{what}: injected markup in formatted_body: {bad}")
     assert not problems, "\n".join(problems)
-    listing = [ev["content"] for ev in alice.bot_messages(chat, bot.user_id)
-               if ev["content"]["body"].startswith("Your chats")]
-    assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold&lt;/b&gt; &amp; co" in \
-        listing[0]["formatted_body"]
+    listing = [
+        ev["content"]
+        for ev in alice.bot_messages(chat, bot.user_id)
+        if ev["content"]["body"].startswith("Your chats")
+    ]
+    assert (
+        "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold&lt;/b&gt; &amp; co"
+        in listing[0]["formatted_body"]
+    )
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in listing[1]["formatted_body"]
     assert not bot.logs.named("event.handler_crashed")
     await alice.ask(chat, bot.user_id, "still there?", "Echo: still there?")
@@ -100,12 +110,14 @@ async def test_hostile_strings_each_get_one_clear_answer_and_html_is_escaped(bot
 
 @pytest.mark.warnings_expected("the homeserver refuses an answer over its event size limit")
 async def test_a_body_whose_echo_is_over_the_event_size_limit_gets_a_refusal_not_a_crash(
-        bot, make_user):
+    bot, make_user
+):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     for size in range(65_536, 63_000, -16):  # the longest body the homeserver takes from her
-        sent = await alice.client.room_send(chat, "m.room.message",
-                                            {"msgtype": "m.text", "body": "w" * size})
+        sent = await alice.client.room_send(
+            chat, "m.room.message", {"msgtype": "m.text", "body": "w" * size}
+        )
         if isinstance(sent, RoomSendResponse):
             break
     event_id = sent.event_id  # its echo is longer than that, by "Echo: " and the source key

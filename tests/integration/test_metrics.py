@@ -32,8 +32,11 @@ async def scrape(url: str) -> Samples:
     async with ClientSession() as http, http.get(f"{url}/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples: Samples, name: str, **labels: str) -> float:
@@ -75,7 +78,7 @@ def listening_ports() -> set[int]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -94,7 +97,8 @@ needs_proc = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="read
 
 @needs_proc
 async def test_metrics_count_answers_commands_and_heals_by_cause_and_health_is_ok(
-        bot_config, make_user, logs):
+    bot_config, make_user, logs
+):
     bot = BotRunner(replace(bot_config, metrics_addr=ANY_PORT), logs)
     await bot.start()
     url = url_of(logs)
@@ -120,8 +124,11 @@ async def test_metrics_count_answers_commands_and_heals_by_cause_and_health_is_o
     url = url_of(logs)
     await alice.ask(chat, bot.user_id, "after the loss", "Echo: after the loss")
     samples = await metrics_until(url, lambda s: sample(s, "lambda_messages_answered_total"))
-    heals = {dict(labels)["cause"]: value for (name, labels), value in samples.items()
-             if name == "lambda_heals_total" and dict(labels)["source"] == "marker"}
+    heals = {
+        dict(labels)["cause"]: value
+        for (name, labels), value in samples.items()
+        if name == "lambda_heals_total" and dict(labels)["source"] == "marker"
+    }
     assert heals["store_missing"] >= 1 and set(heals) == {"store_missing"}
     assert sample(samples, "lambda_messages_answered_total") == 1
     assert sample(samples, "lambda_inbox_depth") == 0
@@ -154,9 +161,9 @@ async def test_a_metrics_port_in_use_stops_the_start_with_exit_2(bot_config, log
 
 @pytest.mark.warnings_expected("the homeserver fails on purpose (sync.failed, a failed send)")
 async def test_health_follows_a_homeserver_outage_and_metrics_count_the_retries(
-        bot_config, proxy, make_user, logs):
-    config = replace(bot_config, homeserver=proxy.url, metrics_addr=ANY_PORT,
-                     outage_after_s=1.0)
+    bot_config, proxy, make_user, logs
+):
+    config = replace(bot_config, homeserver=proxy.url, metrics_addr=ANY_PORT, outage_after_s=1.0)
     proxy.fail(SYNC, 502, BAD_GATEWAY)
     bot = BotRunner(config, logs)
     await bot.start(wait_ready=False)

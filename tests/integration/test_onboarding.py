@@ -6,8 +6,9 @@ from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 
 def state_of(events: list[dict], event_type: str, state_key: str = "") -> dict | None:
-    return next((e for e in events if e["type"] == event_type and e["state_key"] == state_key),
-                None)
+    return next(
+        (e for e in events if e["type"] == event_type and e["state_key"] == state_key), None
+    )
 
 
 async def test_invite_builds_space_and_first_chat_with_markers_and_links(bot, make_user):

@@ -25,8 +25,7 @@ CRASH_POINTS = {
 }
 
 
-async def killed_mid_onboarding(step: str, user, bot_config, proxy, logs
-                                ) -> tuple[str, BotRunner]:
+async def killed_mid_onboarding(step: str, user, bot_config, proxy, logs) -> tuple[str, BotRunner]:
     """Start the bot behind the proxy, let ``user`` invite it, kill -9 at ``step``. Returns
     the lobby and a (stopped) runner for the restart, behind the proxy too: a session is
     kept for one homeserver URL, and the welcome's dedupe needs the same device."""
@@ -60,7 +59,8 @@ async def assert_one_space_and_one_usable_chat(user, bot_id: str, lobby: str, ru
 
 @pytest.mark.parametrize("step", CRASH_POINTS)
 async def test_a_kill_at_any_step_of_onboarding_is_completed_by_the_restart(
-        step, bot_config, proxy, make_user, logs):
+    step, bot_config, proxy, make_user, logs
+):
     alice = await make_user("alice")
     lobby, runner = await killed_mid_onboarding(step, alice, bot_config, proxy, logs)
     await runner.start()  # the invite is still in the inbox: onboarding resumes by itself
@@ -72,7 +72,8 @@ async def test_a_kill_at_any_step_of_onboarding_is_completed_by_the_restart(
 
 @pytest.mark.parametrize("step", ["space_created", "first_chat_created"])
 async def test_a_lobby_message_completes_an_onboarding_cut_short_by_a_crash_and_a_total_loss(
-        step, bot_config, proxy, make_user, logs):
+    step, bot_config, proxy, make_user, logs
+):
     alice = await make_user("alice")
     lobby, runner = await killed_mid_onboarding(step, alice, bot_config, proxy, logs)
     await runner.lose("everything")  # the invite is lost with the inbox
@@ -81,7 +82,10 @@ async def test_a_lobby_message_completes_an_onboarding_cut_short_by_a_crash_and_
         await alice.send(lobby, "hello?")
         await assert_one_space_and_one_usable_chat(alice, bot_config.user_id, lobby, runner)
         assert logs.named("onboarding.resumed")
-        assert not [m for m in alice.bot_messages(lobby, bot_config.user_id)  # no hint to a
-                    if "your lobby" in m["content"]["body"]]  # Space that was not there
+        assert not [
+            m
+            for m in alice.bot_messages(lobby, bot_config.user_id)  # no hint to a
+            if "your lobby" in m["content"]["body"]
+        ]  # Space that was not there
     finally:
         await runner.stop()

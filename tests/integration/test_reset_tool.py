@@ -20,7 +20,7 @@ async def reset(bot, *args: str, stdin: bytes = b"") -> tuple[int, str]:
 def snapshot(paths: list[Path]) -> dict[str, bytes]:
     files = {}
     for base in paths:
-        for path in ([base] if base.is_file() else base.rglob("*") if base.exists() else []):
+        for path in [base] if base.is_file() else base.rglob("*") if base.exists() else []:
             if path.is_file():
                 files[str(path)] = path.read_bytes()
     return files
@@ -45,8 +45,9 @@ async def test_dry_run_prints_the_plan_and_changes_nothing(bot, make_user):
     assert space in out and chat in out and "Chat 1" in out and alice.user_id in out
     assert "matrix_room" in out and "leave these in your Matrix client" in out
     after = snapshot([bot.config.db_path.parent])
-    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
-        {k: v for k, v in before.items() if not k.endswith(".lock")}
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
 
 
 async def test_reset_then_restart_heals_with_cause_local_reset_and_twice_in_a_row(bot, make_user):
@@ -101,7 +102,8 @@ async def test_a_foreign_db_is_refused_touching_nothing_and_force_resets_all(bot
     assert not session.exists() and not bot.config.store_path.exists()
     fresh = await SQLiteStore.open(db)
     assert fresh.birth.cause == "local_reset" and await fresh.scan("") == [
-        ("birth", {"at": fresh.birth.at, "cause": "local_reset"})]
+        ("birth", {"at": fresh.birth.at, "cause": "local_reset"})
+    ]
     await fresh.close()
 
 

@@ -42,7 +42,8 @@ async def test_message_sent_while_down_is_answered_exactly_once(bot, make_user):
 
 
 async def test_start_after_total_loss_answers_unanswered_messages_and_handles_invites(
-        bot, make_user):
+    bot, make_user
+):
     alice, bob = await make_user("alice"), await make_user("bob")
     _, _, chat = await alice.onboard(bot.user_id)
     await alice.ask(chat, bot.user_id, "answered before", "Echo: answered before")
@@ -72,8 +73,8 @@ async def test_python_m_adapter_matrix_logs_json_and_stops_on_sigterm(bot_config
 async def test_bad_configuration_exits_2_with_a_clear_json_error():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "LOG_"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env,
-        stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
     _, err = await proc.communicate()
     assert proc.returncode == 2
     line = json.loads(err.decode().strip().splitlines()[-1])

@@ -35,8 +35,7 @@ async def assert_bot_room(user, room_id: str, bot_id: str) -> None:
     assert levels["state_default"] == 100 and levels["events"]["m.room.name"] == 50
 
 
-async def test_onboarding_creates_space_and_chat_at_the_default_version_and_replies(
-        bot, make_user):
+async def test_onboarding_creates_space_and_chat_at_the_default_version_and_replies(bot, make_user):
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)
     assert (await state_content(alice, lobby, "m.room.create"))["room_version"] == VERSION
@@ -75,9 +74,11 @@ async def test_owner_renames_but_cannot_forge_a_marker_or_raise_herself(bot, mak
     _, space, chat = await alice.onboard(bot.user_id)
     forged = {"owner": alice.user_id, "chat_id": "forged", "status": "active", "v": 1}
     levels = await state_content(alice, chat, "m.room.power_levels")
-    attempts = [(chat, ChatMarker.TYPE, forged),
-                (space, SpaceMarker.TYPE, {"owner": alice.user_id}),
-                (chat, "m.room.power_levels", {**levels, "users": {alice.user_id: 100}})]
+    attempts = [
+        (chat, ChatMarker.TYPE, forged),
+        (space, SpaceMarker.TYPE, {"owner": alice.user_id}),
+        (chat, "m.room.power_levels", {**levels, "users": {alice.user_id: 100}}),
+    ]
     for room_id, event_type, content in attempts:
         resp = await alice.client.room_put_state(room_id, event_type, content)
         assert isinstance(resp, RoomPutStateError) and resp.status_code == "M_FORBIDDEN", resp
@@ -88,7 +89,8 @@ async def test_owner_renames_but_cannot_forge_a_marker_or_raise_herself(bot, mak
 
 @pytest.mark.warnings_expected("homeserver faults")
 async def test_failed_version_lookup_is_retried_and_onboarding_completes(
-        proxied_bot, proxy, make_user):
+    proxied_bot, proxy, make_user
+):
     bot = proxied_bot
     # Only now can the lookup fail: the bot started without asking for the version.
     proxy.fail(r"/capabilities$", 502, {"errcode": "M_UNKNOWN", "error": "bad gateway"}, times=1)

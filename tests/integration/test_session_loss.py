@@ -31,11 +31,18 @@ def saved_session(config: Config) -> dict:
     return json.loads(session_file(config.store_path).read_text())
 
 
-async def client_api(config: Config, method: str, path: str, token: str,
-                     body: dict | None = None) -> tuple[int, dict]:
-    async with ClientSession() as http, http.request(
-            method, f"{config.homeserver}{CLIENT_API}{path}", json=body,
-            headers={"Authorization": f"Bearer {token}"}) as resp:
+async def client_api(
+    config: Config, method: str, path: str, token: str, body: dict | None = None
+) -> tuple[int, dict]:
+    async with (
+        ClientSession() as http,
+        http.request(
+            method,
+            f"{config.homeserver}{CLIENT_API}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp,
+    ):
         return resp.status, await resp.json()
 
 
@@ -58,14 +65,19 @@ async def keep_only_the_bots_device(config: Config) -> None:
     session = saved_session(config)
     others = [d for d in await devices(config) if d != session["device_id"]]
     request = {"devices": others}
-    status, body = await client_api(config, "POST", "/delete_devices", session["access_token"],
-                                    request)
+    status, body = await client_api(
+        config, "POST", "/delete_devices", session["access_token"], request
+    )
     if status == 401:
-        request["auth"] = {"type": "m.login.password", "session": body["session"],
-                           "identifier": {"type": "m.id.user", "user": config.user_id},
-                           "password": config.password}
-        status, body = await client_api(config, "POST", "/delete_devices",
-                                        session["access_token"], request)
+        request["auth"] = {
+            "type": "m.login.password",
+            "session": body["session"],
+            "identifier": {"type": "m.id.user", "user": config.user_id},
+            "password": config.password,
+        }
+        status, body = await client_api(
+            config, "POST", "/delete_devices", session["access_token"], request
+        )
     assert status == 200, body
     assert await devices(config) == [session["device_id"]]
 
@@ -102,7 +114,8 @@ async def test_revoked_token_logs_in_again_on_one_new_device_and_answers(bot, ma
 
 
 async def test_message_in_hand_when_the_token_is_revoked_is_answered_once(
-        bot_config, logs, make_user):
+    bot_config, logs, make_user
+):
     agent = GatedAgent()
     runner = BotRunner(bot_config, logs, agent)
     await runner.start()
@@ -121,8 +134,7 @@ async def test_message_in_hand_when_the_token_is_revoked_is_answered_once(
     assert await runner.stop() == 0
 
 
-async def test_token_only_bot_exits_1_with_login_failed_and_keeps_the_invite(
-        bot_config, make_user):
+async def test_token_only_bot_exits_1_with_login_failed_and_keeps_the_invite(bot_config, make_user):
     token = await new_token(bot_config, bot_config.password)
     config = replace(bot_config, password=None, access_token=token)
     proc = BotProcess(config)
@@ -136,8 +148,7 @@ async def test_token_only_bot_exits_1_with_login_failed_and_keeps_the_invite(
     assert await asyncio.wait_for(proc.proc.wait(), TIMEOUT) == 1
     assert not [line for line in proc.lines if line["event"] == "session.relogin"]
     # A new token: the invite the dead session could not handle was kept, and is handled.
-    again = BotProcess(replace(config, access_token=await new_token(config,
-                                                                    bot_config.password)))
+    again = BotProcess(replace(config, access_token=await new_token(config, bot_config.password)))
     await again.start()
     await again.wait_log("bot.ready")
     await alice.wait_reply(lobby, config.user_id, "Welcome to Lambda")
@@ -150,16 +161,21 @@ async def expiring_token(homeserver, config: Config, valid_for_s: float) -> tupl
     admin = homeserver.register(unique("admin"), "admin-password", admin=True)
     admin_token = await new_token(replace(config, user_id=admin.user_id), admin.password)
     until = time.time() + valid_for_s
-    async with ClientSession() as http, http.post(
+    async with (
+        ClientSession() as http,
+        http.post(
             f"{config.homeserver}/_synapse/admin/v1/users/{config.user_id}/login",
             json={"valid_until_ms": int(until * 1000)},
-            headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+            headers={"Authorization": f"Bearer {admin_token}"},
+        ) as resp,
+    ):
         assert resp.status == 200, await resp.text()
         return (await resp.json())["access_token"], until
 
 
 async def test_expired_token_soft_logout_logs_in_again_and_answers(
-        homeserver, bot_config, logs, make_user):
+    homeserver, bot_config, logs, make_user
+):
     token, expires_at = await expiring_token(homeserver, bot_config, valid_for_s=8)
     runner = BotRunner(replace(bot_config, access_token=token), logs)
     await runner.start()
@@ -203,8 +219,7 @@ async def test_a_failing_sync_is_retried_and_keeps_its_token(proxied_bot, proxy,
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(proxied_bot.user_id)
     catchups = len(proxied_bot.logs.named("sync.catchup"))
-    proxy.fail(r"/sync$", 500, {"errcode": "M_UNKNOWN", "error": "Invalid stream token"},
-               times=2)
+    proxy.fail(r"/sync$", 500, {"errcode": "M_UNKNOWN", "error": "Invalid stream token"}, times=2)
     await alice.ask(chat, proxied_bot.user_id, "through the outage", "Echo: through the outage")
     assert len(proxied_bot.logs.named("sync.failed")) >= 2
     assert not proxied_bot.logs.named("sync.token_refused")

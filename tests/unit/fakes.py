@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from adapter.matrix.chain.access import Access
 from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.chain.router import ChatRoute, RoomRouter
+from adapter.matrix.conversation.history import Conversations
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import MatrixStore, RoomMeta, UserMeta
 from adapter.matrix.vocabulary.content import SOURCE_KEY
 from core.agent import EchoAgent
@@ -58,22 +58,39 @@ class FakeHomeserver:
     async def send(self, room_id: str, content: dict, txn_id: str | None = None) -> str:
         if "send" in self.fail:
             raise self.fail["send"]
-        self.sent.append(Sent(room_id, content["body"], content.get("formatted_body"),
-                              content["msgtype"] == "m.notice", txn_id,
-                              content.get(SOURCE_KEY), content))
+        self.sent.append(
+            Sent(
+                room_id,
+                content["body"],
+                content.get("formatted_body"),
+                content["msgtype"] == "m.notice",
+                txn_id,
+                content.get(SOURCE_KEY),
+                content,
+            )
+        )
         return f"$sent{len(self.sent)}"
 
-    async def messages(self, room_id: str, start: str | None, end: str | None, limit: int,
-                       types: list[str]) -> tuple[list[dict], str | None]:
+    async def messages(
+        self, room_id: str, start: str | None, end: str | None, limit: int, types: list[str]
+    ) -> tuple[list[dict], str | None]:
         self._call("messages", room_id)
         return [], None
 
-    async def messages_after(self, room_id: str, event_id: str, limit: int,
-                             senders: list[str]) -> tuple[list[dict], str | None]:
+    async def messages_after(
+        self, room_id: str, event_id: str, limit: int, senders: list[str]
+    ) -> tuple[list[dict], str | None]:
         self._call("messages_after", room_id, event_id)
-        return [{"type": "m.room.message", "sender": self.bot_id, "content": sent.content,
-                 "event_id": f"$sent{i}"} for i, sent in enumerate(self.sent, 1)
-                if sent.room_id == room_id], None
+        return [
+            {
+                "type": "m.room.message",
+                "sender": self.bot_id,
+                "content": sent.content,
+                "event_id": f"$sent{i}",
+            }
+            for i, sent in enumerate(self.sent, 1)
+            if sent.room_id == room_id
+        ], None
 
     async def join(self, room_id: str) -> None:
         self._call("join", room_id)
@@ -104,13 +121,19 @@ class FakeHomeserver:
         pass
 
 
-def make_services(store: SQLiteStore, hs: FakeHomeserver | None = None,
-                  access: Access | None = None) -> Services:
+def make_services(
+    store: SQLiteStore, hs: FakeHomeserver | None = None, access: Access | None = None
+) -> Services:
     matrix, hs = MatrixStore(store), hs or FakeHomeserver()
-    return Services(hs=hs, store=matrix,  # type: ignore[arg-type]
-                    chats=ChatManager(store), agent=EchoAgent(), router=RoomRouter(matrix),
-                    access=access or Access(("@*:x",), max_chats=100),
-                    conversation=Conversations(hs, 20))  # type: ignore[arg-type]
+    return Services(
+        hs=hs,
+        store=matrix,  # type: ignore[arg-type]
+        chats=ChatManager(store),
+        agent=EchoAgent(),
+        router=RoomRouter(matrix),
+        access=access or Access(("@*:x",), max_chats=100),
+        conversation=Conversations(hs, 20),
+    )  # type: ignore[arg-type]
 
 
 async def onboard(svc: Services, owner: str = ALICE) -> Chat:
@@ -123,10 +146,25 @@ async def onboard(svc: Services, owner: str = ALICE) -> Chat:
     return chat
 
 
-def message(room_id: str, body: str, sender: str = ALICE, event_id: str = "$ev", *,
-            kind: str = "message", catchup: bool = False, attempt: int = 0) -> Update:
-    return Update(kind, room_id, sender, event_id, body, catchup=catchup,  # type: ignore[arg-type]
-                  attempt=attempt)
+def message(
+    room_id: str,
+    body: str,
+    sender: str = ALICE,
+    event_id: str = "$ev",
+    *,
+    kind: str = "message",
+    catchup: bool = False,
+    attempt: int = 0,
+) -> Update:
+    return Update(
+        kind,
+        room_id,
+        sender,
+        event_id,
+        body,
+        catchup=catchup,  # type: ignore[arg-type]
+        attempt=attempt,
+    )
 
 
 async def healed_data(svc: Services, update: Update) -> EventData:
@@ -135,6 +173,10 @@ async def healed_data(svc: Services, update: Update) -> EventData:
     chat = None
     if isinstance(route, ChatRoute):
         chat = await svc.chats.get(route.owner, route.meta.chat_id or "")
-    return EventData(services=svc, route=route, chat=chat,
-                     command=parse_command(update.body) if update.is_command else None,
-                     user=await svc.store.get_user(update.sender))
+    return EventData(
+        services=svc,
+        route=route,
+        chat=chat,
+        command=parse_command(update.body) if update.is_command else None,
+        user=await svc.store.get_user(update.sender),
+    )

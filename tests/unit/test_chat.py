@@ -41,8 +41,9 @@ def test_chat_ids_are_random_hex():
     assert len(ids) == 100 and all(len(i) == 12 for i in ids)
 
 
-@pytest.mark.parametrize("title,reason", [("", "empty"), ("   ", "empty"),
-                                          ("x" * 256, "too long"), ("a\nb", "control")])
+@pytest.mark.parametrize(
+    "title,reason", [("", "empty"), ("   ", "empty"), ("x" * 256, "too long"), ("a\nb", "control")]
+)
 def test_bad_titles_are_rejected_with_reason(title, reason):
     with pytest.raises(InvalidTitle, match=reason):
         validate_title(title)
@@ -52,8 +53,9 @@ def test_title_of_255_characters_is_fine():
     assert validate_title("é" * 255) == "é" * 255
 
 
-@pytest.mark.parametrize("title", ["\u200b", " \u200b\u200d ", "a\u202eb", "a\u2028b",
-                                   "a\ud800b", "x\u2066y"])
+@pytest.mark.parametrize(
+    "title", ["\u200b", " \u200b\u200d ", "a\u202eb", "a\u2028b", "a\ud800b", "x\u2066y"]
+)
 def test_invisible_titles_and_direction_overrides_are_refused(title):
     with pytest.raises(InvalidTitle):
         validate_title(title)

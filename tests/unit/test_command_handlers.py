@@ -8,8 +8,8 @@ import time
 import pytest
 
 from adapter.matrix.chain.access import Access
-from adapter.matrix.handlers.chat_rooms import matrix_to
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN
+from adapter.matrix.handlers.chat_rooms import matrix_to
 from adapter.matrix.handlers.commands import CONFIRM_TTL_S, NO_SPACE, RUNS, handle_command
 from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.store.records import Pending, RoomMeta
@@ -58,7 +58,8 @@ async def test_help_lists_every_command_and_an_unknown_one_gets_a_hint(svc):
     listing = await send(svc, LOBBY, "!help")
     assert all(spec.usage in listing for spec in COMMANDS.values())
     assert await send(svc, LOBBY, "!dance") == (
-        "Unknown command !dance. Send !help to see what I can do.")
+        "Unknown command !dance. Send !help to see what I can do."
+    )
 
 
 @pytest.mark.parametrize("command", ["rename x", "archive", "confirm"])
@@ -68,12 +69,15 @@ async def test_chat_commands_in_the_lobby_say_where_they_work(svc, command):
     assert svc.hs.calls == []
 
 
-@pytest.mark.parametrize("args,reason", [
-    ("", "The title cannot be empty."),
-    ("   ", "The title cannot be empty."),
-    ("x" * 256, "The title is too long (256 characters, the limit is 255)."),
-    ("bad\u0007bell", "The title cannot contain control characters"),
-])
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        ("", "The title cannot be empty."),
+        ("   ", "The title cannot be empty."),
+        ("x" * 256, "The title is too long (256 characters, the limit is 255)."),
+        ("bad\u0007bell", "The title cannot contain control characters"),
+    ],
+)
 async def test_rename_rejects_a_bad_title_and_touches_nothing(svc, args, reason):
     answer = await send(svc, CHAT, f"!rename {args}")
     assert answer.startswith(reason) and answer.endswith("Usage: !rename <title>")
@@ -83,8 +87,10 @@ async def test_rename_rejects_a_bad_title_and_touches_nothing(svc, args, reason)
 
 async def test_rename_writes_the_homeserver_first_then_the_chat(svc):
     assert await send(svc, CHAT, "!rename  Trip to Lisbon ") == "Renamed to “Trip to Lisbon”."
-    assert svc.hs.calls == [("set_name", CHAT, "Trip to Lisbon"),
-                            ("set_chat_marker", CHAT, ALICE, "c1", "active")]
+    assert svc.hs.calls == [
+        ("set_name", CHAT, "Trip to Lisbon"),
+        ("set_chat_marker", CHAT, ALICE, "c1", "active"),
+    ]
     assert (await svc.chats.get(ALICE, "c1")).title == "Trip to Lisbon"
 
 
@@ -109,16 +115,21 @@ async def test_confirm_archives_on_the_homeserver_first_then_locally(svc):
     await send(svc, CHAT, "!archive")
     answer = await send(svc, CHAT, "!confirm")
     assert answer == "Archived “Chat 1”. Send !new to start a new chat."
-    assert svc.hs.calls == [("set_chat_marker", CHAT, ALICE, "c1", "archived"),
-                            ("unlink_child", SPACE, CHAT)]
+    assert svc.hs.calls == [
+        ("set_chat_marker", CHAT, ALICE, "c1", "archived"),
+        ("unlink_child", SPACE, CHAT),
+    ]
     assert (await svc.chats.get(ALICE, "c1")).status == "archived"
     assert await svc.store.get_pending(CHAT) is None
     assert await send(svc, CHAT, "!archive") == (
-        "This chat is already archived. Send !new to start another.")
+        "This chat is already archived. Send !new to start another."
+    )
 
 
-@pytest.mark.parametrize("after_s,archived", [(CONFIRM_TTL_S - 1, True), (CONFIRM_TTL_S, False),
-                                              (CONFIRM_TTL_S + 3600, False)])
+@pytest.mark.parametrize(
+    "after_s,archived",
+    [(CONFIRM_TTL_S - 1, True), (CONFIRM_TTL_S, False), (CONFIRM_TTL_S + 3600, False)],
+)
 async def test_a_confirmation_expires_after_five_minutes(svc, monkeypatch, after_s, archived):
     await send(svc, CHAT, "!archive")
     later = time.time() + after_s
@@ -177,9 +188,11 @@ async def test_new_titles_a_chat_after_how_many_there_were_archived_included(svc
 
 async def test_new_with_a_title_escapes_it_in_html(svc, hs):
     assert await send(svc, LOBBY, "!new Fish & <chips>") == (
-        f"Created “Fish & <chips>”: {matrix_to('!room1:x', 'x')}")
+        f"Created “Fish & <chips>”: {matrix_to('!room1:x', 'x')}"
+    )
     assert hs.sent[-1].html == (
-        f'Created <a href="{matrix_to("!room1:x", "x")}">Fish &amp; &lt;chips&gt;</a>.')
+        f'Created <a href="{matrix_to("!room1:x", "x")}">Fish &amp; &lt;chips&gt;</a>.'
+    )
 
 
 async def test_new_rejects_a_bad_title_and_creates_nothing(svc):
@@ -213,14 +226,17 @@ async def test_chats_lists_active_chats_with_links_marks_this_one_and_counts_arc
     one, two = matrix_to(CHAT, "x"), matrix_to("!chat2:x", "x")
     assert one == "https://matrix.to/#/%21chat1%3Ax?via=x"
     assert await send(svc, CHAT, "!chats") == (
-        f"Your chats:\n• Chat 1 — {one} (this chat)\n• Fish & <chips> — {two}\n1 archived.")
+        f"Your chats:\n• Chat 1 — {one} (this chat)\n• Fish & <chips> — {two}\n1 archived."
+    )
     assert hs.sent[-1].html == (
         f'<p>Your chats:</p><ul><li><a href="{one}">Chat 1</a> <b>(this chat)</b></li>'
-        f'<li><a href="{two}">Fish &amp; &lt;chips&gt;</a></li></ul><p>1 archived.</p>')
+        f'<li><a href="{two}">Fish &amp; &lt;chips&gt;</a></li></ul><p>1 archived.</p>'
+    )
     assert "(this chat)" not in await send(svc, LOBBY, "!chats")
 
 
 async def test_chats_with_no_active_chat_says_how_many_are_archived(svc):
     await svc.chats.archive(ALICE, "c1")
     assert await send(svc, LOBBY, "!chats") == (
-        "You have no active chats (1 archived). Send !new to start one.")
+        "You have no active chats (1 archived). Send !new to start one."
+    )

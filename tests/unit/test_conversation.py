@@ -8,29 +8,44 @@ import pytest
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.conversation.markdown import render
 from adapter.matrix.conversation.turns import conversation_turns, history_before
-from adapter.matrix.vocabulary.content import message_content
 from adapter.matrix.ingest.catchup import catch_up
 from adapter.matrix.ingest.events import to_update
+from adapter.matrix.vocabulary.content import message_content
 from core.agent import EchoAgent, Turn, wants_history
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
 
 
 def said(event_id: str, body: str, sender: str = ALICE, ts: int = 0, **content) -> dict:
-    return {"type": "m.room.message", "event_id": event_id, "sender": sender,
-            "origin_server_ts": ts, "content": {"msgtype": "m.text", "body": body, **content}}
+    return {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": sender,
+        "origin_server_ts": ts,
+        "content": {"msgtype": "m.text", "body": body, **content},
+    }
 
 
 def answer(event_id: str, body: str, source: str, **options) -> dict:
-    return {"type": "m.room.message", "event_id": event_id, "sender": BOT,
-            "origin_server_ts": 0,
-            "content": message_content(body, source_event_id=source, **options)}
+    return {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": BOT,
+        "origin_server_ts": 0,
+        "content": message_content(body, source_event_id=source, **options),
+    }
 
 
 def edit(event_id: str, target: str, body: str, sender: str = ALICE) -> dict:
-    return said(event_id, f"* {body}", sender, **{
-        "m.new_content": {"msgtype": "m.text", "body": body},
-        "m.relates_to": {"rel_type": "m.replace", "event_id": target}})
+    return said(
+        event_id,
+        f"* {body}",
+        sender,
+        **{
+            "m.new_content": {"msgtype": "m.text", "body": body},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+        },
+    )
 
 
 def texts(turns: list[Turn]) -> list[tuple[str, str]]:
@@ -38,23 +53,50 @@ def texts(turns: list[Turn]) -> list[tuple[str, str]]:
 
 
 def test_turns_are_the_owners_messages_and_the_answers_to_them():
-    events = [said("$1", "hello"), answer("$2", "Hi!", "$1", notice=False),
-              said("$3", "!chats"), answer("$4", "Your chats: ...", "$3"),
-              said("$5", "I am Bob", BOB), answer("$6", "I'll retry", "$7", provisional=True),
-              said("$7", "how are you?")]
+    events = [
+        said("$1", "hello"),
+        answer("$2", "Hi!", "$1", notice=False),
+        said("$3", "!chats"),
+        answer("$4", "Your chats: ...", "$3"),
+        said("$5", "I am Bob", BOB),
+        answer("$6", "I'll retry", "$7", provisional=True),
+        said("$7", "how are you?"),
+    ]
     assert texts(conversation_turns(events, ALICE, BOT)) == [
-        ("user", "hello"), ("assistant", "Hi!"), ("user", "how are you?")]
+        ("user", "hello"),
+        ("assistant", "Hi!"),
+        ("user", "how are you?"),
+    ]
 
 
 def test_an_edit_changes_its_turn_and_a_redaction_removes_one():
-    events = [said("$1", "whats 2+2"), edit("$2", "$1", "what is 2+2?"),
-              said("$3", "oops"), {"type": "m.room.redaction", "event_id": "$4",
-                                   "sender": ALICE, "redacts": "$3", "content": {}},
-              said("$5", "gone too"), {"type": "m.room.redaction", "event_id": "$6",
-                                       "sender": ALICE, "content": {"redacts": "$5"}},
-              {"type": "m.room.message", "event_id": "$7", "sender": ALICE, "content": {},
-               "unsigned": {"redacted_because": {}}},
-              edit("$8", "$1", "forged", sender=BOB)]
+    events = [
+        said("$1", "whats 2+2"),
+        edit("$2", "$1", "what is 2+2?"),
+        said("$3", "oops"),
+        {
+            "type": "m.room.redaction",
+            "event_id": "$4",
+            "sender": ALICE,
+            "redacts": "$3",
+            "content": {},
+        },
+        said("$5", "gone too"),
+        {
+            "type": "m.room.redaction",
+            "event_id": "$6",
+            "sender": ALICE,
+            "content": {"redacts": "$5"},
+        },
+        {
+            "type": "m.room.message",
+            "event_id": "$7",
+            "sender": ALICE,
+            "content": {},
+            "unsigned": {"redacted_because": {}},
+        },
+        edit("$8", "$1", "forged", sender=BOB),
+    ]
     turns = conversation_turns(events, ALICE, BOT)
     assert [(t.event_id, t.text) for t in turns] == [("$1", "what is 2+2?")]
 
@@ -68,18 +110,25 @@ def test_history_is_the_last_turns_before_the_question():
 
 def test_an_edit_is_never_a_new_question_and_a_provisional_notice_answers_nothing():
     assert to_update(edit("$2", "$1", "new text"), BOT) is None
-    for notice in (answer("$2", "I'll retry", "$1", provisional=True),
-                   answer("$2", "The homeserver is not answering me just now. I'll retry and "
-                                "answer you then.", "$1")):  # sent before the key existed
+    for notice in (
+        answer("$2", "I'll retry", "$1", provisional=True),
+        answer(
+            "$2",
+            "The homeserver is not answering me just now. I'll retry and answer you then.",
+            "$1",
+        ),
+    ):  # sent before the key existed
         events = [said("$1", "hello", ts=10**13), notice]
         assert [ev["event_id"] for ev in catch_up(events, BOT, 0).answer] == ["$1"]
 
 
 def test_markdown_is_rendered_and_raw_html_stays_text():
     assert render("just text & more") is None  # plain: no formatted_body at all
-    html = render("**bold** <script>alert(1)</script> <b onclick=\"x()\">hi</b>\n\n"
-                  "[click](javascript:alert(1)) [ok](https://example.org)\n\n"
-                  "```python\nprint(1)\n```")
+    html = render(
+        '**bold** <script>alert(1)</script> <b onclick="x()">hi</b>\n\n'
+        "[click](javascript:alert(1)) [ok](https://example.org)\n\n"
+        "```python\nprint(1)\n```"
+    )
     assert "<strong>bold</strong>" in html
     assert "&lt;script&gt;" in html and "<script" not in html
     assert "onclick" not in html.replace("&lt;b onclick", "")  # only as escaped text
@@ -120,14 +169,20 @@ async def test_a_room_is_read_once_then_kept_in_step_from_sync_and_answers():
     conversation.observe("!r", [said("$3", "second")])  # before the read: the read has it
     hs.page.append(said("$3", "second"))
     assert texts(await conversation.history("!r", ALICE, "$3", 0)) == [
-        ("user", "first"), ("assistant", "Echo: first")]
-    conversation.sent("!r", "$4", message_content("Echo: second", source_event_id="$3",
-                                                  notice=False))
+        ("user", "first"),
+        ("assistant", "Echo: first"),
+    ]
+    conversation.sent(
+        "!r", "$4", message_content("Echo: second", source_event_id="$3", notice=False)
+    )
     conversation.observe("!r", [said("$5", "third"), edit("$6", "$5", "third, edited")])
     assert conversation.follows("!r", "$6") and not conversation.follows("!r", "$5")
     history = await conversation.history("!r", ALICE, "$7", 10**13)
-    assert texts(history)[-3:] == [("user", "second"), ("assistant", "Echo: second"),
-                                   ("user", "third, edited")]
+    assert texts(history)[-3:] == [
+        ("user", "second"),
+        ("assistant", "Echo: second"),
+        ("user", "third, edited"),
+    ]
     assert hs.reads == 1
 
 
@@ -142,7 +197,8 @@ class AnsweringHomeserver:
     async def messages(self, room_id, start, end, limit, types, forward=False, senders=None):
         assert forward and start == "t1"
         return [answer(f"$b{i}", "Echo", f"$r{i}") for i in range(10)] + [
-            answer("$mine", "Echo: mine", "$q-late", notice=False)], None
+            answer("$mine", "Echo: mine", "$q-late", notice=False)
+        ], None
 
 
 @pytest.mark.asyncio
@@ -153,8 +209,11 @@ async def test_an_answer_far_after_its_question_is_still_found():
 
 
 def test_a_reply_from_an_older_client_is_read_without_its_quote():
-    quoted = said("$2", "> <@lambda:x> Echo: one\n> more\n\nand two?",
-                  **{"m.relates_to": {"m.in_reply_to": {"event_id": "$1"}}})
+    quoted = said(
+        "$2",
+        "> <@lambda:x> Echo: one\n> more\n\nand two?",
+        **{"m.relates_to": {"m.in_reply_to": {"event_id": "$1"}}},
+    )
     assert to_update(quoted, BOT).body == "and two?"
     assert texts(conversation_turns([quoted], ALICE, BOT)) == [("user", "and two?")]
     assert to_update(said("$3", "> not a reply"), BOT).body == "> not a reply"

@@ -9,18 +9,25 @@ from dataclasses import replace
 
 import pytest
 
-from adapter.matrix.delivery import lanes as delivery_module
 from adapter.matrix.chain.context import Services
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.delivery.lanes import Delivery, retry_delay
-from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.delivery import lanes as delivery_module
 from adapter.matrix.delivery.inbox import Inbox
+from adapter.matrix.delivery.lanes import Delivery, retry_delay
 from adapter.matrix.handlers import handle_update
+from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import MatrixStore, RoomMeta
 from core.chat import Chat
-from tests.unit.fakes import ALICE, CHAT, SPACE, FakeHomeserver, healed_data, make_services, \
-    message, onboard
+from tests.unit.fakes import (
+    ALICE,
+    CHAT,
+    SPACE,
+    FakeHomeserver,
+    healed_data,
+    make_services,
+    message,
+    onboard,
+)
 
 
 def msg(room: str, n: int) -> Update:
@@ -104,8 +111,11 @@ async def test_rooms_are_handled_in_order_and_a_blocked_room_delays_no_other(sto
     rec = Recorder()
     rec.block = {"!slow"}
     workers = Delivery(inbox, rec.feed, rec.give_up)
-    workers.push(await inbox.ingest([msg("!slow", 1), msg("!fast", 1), msg("!slow", 2),
-                                     msg("!fast", 2)], "t"))
+    workers.push(
+        await inbox.ingest(
+            [msg("!slow", 1), msg("!fast", 1), msg("!slow", 2), msg("!fast", 2)], "t"
+        )
+    )
     await until(lambda: rec.handled == ["$!fast1", "$!fast2"])
     rec.release.set()
     await until(lambda: len(rec.handled) == 4)
@@ -235,8 +245,10 @@ async def chat_rooms(svc: Services, count: int) -> list[str]:
 
 def delivery_over(inbox: Inbox, svc: Services) -> Delivery:
     """Lanes that feed the handlers as the chain would, every record being there."""
+
     async def feed(update: Update) -> None:
         await handle_update(update, await healed_data(svc, update))
+
     return Delivery(inbox, feed, feed)
 
 
@@ -261,8 +273,11 @@ async def test_agent_slots_bound_the_agent_calls_at_once(store):
     rooms = await chat_rooms(svc, 5)
     inbox, _ = await Inbox.open(store)
     workers = delivery_over(inbox, svc)
-    workers.push(await inbox.ingest([message(room, f"q{i}", event_id=f"${i}")
-                                     for i, room in enumerate(rooms)], "t"))
+    workers.push(
+        await inbox.ingest(
+            [message(room, f"q{i}", event_id=f"${i}") for i, room in enumerate(rooms)], "t"
+        )
+    )
     await until(lambda: agent.running == 2)
     agent.release.set()
     await until(lambda: len(svc.hs.sent) == 5)

@@ -9,31 +9,40 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from adapter.matrix.ingest.update import Update
 from adapter.matrix.delivery.inbox import Entry
-from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import RoomMeta, UserMeta
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from core.chat import Chat
 from core.store import Birth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from doctor_tool.compare import ServerRooms, compare, parents_to_read  # noqa: E402
-from doctor_tool.diagnosis import Diagnosis, inbox_summary  # noqa: E402
-from doctor_tool.local import LocalRecords, records_from  # noqa: E402
-from doctor_tool.report import as_json, as_text  # noqa: E402
+from doctor_tool.compare import ServerRooms, compare, parents_to_read
+from doctor_tool.diagnosis import Diagnosis, inbox_summary
+from doctor_tool.local import LocalRecords, records_from
+from doctor_tool.report import as_json, as_text
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
 SPACE, CHAT, LOBBY, SHARED = "!space:x", "!chat:x", "!lobby:x", "!shared:x"
 MADE_MS = 1_000_000_000_000  # the rooms' m.room.create
-BEFORE_THE_ROOMS, AFTER_THE_ROOMS = Birth(900_000_000, "store_missing"), Birth(
-    1_100_000_000, "local_reset")
+BEFORE_THE_ROOMS, AFTER_THE_ROOMS = (
+    Birth(900_000_000, "store_missing"),
+    Birth(1_100_000_000, "local_reset"),
+)
 
 
-def ev(type_: str, content: dict, sender: str = BOT, state_key: str = "",
-       event_id: str = "") -> dict:
-    return {"type": type_, "state_key": state_key, "sender": sender, "content": content,
-            "origin_server_ts": MADE_MS, "event_id": event_id or f"${type_}{state_key}"}
+def ev(
+    type_: str, content: dict, sender: str = BOT, state_key: str = "", event_id: str = ""
+) -> dict:
+    return {
+        "type": type_,
+        "state_key": state_key,
+        "sender": sender,
+        "content": content,
+        "origin_server_ts": MADE_MS,
+        "event_id": event_id or f"${type_}{state_key}",
+    }
 
 
 def member(user: str) -> dict:
@@ -41,32 +50,46 @@ def member(user: str) -> dict:
 
 
 def space_state() -> list[dict]:
-    return [ev("m.room.create", {"type": "m.space"}), member(BOT), member(ALICE),
-            ev(SpaceMarker.TYPE, SpaceMarker(ALICE).content()),
-            ev("m.space.child", {"via": ["x"]}, state_key=CHAT)]
+    return [
+        ev("m.room.create", {"type": "m.space"}),
+        member(BOT),
+        member(ALICE),
+        ev(SpaceMarker.TYPE, SpaceMarker(ALICE).content()),
+        ev("m.space.child", {"via": ["x"]}, state_key=CHAT),
+    ]
 
 
-def chat_state(name: str = "Trip", status: str = "active", name_by: str = BOT,
-               name_id: str = "$name") -> list[dict]:
-    return [ev("m.room.create", {}), member(BOT), member(ALICE),
-            ev("m.room.name", {"name": name}, sender=name_by, event_id=name_id),
-            ev("m.space.parent", {"via": ["x"]}, state_key=SPACE),
-            ev(ChatMarker.TYPE, ChatMarker(ALICE, "c1", status).content())]
+def chat_state(
+    name: str = "Trip", status: str = "active", name_by: str = BOT, name_id: str = "$name"
+) -> list[dict]:
+    return [
+        ev("m.room.create", {}),
+        member(BOT),
+        member(ALICE),
+        ev("m.room.name", {"name": name}, sender=name_by, event_id=name_id),
+        ev("m.space.parent", {"via": ["x"]}, state_key=SPACE),
+        ev(ChatMarker.TYPE, ChatMarker(ALICE, "c1", status).content()),
+    ]
 
 
 def lobby_state(*members: str) -> list[dict]:
-    return [ev("m.room.create", {}, sender=ALICE), member(BOT),
-            *[member(m) for m in members]]
+    return [ev("m.room.create", {}, sender=ALICE), member(BOT), *[member(m) for m in members]]
 
 
 HEALTHY = LocalRecords(
     birth=BEFORE_THE_ROOMS,
     users={ALICE: UserMeta(SPACE, LOBBY)},
-    rooms={SPACE: RoomMeta("space", ALICE), LOBBY: RoomMeta("lobby", ALICE),
-           CHAT: RoomMeta("chat", ALICE, "c1", SPACE)},
-    chats={(ALICE, "c1"): Chat("c1", ALICE, "Trip", "active", 1.0)})
-SERVER = ServerRooms(frozenset({SPACE, CHAT, LOBBY}),
-                     {SPACE: space_state(), CHAT: chat_state(), LOBBY: lobby_state(ALICE)})
+    rooms={
+        SPACE: RoomMeta("space", ALICE),
+        LOBBY: RoomMeta("lobby", ALICE),
+        CHAT: RoomMeta("chat", ALICE, "c1", SPACE),
+    },
+    chats={(ALICE, "c1"): Chat("c1", ALICE, "Trip", "active", 1.0)},
+)
+SERVER = ServerRooms(
+    frozenset({SPACE, CHAT, LOBBY}),
+    {SPACE: space_state(), CHAT: chat_state(), LOBBY: lobby_state(ALICE)},
+)
 
 
 def findings(local: LocalRecords = HEALTHY, server: ServerRooms = SERVER) -> dict:
@@ -80,7 +103,10 @@ def pending(kind: str, room_id: str, event_id: str, ts: int = 0, seq: int = 0) -
 def test_a_healthy_state_is_all_ok_and_consistent():
     found = findings()
     assert {rid: (f.kind, f.owner, f.state) for rid, f in found.items()} == {
-        SPACE: ("space", ALICE, "ok"), LOBBY: ("lobby", ALICE, "ok"), CHAT: ("chat", ALICE, "ok")}
+        SPACE: ("space", ALICE, "ok"),
+        LOBBY: ("lobby", ALICE, "ok"),
+        CHAT: ("chat", ALICE, "ok"),
+    }
     assert [f.room_id for f in compare(HEALTHY, SERVER, BOT)] == [SPACE, LOBBY, CHAT]
     diagnosis = Diagnosis(HEALTHY.birth, inbox_summary((), 0), tuple(found.values()))
     assert diagnosis.consistent and diagnosis.heals_by_itself
@@ -108,8 +134,9 @@ def test_a_space_heals_when_its_owner_needs_it_or_on_an_event_in_it():
     no_user = findings(replace(HEALTHY, users={}))[SPACE]
     assert no_user.state == "missing_locally" and no_user.cause == "inconsistent"
     assert "when its owner next needs their Space" in no_user.detail
-    no_room = findings(replace(HEALTHY, rooms={k: v for k, v in HEALTHY.rooms.items()
-                                               if k != SPACE}))[SPACE]
+    no_room = findings(
+        replace(HEALTHY, rooms={k: v for k, v in HEALTHY.rooms.items() if k != SPACE})
+    )[SPACE]
     assert "no room record: the bot heals it on the next event in it" in no_room.detail
 
 
@@ -156,18 +183,26 @@ def test_a_rename_to_an_invalid_title_does_not_follow():
 
 
 def test_a_record_naming_another_space_or_owner_is_a_mismatch():
-    other = replace(HEALTHY, users={ALICE: UserMeta("!old:x", LOBBY)},
-                    rooms={**HEALTHY.rooms, LOBBY: RoomMeta("lobby", BOB)})
+    other = replace(
+        HEALTHY,
+        users={ALICE: UserMeta("!old:x", LOBBY)},
+        rooms={**HEALTHY.rooms, LOBBY: RoomMeta("lobby", BOB)},
+    )
     found = findings(other)
-    assert found[LOBBY].state == "mismatch" and "owner: local @bob:x, server @alice:x" in \
-        found[LOBBY].detail
+    assert (
+        found[LOBBY].state == "mismatch"
+        and "owner: local @bob:x, server @alice:x" in found[LOBBY].detail
+    )
     assert found[SPACE].state == "mismatch" and "names the Space !old:x" in found[SPACE].detail
     assert found["!old:x"].state == "stale_locally"
 
 
 def test_a_room_the_bot_refuses_is_ok_without_a_record_and_a_mismatch_with_one():
-    server = replace(SERVER, joined=SERVER.joined | {SHARED},
-                     states={**SERVER.states, SHARED: lobby_state(ALICE, BOB)})
+    server = replace(
+        SERVER,
+        joined=SERVER.joined | {SHARED},
+        states={**SERVER.states, SHARED: lobby_state(ALICE, BOB)},
+    )
     assert findings(server=server)[SHARED].state == "ok"
     trusted = replace(HEALTHY, rooms={**HEALTHY.rooms, SHARED: RoomMeta("lobby", ALICE)})
     found = findings(trusted, server)[SHARED]
@@ -183,28 +218,34 @@ def test_a_legacy_chat_needs_its_parent_read():
     legacy = [e for e in chat_state() if e["type"] != ChatMarker.TYPE]
     server = ServerRooms(frozenset({CHAT}), {CHAT: legacy})
     assert parents_to_read(server, BOT) == {SPACE}
-    assert parents_to_read(replace(server, states={CHAT: legacy, SPACE: space_state()}),
-                           BOT) == set()
+    assert (
+        parents_to_read(replace(server, states={CHAT: legacy, SPACE: space_state()}), BOT) == set()
+    )
 
 
 def test_the_inbox_summary_counts_and_ages_the_oldest_update():
-    entries = (pending("message", CHAT, "$a", ts=10_000, seq=1),
-               pending("invite", LOBBY, "$b", ts=0, seq=2),
-               pending("message", CHAT, "$c", ts=4_000, seq=3))
+    entries = (
+        pending("message", CHAT, "$a", ts=10_000, seq=1),
+        pending("invite", LOBBY, "$b", ts=0, seq=2),
+        pending("message", CHAT, "$c", ts=4_000, seq=3),
+    )
     summary = inbox_summary(entries, now=20.0)
     assert summary.pending == 3 and summary.oldest_s == 16.0
     assert inbox_summary((), now=20.0).oldest_s is None
 
 
 def test_records_are_read_from_raw_rows():
-    rows = {"birth": '{"at": 5.0, "cause": "local_reset"}', "sync_token": '"s1"',
-            f"matrix_user:{ALICE}": f'{{"space_id": "{SPACE}", "lobby_room_id": null}}',
-            f"matrix_room:{CHAT}": f'{{"kind": "chat", "owner": "{ALICE}", "chat_id": "c1"}}',
-            f"chat:{ALICE}:c1": f'{{"chat_id": "c1", "user_id": "{ALICE}", "title": "T", '
-                                '"status": "active", "created_at": 1.0}',
-            "inbox:000000000007": '{"update": {"kind": "message", "room_id": "!r", '
-                                  '"sender": "@a:x", "event_id": "$e", "ts": 3}}',
-            "pending:!r": "{}"}
+    rows = {
+        "birth": '{"at": 5.0, "cause": "local_reset"}',
+        "sync_token": '"s1"',
+        f"matrix_user:{ALICE}": f'{{"space_id": "{SPACE}", "lobby_room_id": null}}',
+        f"matrix_room:{CHAT}": f'{{"kind": "chat", "owner": "{ALICE}", "chat_id": "c1"}}',
+        f"chat:{ALICE}:c1": f'{{"chat_id": "c1", "user_id": "{ALICE}", "title": "T", '
+        '"status": "active", "created_at": 1.0}',
+        "inbox:000000000007": '{"update": {"kind": "message", "room_id": "!r", '
+        '"sender": "@a:x", "event_id": "$e", "ts": 3}}',
+        "pending:!r": "{}",
+    }
     local = records_from(rows)
     assert local.birth == Birth(5.0, "local_reset") and local.sync_token == "s1"
     assert local.users[ALICE].space_id == SPACE and local.rooms[CHAT].chat_id == "c1"
@@ -216,11 +257,14 @@ def test_the_reports_say_the_same_in_the_specs_json_shape_and_in_text():
     diagnosis = Diagnosis(lost.birth, inbox_summary((), 0), tuple(compare(lost, SERVER, BOT)))
     report = json.loads(as_json(diagnosis))
     assert set(report) == {"consistent", "birth", "inbox", "rooms"}
-    assert report["consistent"] is False and report["birth"] == {"at": 9e8, "cause":
-                                                                 "store_missing"}
+    assert report["consistent"] is False and report["birth"] == {
+        "at": 9e8,
+        "cause": "store_missing",
+    }
     assert report["inbox"] == {"pending": 0, "oldest_s": None}
     assert {tuple(sorted(room)) for room in report["rooms"]} == {
-        ("detail", "kind", "owner", "room_id", "state")}
+        ("detail", "kind", "owner", "room_id", "state")
+    }
     text = as_text(diagnosis, BOT, "http://hs", "/db", now=9e8 + 60)
     assert f"\n{ALICE}\n  ok               space  {SPACE}  Space" in text
     assert "missing_locally  chat   !chat:x  Trip" in text and "(exit 0)" in text

@@ -12,11 +12,11 @@ import structlog
 from nio import AsyncClient, MatrixRoom, SyncResponse
 
 from adapter.matrix.healing.healer import Healer
-from adapter.matrix.homeserver.client import Homeserver, SyncedRoom
-from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.homeserver.client import Homeserver, SyncedRoom
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import MatrixStore, RoomMeta
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from core.chat import ChatManager
 
 BOT, ALICE, BOB = "@lambda:x", "@alice:x", "@bob:x"
@@ -25,18 +25,26 @@ CALLERS = 20
 
 
 def ev(type_: str, content: dict, sender: str = BOT, state_key: str = "") -> dict:
-    return {"type": type_, "state_key": state_key, "sender": sender, "content": content,
-            "origin_server_ts": 1_000, "event_id": f"${type_}{state_key}"}
+    return {
+        "type": type_,
+        "state_key": state_key,
+        "sender": sender,
+        "content": content,
+        "origin_server_ts": 1_000,
+        "event_id": f"${type_}{state_key}",
+    }
 
 
 def chat_room_state() -> list[dict]:
     """A chat room the bot made, with its marker, in Alice's Space."""
-    return [ev("m.room.create", {"room_version": "12"}),
-            ev("m.room.member", {"membership": "join"}, state_key=BOT),
-            ev("m.room.member", {"membership": "join"}, sender=ALICE, state_key=ALICE),
-            ev("m.room.name", {"name": "Trip"}, sender=ALICE),
-            ev("m.space.parent", {"via": ["x"]}, state_key=SPACE),
-            ev(ChatMarker.TYPE, ChatMarker(ALICE, "c1", "active").content())]
+    return [
+        ev("m.room.create", {"room_version": "12"}),
+        ev("m.room.member", {"membership": "join"}, state_key=BOT),
+        ev("m.room.member", {"membership": "join"}, sender=ALICE, state_key=ALICE),
+        ev("m.room.name", {"name": "Trip"}, sender=ALICE),
+        ev("m.space.parent", {"via": ["x"]}, state_key=SPACE),
+        ev(ChatMarker.TYPE, ChatMarker(ALICE, "c1", "active").content()),
+    ]
 
 
 class CountingHomeserver:
@@ -82,8 +90,12 @@ async def test_concurrent_heals_of_one_room_share_one_state_fetch(store):
     assert len(plans) == CALLERS and all(plan == plans[0] for plan in plans)
     assert plans[0].room == RoomMeta("chat", ALICE, "c1", SPACE)
     assert await MatrixStore(store).get_room(ROOM) == plans[0].room
-    assert healer.svc.metrics.registry.get_sample_value(
-        "lambda_heals_total", {"cause": "store_missing", "source": "marker"}) == 1
+    assert (
+        healer.svc.metrics.registry.get_sample_value(
+            "lambda_heals_total", {"cause": "store_missing", "source": "marker"}
+        )
+        == 1
+    )
 
 
 def test_synced_room_tells_the_type_and_the_joined_or_invited_members():
@@ -100,20 +112,26 @@ def test_synced_room_tells_the_type_and_the_joined_or_invited_members():
 
 def space_state(owner: str, sender: str = BOT) -> list[dict]:
     """A Space the bot made for ``owner``; its marker written by ``sender``."""
-    return [ev("m.room.create", {"room_version": "12", "type": "m.space"}),
-            ev("m.room.member", {"membership": "join"}, state_key=BOT),
-            ev("m.room.member", {"membership": "join"}, sender=owner, state_key=owner),
-            ev(SpaceMarker.TYPE, SpaceMarker(owner).content(), sender=sender)]
+    return [
+        ev("m.room.create", {"room_version": "12", "type": "m.space"}),
+        ev("m.room.member", {"membership": "join"}, state_key=BOT),
+        ev("m.room.member", {"membership": "join"}, sender=owner, state_key=owner),
+        ev(SpaceMarker.TYPE, SpaceMarker(owner).content(), sender=sender),
+    ]
 
 
 def lazy_sync(state: dict[str, list[dict]], timeline: dict[str, list[dict]]) -> SyncResponse:
     """A sync round as members load lazily: no member events but the timeline senders'."""
-    join = {room: {"state": {"events": [e for e in state.get(room, [])
-                                        if e["type"] != "m.room.member"]},
-                   "timeline": {"events": timeline.get(room, []), "limited": True}}
-            for room in set(state) | set(timeline)}
-    return SyncResponse.from_dict({"next_batch": "s1",
-                                   "rooms": {"invite": {}, "leave": {}, "join": join}})
+    join = {
+        room: {
+            "state": {"events": [e for e in state.get(room, []) if e["type"] != "m.room.member"]},
+            "timeline": {"events": timeline.get(room, []), "limited": True},
+        }
+        for room in set(state) | set(timeline)
+    }
+    return SyncResponse.from_dict(
+        {"next_batch": "s1", "rooms": {"invite": {}, "leave": {}, "join": join}}
+    )
 
 
 def logged_in(client: AsyncClient) -> AsyncClient:
@@ -124,10 +142,17 @@ def logged_in(client: AsyncClient) -> AsyncClient:
 def test_sync_shows_a_spaces_owner_only_by_a_marker_the_bot_wrote():
     hs = Homeserver(logged_in(AsyncClient("http://x", BOT)), "x")
     hs.client.rooms.update({rid: MatrixRoom(rid, BOT) for rid in (SPACE, BOB_SPACE, ROOM)})
-    hs.note_sync(lazy_sync({SPACE: space_state(ALICE), ROOM: space_state(ALICE, sender=ALICE)},
-                           {BOB_SPACE: space_state(BOB)[-1:]}))
-    assert [hs.synced_room(rid).space_owner for rid in (SPACE, BOB_SPACE, ROOM)] == \
-        [ALICE, BOB, None]
+    hs.note_sync(
+        lazy_sync(
+            {SPACE: space_state(ALICE), ROOM: space_state(ALICE, sender=ALICE)},
+            {BOB_SPACE: space_state(BOB)[-1:]},
+        )
+    )
+    assert [hs.synced_room(rid).space_owner for rid in (SPACE, BOB_SPACE, ROOM)] == [
+        ALICE,
+        BOB,
+        None,
+    ]
     hs.note_sync(lazy_sync({}, {SPACE: [ev(SpaceMarker.TYPE, {})]}))  # redacted: no owner
     assert hs.synced_room(SPACE).space_owner is None
 
@@ -140,7 +165,7 @@ class SpacesHomeserver:
     def __init__(self, states: dict[str, list[dict]]) -> None:
         self.states, self.fetched = states, []
         self.hs = Homeserver(logged_in(AsyncClient("http://x", BOT)), "x")
-        for room_id, events in states.items():
+        for room_id in states:
             room = MatrixRoom(room_id, BOT)
             room.room_type = "m.space"
             room.add_member(BOT, None, None)  # lazy members: the owner is not among them
@@ -167,8 +192,9 @@ async def test_after_a_total_loss_a_users_space_is_found_with_one_state_fetch(st
 
 
 async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembered(store):
-    state = [dict(ev, sender=ALICE) if ev["type"] == ChatMarker.TYPE else ev
-             for ev in chat_room_state()]
+    state = [
+        dict(ev, sender=ALICE) if ev["type"] == ChatMarker.TYPE else ev for ev in chat_room_state()
+    ]
     hs = CountingHomeserver(state)
     hs.release.set()
     healer = Healer(HealerServices(hs, MatrixStore(store), ChatManager(store)))  # type: ignore
@@ -178,8 +204,12 @@ async def test_a_chat_marker_forged_by_the_owner_is_refused_logged_and_remembere
                 await healer.heal_room(ROOM)
     assert [e["event"] for e in logs] == ["state.heal_refused"]
     assert hs.fetches == 1  # the refusal is remembered: no fetch on the next message
-    assert healer.svc.metrics.registry.get_sample_value(
-        "lambda_heal_refusals_total", {"reason": "forged_marker"}) == 1  # counted as logged
+    assert (
+        healer.svc.metrics.registry.get_sample_value(
+            "lambda_heal_refusals_total", {"reason": "forged_marker"}
+        )
+        == 1
+    )  # counted as logged
     assert await MatrixStore(store).get_room(ROOM) is None
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.chain.dispatcher import build_chain
 from adapter.matrix.chain.healing import FAILURE_NOTICE, HealingMiddleware
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.middlewares import resolve_route
 from adapter.matrix.chain.router import ChatRoute
 from adapter.matrix.healing.room_state import HealPlan, HealRefused
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.store.records import RoomMeta, UserMeta
 from core.chat import Chat
 from tests.unit.fakes import (
@@ -91,8 +90,12 @@ def link(svc):
 
 
 def chat_plan(room_id: str = CHAT, chat_id: str = "c1") -> HealPlan:
-    return HealPlan(room_id, RoomMeta("chat", ALICE, chat_id, SPACE), "marker",
-                    chat=Chat(chat_id, ALICE, "Chat 1", "active", 1_700_000_000.0))
+    return HealPlan(
+        room_id,
+        RoomMeta("chat", ALICE, chat_id, SPACE),
+        "marker",
+        chat=Chat(chat_id, ALICE, "Chat 1", "active", 1_700_000_000.0),
+    )
 
 
 async def test_complete_records_are_not_healed(svc, link):
@@ -127,14 +130,17 @@ async def test_a_chat_record_the_server_does_not_confirm_refuses_the_room(svc, l
     assert svc.hs.bodies == [HealRefused("unknown_room").user_message]
 
 
-@pytest.mark.parametrize("room,body,asked", [
-    (CHAT, "hello", []),
-    (CHAT, "!rename Trip", []),
-    (CHAT, "!new", [("user_space", ALICE)]),
-    (CHAT, "!chats", [("user_space", ALICE), ("heal_space_children", SPACE)]),
-    (LOBBY, "!chats", [("user_space", ALICE), ("heal_space_children", SPACE)]),
-    (LOBBY, "hello", [("user_space", ALICE)]),  # onboarded: its chats are known
-])
+@pytest.mark.parametrize(
+    "room,body,asked",
+    [
+        (CHAT, "hello", []),
+        (CHAT, "!rename Trip", []),
+        (CHAT, "!new", [("user_space", ALICE)]),
+        (CHAT, "!chats", [("user_space", ALICE), ("heal_space_children", SPACE)]),
+        (LOBBY, "!chats", [("user_space", ALICE), ("heal_space_children", SPACE)]),
+        (LOBBY, "hello", [("user_space", ALICE)]),  # onboarded: its chats are known
+    ],
+)
 async def test_the_space_is_healed_for_what_needs_it(svc, link, room, body, asked):
     await onboard(svc)
     await link.feed(message(room, body))

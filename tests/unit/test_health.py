@@ -23,9 +23,12 @@ def test_unavailable_until_a_sync_round_is_recorded_then_ok():
     health = Health(clock=clock)
     assert reasons(health) == ["not_syncing_yet"]
     assert health.report().to_json() == {
-        "status": "unavailable", "last_sync_s": None,
-        "problems": [{"reason": "not_syncing_yet",
-                      "detail": "the bot has not recorded a sync round yet"}]}
+        "status": "unavailable",
+        "last_sync_s": None,
+        "problems": [
+            {"reason": "not_syncing_yet", "detail": "the bot has not recorded a sync round yet"}
+        ],
+    }
     health.synced()
     clock.now += 2.5
     assert health.report().ok

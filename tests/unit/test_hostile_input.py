@@ -13,28 +13,73 @@ from adapter.matrix.ingest.update import Update
 from core.chat import MAX_TITLE_LENGTH, InvalidTitle, validate_title
 
 # No example database: nothing is written into the work tree, and every run is fresh.
-settings.register_profile("hostile", database=None, max_examples=500, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "hostile",
+    database=None,
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile("hostile")
 
 # Everything a Matrix body can carry, weighted towards what breaks text handling.
-NASTY = st.sampled_from([
-    "\x00", "\n", "\r", "\t", "\x1b[31m", "\x7f", "\x85", "\u200b", "\u200e", "\u202e",
-    "\u2028", "\u2029", "\ufeff", "\ufffd", "\ud800", "İ", "ß", "ǅ", "🎉", "👨\u200d👩\u200d👧",
-    "<script>alert(1)</script>", "<b>", "&amp;", "[x](https://evil.example)", "**", "`",
-    "!", "!!", " ", "\u3000", "\u00a0", "%", "%00", "\\", "\"", "'",
-])
+NASTY = st.sampled_from(
+    [
+        "\x00",
+        "\n",
+        "\r",
+        "\t",
+        "\x1b[31m",
+        "\x7f",
+        "\x85",
+        "\u200b",
+        "\u200e",
+        "\u202e",
+        "\u2028",
+        "\u2029",
+        "\ufeff",
+        "\ufffd",
+        "\ud800",
+        "İ",
+        "ß",
+        "ǅ",
+        "🎉",
+        "👨\u200d👩\u200d👧",
+        "<script>alert(1)</script>",
+        "<b>",
+        "&amp;",
+        "[x](https://evil.example)",
+        "**",
+        "`",
+        "!",
+        "!!",
+        " ",
+        "\u3000",
+        "\u00a0",
+        "%",
+        "%00",
+        "\\",
+        '"',
+        "'",
+    ]
+)
 TEXT = st.lists(st.one_of(st.text(), NASTY), max_size=12).map("".join)
 LONG = st.integers(0, 20_000).map(lambda n: "x" * n)
 NAME_CASINGS = st.sampled_from(sorted(COMMANDS)).flatmap(
-    lambda name: st.tuples(st.just(name), st.lists(st.booleans(), min_size=len(name),
-                                                   max_size=len(name))))
+    lambda name: st.tuples(
+        st.just(name), st.lists(st.booleans(), min_size=len(name), max_size=len(name))
+    )
+)
 
 
 def is_control(text: str) -> bool:
     """Controls, surrogates, line/paragraph separators, bidi overrides (as core.chat says)."""
-    return any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")
-               or 0x202A <= ord(ch) <= 0x202E or 0x2066 <= ord(ch) <= 0x2069 for ch in text)
+    return any(
+        unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")
+        or 0x202A <= ord(ch) <= 0x202E
+        or 0x2066 <= ord(ch) <= 0x2069
+        for ch in text
+    )
 
 
 def invisible(text: str) -> bool:
@@ -70,8 +115,7 @@ def test_command_names_are_case_insensitive(casing, gap: str, args: str):
 @example("x" * (MAX_TITLE_LENGTH + 1))
 @example(" " + "x" * MAX_TITLE_LENGTH + " ")
 @example("a\x00b")
-def test_a_title_is_accepted_only_within_the_limits_and_refused_only_with_invalid_title(
-        raw: str):
+def test_a_title_is_accepted_only_within_the_limits_and_refused_only_with_invalid_title(raw: str):
     stripped = raw.strip()
     try:
         title = validate_title(raw)

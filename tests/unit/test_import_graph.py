@@ -34,8 +34,11 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(path): path for top in ("adapter", "core", "tools")
-            for path in sorted((ROOT / top).rglob("*.py"))}
+    return {
+        module_name(path): path
+        for top in ("adapter", "core", "tools")
+        for path in sorted((ROOT / top).rglob("*.py"))
+    }
 
 
 def imports(path: Path, name: str, known: set[str]) -> set[str]:
@@ -48,11 +51,13 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             # ``from pkg import sub`` imports the module pkg.sub when there is one.
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                       for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -126,14 +131,20 @@ def layer_of(module: str) -> int | None:
 
 
 def upward_imports(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return sorted((name, target) for name, targets in edges.items() for target in targets
-                  if (own := layer_of(name)) is not None
-                  and (up := layer_of(target)) is not None and up < own)
+    return sorted(
+        (name, target)
+        for name, targets in edges.items()
+        for target in targets
+        if (own := layer_of(name)) is not None and (up := layer_of(target)) is not None and up < own
+    )
 
 
 def test_every_adapter_and_core_module_has_a_layer():
-    unplaced = [name for name in graph() if name.startswith(("adapter.matrix.", "core."))
-                and layer_of(name) is None]
+    unplaced = [
+        name
+        for name in graph()
+        if name.startswith(("adapter.matrix.", "core.")) and layer_of(name) is None
+    ]
     assert unplaced == []
 
 

@@ -11,17 +11,24 @@ ALICE = "@alice:localhost"
 
 def test_space_marker_wire_format():
     assert SpaceMarker(ALICE).state_event() == {
-        "type": "io.lambda.space", "state_key": "", "content": {"owner": ALICE, "v": 1}}
+        "type": "io.lambda.space",
+        "state_key": "",
+        "content": {"owner": ALICE, "v": 1},
+    }
 
 
 def test_chat_marker_wire_format():
     assert ChatMarker(ALICE, "abc123def456", "archived").state_event() == {
-        "type": "io.lambda.chat", "state_key": "",
-        "content": {"owner": ALICE, "chat_id": "abc123def456", "status": "archived", "v": 1}}
+        "type": "io.lambda.chat",
+        "state_key": "",
+        "content": {"owner": ALICE, "chat_id": "abc123def456", "status": "archived", "v": 1},
+    }
 
 
-@pytest.mark.parametrize("marker", [SpaceMarker(ALICE), ChatMarker(ALICE, "c1", "active"),
-                                    ChatMarker(ALICE, "c1", "archived")])
+@pytest.mark.parametrize(
+    "marker",
+    [SpaceMarker(ALICE), ChatMarker(ALICE, "c1", "active"), ChatMarker(ALICE, "c1", "archived")],
+)
 def test_a_written_marker_parses_back_to_itself(marker):
     assert type(marker).parse(marker.content()) == marker
 
@@ -38,14 +45,17 @@ def test_empty_content_is_no_marker(marker):
     assert marker.parse({}) is None
 
 
-@pytest.mark.parametrize(("content", "field"), [
-    ({"owner": "alice", "chat_id": "x", "status": "active"}, "owner"),
-    ({"chat_id": "x", "status": "active"}, "owner"),
-    ({"owner": ALICE, "chat_id": "", "status": "active"}, "chat_id"),
-    ({"owner": ALICE, "chat_id": 12, "status": "active"}, "chat_id"),
-    ({"owner": ALICE, "chat_id": "x", "status": "deleted"}, "status"),
-    ({"owner": ALICE, "chat_id": "x"}, "status"),
-])
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ({"owner": "alice", "chat_id": "x", "status": "active"}, "owner"),
+        ({"chat_id": "x", "status": "active"}, "owner"),
+        ({"owner": ALICE, "chat_id": "", "status": "active"}, "chat_id"),
+        ({"owner": ALICE, "chat_id": 12, "status": "active"}, "chat_id"),
+        ({"owner": ALICE, "chat_id": "x", "status": "deleted"}, "status"),
+        ({"owner": ALICE, "chat_id": "x"}, "status"),
+    ],
+)
 def test_malformed_chat_marker_names_the_field(content, field):
     with pytest.raises(MalformedMarker, match=f"io.lambda.chat: {field} is"):
         ChatMarker.parse(content)

@@ -55,10 +55,19 @@ def test_every_metric_is_named_lambda():
     metrics = Metrics()
     families = list(text_string_to_metric_families(metrics.exposition().decode()))
     assert {family.name for family in families} >= {
-        "lambda_messages_answered", "lambda_commands", "lambda_reply_latency_seconds",
-        "lambda_agent_call_duration_seconds", "lambda_heals", "lambda_heal_refusals",
-        "lambda_inbox_depth", "lambda_retries_scheduled", "lambda_updates_given_up",
-        "lambda_sync_rounds", "lambda_sync_failures", "lambda_session_renewals"}
+        "lambda_messages_answered",
+        "lambda_commands",
+        "lambda_reply_latency_seconds",
+        "lambda_agent_call_duration_seconds",
+        "lambda_heals",
+        "lambda_heal_refusals",
+        "lambda_inbox_depth",
+        "lambda_retries_scheduled",
+        "lambda_updates_given_up",
+        "lambda_sync_rounds",
+        "lambda_sync_failures",
+        "lambda_session_renewals",
+    }
     assert all(family.name.startswith("lambda_") for family in families)
 
 
@@ -92,4 +101,3 @@ async def test_an_address_in_use_is_refused_with_the_address():
         port = taken.getsockname()[1]
         with pytest.raises(ListenerUnavailable, match=f"127.0.0.1:{port}.*in use"):
             await MetricsListener.start(ListenAddr("127.0.0.1", port), Metrics(), Health())
-

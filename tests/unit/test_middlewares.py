@@ -10,9 +10,6 @@ import structlog
 
 from adapter.matrix.chain.command_table import COMMANDS
 from adapter.matrix.chain.context import EventData
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.middlewares import (
     allowed_users_only,
     answered_once,
@@ -23,6 +20,8 @@ from adapter.matrix.chain.middlewares import (
 )
 from adapter.matrix.chain.notices import STORE_DOWN
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Route, SpaceRoute, Unregistered
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.store.records import RoomMeta
 from tests.unit.fakes import (
     ALICE,
@@ -72,8 +71,9 @@ async def test_a_foreign_message_is_dropped_unread(svc):
 async def test_a_foreign_invite_is_rejected_before_anything_is_created(svc):
     rest = Next()
     with structlog.testing.capture_logs() as logs:
-        await allowed_users_only(rest, message("!new:x", "", FOREIGN, kind="invite"),
-                                 EventData(services=svc))
+        await allowed_users_only(
+            rest, message("!new:x", "", FOREIGN, kind="invite"), EventData(services=svc)
+        )
     assert rest.seen == [] and svc.hs.calls == [("leave", "!new:x")]
     assert [e["event"] for e in logs] == ["invite.refused"]
 
@@ -105,38 +105,48 @@ async def test_resolve_route_sets_the_route_and_parses_commands_only(svc):
     assert unknown["route"] == Unregistered("!unknown:x")
 
 
-@pytest.mark.parametrize("route,sender,kind,passes", [
-    (CHAT_ROUTE, ALICE, "message", True),
-    (CHAT_ROUTE, MALLORY, "message", False),
-    (CHAT_ROUTE, MALLORY, "room_name", False),
-    (LobbyRoute(LOBBY, ALICE), ALICE, "message", True),
-    (LobbyRoute(LOBBY, ALICE), MALLORY, "message", False),
-    (SpaceRoute(SPACE, ALICE), ALICE, "message", False),
-    (SpaceRoute(SPACE, ALICE), ALICE, "invite", True),
-    (CHAT_ROUTE, MALLORY, "invite", True),  # an invite is judged by who sent it, later
-    (Unregistered("!r:x"), MALLORY, "message", True),  # unhealable: refused by healing
-])
+@pytest.mark.parametrize(
+    "route,sender,kind,passes",
+    [
+        (CHAT_ROUTE, ALICE, "message", True),
+        (CHAT_ROUTE, MALLORY, "message", False),
+        (CHAT_ROUTE, MALLORY, "room_name", False),
+        (LobbyRoute(LOBBY, ALICE), ALICE, "message", True),
+        (LobbyRoute(LOBBY, ALICE), MALLORY, "message", False),
+        (SpaceRoute(SPACE, ALICE), ALICE, "message", False),
+        (SpaceRoute(SPACE, ALICE), ALICE, "invite", True),
+        (CHAT_ROUTE, MALLORY, "invite", True),  # an invite is judged by who sent it, later
+        (Unregistered("!r:x"), MALLORY, "message", True),  # unhealable: refused by healing
+    ],
+)
 async def test_owner_only(svc, route: Route, sender, kind, passes):
     rest = Next()
     with structlog.testing.capture_logs() as logs:
-        await owner_only(rest, message(route.room_id, "hi", sender, kind=kind),
-                         EventData(services=svc, route=route))
+        await owner_only(
+            rest,
+            message(route.room_id, "hi", sender, kind=kind),
+            EventData(services=svc, route=route),
+        )
     assert bool(rest.seen) is passes
     if not passes:
         assert [e["event"] for e in logs] == ["event.ignored"]
         assert logs[0]["reason"] in ("not_owner", "space_room")
 
 
-@pytest.mark.parametrize("route,catchup,passes", [
-    (CHAT_ROUTE, True, True),
-    (CHAT_ROUTE, False, True),
-    (LobbyRoute(LOBBY, ALICE), True, False),
-    (LobbyRoute(LOBBY, ALICE), False, True),
-])
+@pytest.mark.parametrize(
+    "route,catchup,passes",
+    [
+        (CHAT_ROUTE, True, True),
+        (CHAT_ROUTE, False, True),
+        (LobbyRoute(LOBBY, ALICE), True, False),
+        (LobbyRoute(LOBBY, ALICE), False, True),
+    ],
+)
 async def test_catchup_is_answered_in_chat_rooms_only(svc, route, catchup, passes):
     rest = Next()
-    await catchup_in_chats_only(rest, message(route.room_id, "hi", catchup=catchup),
-                                EventData(services=svc, route=route))
+    await catchup_in_chats_only(
+        rest, message(route.room_id, "hi", catchup=catchup), EventData(services=svc, route=route)
+    )
     assert bool(rest.seen) is passes
 
 
@@ -173,11 +183,13 @@ async def test_a_promise_to_answer_is_no_answer_and_a_first_attempt_is_not_looke
     await answered_once(rest, fresh, EventData(services=svc))
     assert [u.event_id for u, _ in rest.seen] == ["$q", "$n"]
     assert [c for c in svc.hs.calls if c[0] == "messages_after"] == [
-        ("messages_after", CHAT, "$q")]  # only the retried one asked the room
+        ("messages_after", CHAT, "$q")
+    ]  # only the retried one asked the room
 
 
 async def test_a_room_that_cannot_be_asked_now_retries_the_update_later(svc):
     svc.hs.fail["messages_after"] = HomeserverError("read", "M_UNKNOWN", "down", None, 502)
     with pytest.raises(RetryLater):
-        await answered_once(Next(), replace(message(CHAT, "hi"), replayed=True),
-                            EventData(services=svc))
+        await answered_once(
+            Next(), replace(message(CHAT, "hi"), replayed=True), EventData(services=svc)
+        )

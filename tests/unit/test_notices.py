@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from adapter.matrix.ingest.update import RetryLater
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.notices import RefusalNotices, postpone
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import RetryLater
 from tests.unit.fakes import MALLORY, FakeHomeserver, make_services, message
 
 ROOM = "!shared:x"
@@ -53,8 +53,9 @@ async def test_the_refusal_notice_says_why_and_a_skipped_one_is_logged(store):
     assert [(e["event"], e["reason"]) for e in logs] == [("event.ignored", "shared_room")]
 
 
-@pytest.mark.parametrize("kind,attempt,told", [
-    ("message", 0, True), ("message", 1, False), ("invite", 0, False)])
+@pytest.mark.parametrize(
+    "kind,attempt,told", [("message", 0, True), ("message", 1, False), ("invite", 0, False)]
+)
 async def test_postpone_tells_once_then_hands_the_update_back(store, kind, attempt, told):
     svc = make_services(store)
     err = HomeserverError("get state", "M_LIMIT_EXCEEDED", "slow down", retry_after_ms=2500)
@@ -62,15 +63,19 @@ async def test_postpone_tells_once_then_hands_the_update_back(store, kind, attem
         await postpone(message(ROOM, "hi", kind=kind, attempt=attempt), err, svc, "I'll retry.")
     assert raised.value.retry_after_ms == 2500 and raised.value.__cause__ is err
     # A rate limit says when, whatever the caller's notice for a failure.
-    assert svc.hs.bodies == (["The homeserver is rate-limiting me. I'll retry in 2 s and "
-                              "answer you then."] if told else [])
+    assert svc.hs.bodies == (
+        ["The homeserver is rate-limiting me. I'll retry in 2 s and answer you then."]
+        if told
+        else []
+    )
 
 
 async def test_postpone_tells_the_callers_notice_when_the_homeserver_failed(store):
     svc = make_services(store)
     with pytest.raises(RetryLater):
-        await postpone(message(ROOM, "hi"), HomeserverError("x", "unreachable", ""), svc,
-                       "I'll retry.")
+        await postpone(
+            message(ROOM, "hi"), HomeserverError("x", "unreachable", ""), svc, "I'll retry."
+        )
     assert svc.hs.bodies == ["I'll retry."]
 
 

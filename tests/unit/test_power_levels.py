@@ -11,9 +11,19 @@ from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 BOT, ALICE = "@lambda:example.org", "@alice:example.org"
 PRE_12 = ["1", "9", "10", "11", "org.matrix.msc3757.11", "an.unknown.version", None]
 FROM_12 = ["12", "13", "42", "org.matrix.hydra.11"]
-BOT_ONLY = [SpaceMarker.TYPE, ChatMarker.TYPE, "m.space.child", "m.space.parent",
-            "m.room.power_levels", "m.room.join_rules", "m.room.history_visibility",
-            "m.room.encryption", "m.room.tombstone", "m.room.server_acl", "io.lambda.future"]
+BOT_ONLY = [
+    SpaceMarker.TYPE,
+    ChatMarker.TYPE,
+    "m.space.child",
+    "m.space.parent",
+    "m.room.power_levels",
+    "m.room.join_rules",
+    "m.room.history_visibility",
+    "m.room.encryption",
+    "m.room.tombstone",
+    "m.room.server_acl",
+    "io.lambda.future",
+]
 
 
 def required(levels: dict, event_type: str) -> int:
@@ -51,12 +61,17 @@ def test_owner_restyles_but_cannot_forge_a_marker_or_raise_herself(version):
     assert alice < min(levels["invite"], levels["kick"], levels["ban"], levels["redact"])
 
 
-@pytest.mark.parametrize(("body", "default"), [
-    ({"capabilities": {"m.room_versions": {"default": "10", "available": {"10": "stable"}}}},
-     "10"),
-    ({"capabilities": {"m.room_versions": {"default": 11}}}, "11"),
-    ({"capabilities": {"m.change_password": {"enabled": True}}}, None),
-])
+@pytest.mark.parametrize(
+    ("body", "default"),
+    [
+        (
+            {"capabilities": {"m.room_versions": {"default": "10", "available": {"10": "stable"}}}},
+            "10",
+        ),
+        ({"capabilities": {"m.room_versions": {"default": 11}}}, "11"),
+        ({"capabilities": {"m.change_password": {"enabled": True}}}, None),
+    ],
+)
 def test_capabilities_give_the_default_room_version(body, default):
     resp = CapabilitiesResponse.from_dict(body)
     assert isinstance(resp, CapabilitiesResponse) and resp.default_room_version == default

@@ -16,8 +16,9 @@ import pytest
 from core.store import SQLiteStore
 
 ROOT = Path(__file__).resolve().parents[2]
-SESSION_JSON = '{"homeserver": "http://h", "user_id": "@b:h", "device_id": "D", ' \
-               '"access_token": "t"}'
+SESSION_JSON = (
+    '{"homeserver": "http://h", "user_id": "@b:h", "device_id": "D", "access_token": "t"}'
+)
 
 
 @pytest.fixture
@@ -28,9 +29,16 @@ def paths(tmp_path: Path) -> tuple[Path, Path]:
 def reset(paths: tuple[Path, Path], *args: str) -> tuple[int, str]:
     db, store = paths
     env = {**os.environ, "LAMBDA_MATRIX_DB": str(db), "MATRIX_STORE_PATH": str(store)}
-    proc = subprocess.run([sys.executable, "tools/reset_local.py", *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "tools/reset_local.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
     return proc.returncode, proc.stdout
 
 
@@ -41,6 +49,7 @@ def birth_cause(db: Path) -> str | None:
             return store.birth.cause if store.birth else None
         finally:
             await store.close()
+
     return asyncio.run(read())
 
 
@@ -64,8 +73,9 @@ def test_a_foreign_sqlite_file_is_refused_untouched_and_force_removes_it(paths):
     assert code == 0, out
     assert "--force: " in out and "deleted all the same" in out
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() \
-            == [("kv",)]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [
+            ("kv",)
+        ]
     assert birth_cause(db) == "local_reset"
 
 

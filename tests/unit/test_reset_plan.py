@@ -14,7 +14,7 @@ from core.store import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from reset_tool.facts import (  # noqa: E402
+from reset_tool.facts import (
     DbFacts,
     FileFact,
     LocalFacts,
@@ -23,7 +23,7 @@ from reset_tool.facts import (  # noqa: E402
     inspect_db,
     inspect_local,
 )
-from reset_tool.plan import Kept, plan_reset  # noqa: E402
+from reset_tool.plan import Kept, plan_reset
 
 DB = Path("/w/lambda_matrix.db")
 STORE = Path("/w/matrix_store")
@@ -44,13 +44,16 @@ def removed(plan) -> set[Path]:
 
 # --- the plan -------------------------------------------------------------------------------
 
+
 def test_the_bots_db_and_session_are_removed_with_the_emptied_folder():
     plan = plan_reset(LocalFacts(bot_db("-wal", "-shm"), store(SESSION)))
     assert plan.refusal is None and plan.kept == ()
     assert removed(plan) == {DB, Path(f"{DB}-wal"), Path(f"{DB}-shm"), SESSION.path}
     assert plan.remove_store_dir == STORE
-    assert {r.backup_name for r in plan.removals} >= {"lambda_matrix.db",
-                                                      "matrix_store/session.json"}
+    assert {r.backup_name for r in plan.removals} >= {
+        "lambda_matrix.db",
+        "matrix_store/session.json",
+    }
 
 
 def test_foreign_entries_in_the_session_folder_are_left_and_keep_the_folder():
@@ -73,12 +76,14 @@ def test_a_left_over_temporary_session_is_the_bots():
 
 def test_a_folder_holding_the_db_is_kept_and_its_db_files_are_not_called_foreign():
     inside = DbFacts(STORE / "l.db", "bot", files=(FileFact(STORE / "l.db", 10),))
-    entries = (StoreEntry(STORE / "l.db", 10, "file", db_file=True),
-               StoreEntry(STORE / "l.db.lock", 3, "file", db_file=True), SESSION)
+    entries = (
+        StoreEntry(STORE / "l.db", 10, "file", db_file=True),
+        StoreEntry(STORE / "l.db.lock", 3, "file", db_file=True),
+        SESSION,
+    )
     plan = plan_reset(LocalFacts(inside, store(*entries, holds_db=True)))
     assert removed(plan) == {STORE / "l.db", SESSION.path}
-    assert [(k.path, k.reason) for k in plan.kept] == [
-        (STORE, "the folder holds LAMBDA_MATRIX_DB")]
+    assert [(k.path, k.reason) for k in plan.kept] == [(STORE, "the folder holds LAMBDA_MATRIX_DB")]
 
 
 def test_a_session_path_that_is_a_file_is_left():
@@ -99,11 +104,13 @@ def test_a_foreign_sqlite_file_is_refused_unless_forced():
 
 def test_a_file_too_damaged_to_judge_is_refused_with_the_store_unreadable_hint():
     for kind in ("not_sqlite", "unreadable"):
-        plan = plan_reset(LocalFacts(DbFacts(DB, kind, "why", (FileFact(DB, 9),)),
-                                     store()))
+        plan = plan_reset(LocalFacts(DbFacts(DB, kind, "why", (FileFact(DB, 9),)), store()))
         assert "store.unreadable" in plan.refusal and "--force" in plan.refusal
-        assert removed(plan_reset(LocalFacts(DbFacts(DB, kind, "why", (FileFact(DB, 9),)),
-                                             store()), force=True)) == {DB}
+        assert removed(
+            plan_reset(
+                LocalFacts(DbFacts(DB, kind, "why", (FileFact(DB, 9),)), store()), force=True
+            )
+        ) == {DB}
 
 
 def test_a_directory_at_the_db_path_is_refused_even_when_forced():
@@ -119,13 +126,15 @@ def test_left_over_sidecars_without_their_db_are_refused_unless_forced():
 
 
 def test_nothing_there_and_an_empty_file_need_no_force():
-    assert plan_reset(LocalFacts(DbFacts(DB, "missing"), StoreFacts(STORE, "missing"))) \
-        .refusal is None
+    assert (
+        plan_reset(LocalFacts(DbFacts(DB, "missing"), StoreFacts(STORE, "missing"))).refusal is None
+    )
     empty = plan_reset(LocalFacts(DbFacts(DB, "empty", files=(FileFact(DB, 0),)), store()))
     assert empty.refusal is None and removed(empty) == {DB}
 
 
 # --- the inspection of the disk -------------------------------------------------------------
+
 
 def listing(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -149,13 +158,21 @@ async def test_inspection_lists_counts_and_rooms_per_user_without_changing_anyth
     facts = inspect_local(db, tmp_path / "session")
 
     assert facts.db.kind == "bot" and facts.db.damaged is None
-    assert facts.db.counts == {"matrix_user": 1, "matrix_room": 3, "chat": 1, "sync_token": 1,
-                               "birth": 1}
+    assert facts.db.counts == {
+        "matrix_user": 1,
+        "matrix_room": 3,
+        "chat": 1,
+        "sync_token": 1,
+        "birth": 1,
+    }
     assert {(r.room_id, r.kind, r.name) for r in facts.db.rooms} == {
-        ("!s:x", "space", "Lambda (Space)"), ("!l:x", "lobby", "lobby (not created by the bot)"),
-        ("!c:x", "chat", "Recipes")}
+        ("!s:x", "space", "Lambda (Space)"),
+        ("!l:x", "lobby", "lobby (not created by the bot)"),
+        ("!c:x", "chat", "Recipes"),
+    }
     assert facts.store.entries == (
-        StoreEntry(tmp_path / "session" / "session.json", 2, "file", session=False),)
+        StoreEntry(tmp_path / "session" / "session.json", 2, "file", session=False),
+    )
     assert listing(tmp_path) == before  # and no -wal/-shm appeared next to the DB
 
 
@@ -181,8 +198,7 @@ def test_inspection_tells_foreign_sqlite_from_the_bots_schema(tmp_path):
     lookalike = tmp_path / "kv.db"
     with sqlite3.connect(lookalike) as conn:
         conn.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB)")
-    assert (inspect_db(other).kind, inspect_db(other).detail) == ("foreign",
-                                                                  "its tables are users")
+    assert (inspect_db(other).kind, inspect_db(other).detail) == ("foreign", "its tables are users")
     assert inspect_db(lookalike).kind == "foreign"
     assert "other columns" in inspect_db(lookalike).detail
 

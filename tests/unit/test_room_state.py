@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from adapter.matrix.healing.room_state import (
     HealRefused,
     RoomSnapshot,
@@ -13,6 +12,7 @@ from adapter.matrix.healing.room_state import (
     legacy_chat_id,
     parent_to_verify,
 )
+from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 from core.store import Birth
 
 BOT, ALICE, BOB = "@lambda:localhost", "@alice:localhost", "@bob:localhost"
@@ -20,8 +20,13 @@ SPACE, ROOM = "!space:localhost", "!room:localhost"
 
 
 def ev(type_: str, content: dict, sender: str = BOT, state_key: str = "") -> dict:
-    return {"type": type_, "state_key": state_key, "sender": sender, "content": content,
-            "origin_server_ts": 1_700_000_000_000}
+    return {
+        "type": type_,
+        "state_key": state_key,
+        "sender": sender,
+        "content": content,
+        "origin_server_ts": 1_700_000_000_000,
+    }
 
 
 def member(user: str, membership: str = "join") -> dict:
@@ -29,18 +34,30 @@ def member(user: str, membership: str = "join") -> dict:
 
 
 def space_state(owner: str = ALICE, marker: bool = True, creator: str = BOT) -> RoomSnapshot:
-    events = [ev("m.room.create", {"type": "m.space", "room_version": "12"}, sender=creator),
-              member(BOT), member(owner, "invite"),
-              ev("m.space.child", {"via": ["localhost"]}, state_key=ROOM)]
+    events = [
+        ev("m.room.create", {"type": "m.space", "room_version": "12"}, sender=creator),
+        member(BOT),
+        member(owner, "invite"),
+        ev("m.space.child", {"via": ["localhost"]}, state_key=ROOM),
+    ]
     if marker:
         events.append(ev(SpaceMarker.TYPE, {"owner": owner, "v": 1}))
     return RoomSnapshot.from_events(SPACE, events)
 
 
-def chat_events(owner: str = ALICE, marker: dict | None = None, marker_sender: str = BOT,
-                creator: str = BOT, parents: tuple[str, ...] = (SPACE,)) -> list[dict]:
-    events = [ev("m.room.create", {"room_version": "12"}, sender=creator),
-              member(BOT), member(owner), ev("m.room.name", {"name": "Trip"}, sender=owner)]
+def chat_events(
+    owner: str = ALICE,
+    marker: dict | None = None,
+    marker_sender: str = BOT,
+    creator: str = BOT,
+    parents: tuple[str, ...] = (SPACE,),
+) -> list[dict]:
+    events = [
+        ev("m.room.create", {"room_version": "12"}, sender=creator),
+        member(BOT),
+        member(owner),
+        ev("m.room.name", {"name": "Trip"}, sender=owner),
+    ]
     events += [ev("m.space.parent", {"via": ["localhost"]}, state_key=p) for p in parents]
     if marker is not None:
         events.append(ev(ChatMarker.TYPE, marker, sender=marker_sender))
@@ -102,9 +119,14 @@ def test_marker_sent_by_someone_else_is_refused():
     assert err.value.reason == "forged_marker"
 
 
-@pytest.mark.parametrize("bad", [{"owner": "alice", "chat_id": "x", "status": "active"},
-                                 {"owner": ALICE, "chat_id": "", "status": "active"},
-                                 {"owner": ALICE, "chat_id": "x", "status": "deleted"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"owner": "alice", "chat_id": "x", "status": "active"},
+        {"owner": ALICE, "chat_id": "", "status": "active"},
+        {"owner": ALICE, "chat_id": "x", "status": "deleted"},
+    ],
+)
 def test_malformed_marker_is_refused(bad):
     with pytest.raises(HealRefused) as err:
         assess_room(snap(chat_events(marker=bad)), BOT)
@@ -119,8 +141,9 @@ def test_marker_owner_contradicted_by_members_is_refused():
 
 
 def test_room_made_by_someone_else_with_one_member_is_their_lobby_whatever_it_carries():
-    events = chat_events(owner=BOB, creator=BOB,
-                         marker={**MARKER, "owner": ALICE}, marker_sender=BOB)
+    events = chat_events(
+        owner=BOB, creator=BOB, marker={**MARKER, "owner": ALICE}, marker_sender=BOB
+    )
     plan = assess_room(snap(events), BOT)
     assert plan.room.kind == "lobby" and plan.room.owner == BOB
     assert plan.chat is None and plan.user is None
@@ -164,7 +187,8 @@ def test_several_parents_are_refused_but_a_forged_extra_parent_is_ignored():
         assess_room(snap(chat_events(marker=MARKER, parents=(SPACE, "!other:localhost"))), BOT)
     assert err.value.reason == "ambiguous_parent"
     events = chat_events(marker=MARKER) + [
-        ev("m.space.parent", {"via": ["x"]}, sender=ALICE, state_key="!evil:localhost")]
+        ev("m.space.parent", {"via": ["x"]}, sender=ALICE, state_key="!evil:localhost")
+    ]
     assert assess_room(snap(events), BOT).room.space_id == SPACE
 
 
@@ -181,9 +205,11 @@ def test_space_with_marker_heals_owner_and_user_record():
 
 
 def test_space_children_only_count_when_sent_by_the_bot_and_not_emptied():
-    events = [ev("m.space.child", {"via": ["x"]}, state_key="!a:x"),
-              ev("m.space.child", {}, state_key="!gone:x"),
-              ev("m.space.child", {"via": ["x"]}, sender=ALICE, state_key="!forged:x")]
+    events = [
+        ev("m.space.child", {"via": ["x"]}, state_key="!a:x"),
+        ev("m.space.child", {}, state_key="!gone:x"),
+        ev("m.space.child", {"via": ["x"]}, sender=ALICE, state_key="!forged:x"),
+    ]
     assert RoomSnapshot.from_events(SPACE, events).children(BOT) == ["!a:x"]
 
 

@@ -6,9 +6,9 @@ import pytest
 import structlog
 
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, parse_command
-from adapter.matrix.ingest.update import Update
 from adapter.matrix.chain.dispatcher import CRASHED, Dispatcher, build_chain
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, RoomRouter, SpaceRoute, Unregistered
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import MatrixStore, RoomMeta
 
 
@@ -29,11 +29,14 @@ async def test_router_resolves_each_kind_and_falls_back_to_unregistered(mstore):
     assert route == Unregistered("!nope:x") and str(route) == "unregistered:!nope:x"
 
 
-@pytest.mark.parametrize("body,name,args", [
-    ("!rename  New title ", "rename", "New title"),
-    ("!NEW", "new", ""),
-    ("  !chats", "chats", ""),
-])
+@pytest.mark.parametrize(
+    "body,name,args",
+    [
+        ("!rename  New title ", "rename", "New title"),
+        ("!NEW", "new", ""),
+        ("  !chats", "chats", ""),
+    ],
+)
 def test_parse_command(body, name, args):
     cmd = parse_command(body)
     assert (cmd.name, cmd.args, cmd.spec) == (name, args, COMMANDS[name])
@@ -56,6 +59,7 @@ async def test_chain_runs_middlewares_in_order_and_can_short_circuit():
             seen.append(name)
             if not stop:
                 await handler(update, data)
+
         return middleware
 
     async def handler(update, data):

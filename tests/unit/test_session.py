@@ -17,8 +17,6 @@ from structlog.testing import capture_logs
 
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
-from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.ingest.sync import sync_token_refused
 from adapter.matrix.homeserver.session import (
     LoginFailed,
     SessionClient,
@@ -28,6 +26,8 @@ from adapter.matrix.homeserver.session import (
     session_file,
     token_refused,
 )
+from adapter.matrix.ingest.sync import sync_token_refused
+from adapter.matrix.observe.metrics import Metrics
 
 BOT, PASSWORD = "@lambda:fake", "secret"
 DEVICE = web.RequestKey("device", str)
@@ -35,8 +35,9 @@ DEVICE = web.RequestKey("device", str)
 
 def test_only_m_unknown_token_is_a_refused_token():
     assert token_refused(ErrorResponse("Invalid access token passed.", "M_UNKNOWN_TOKEN"))
-    assert token_refused(ErrorResponse("Access token has expired", "M_UNKNOWN_TOKEN",
-                                       soft_logout=True))
+    assert token_refused(
+        ErrorResponse("Access token has expired", "M_UNKNOWN_TOKEN", soft_logout=True)
+    )
     assert not token_refused(ErrorResponse("Missing access token", "M_MISSING_TOKEN"))
     assert not token_refused(ErrorResponse("Too many requests", "M_LIMIT_EXCEEDED"))
     assert not token_refused(JoinedRoomsResponse([]))
@@ -49,14 +50,19 @@ def test_relogin_keeps_the_device_only_after_a_soft_logout():
 
 def test_only_synapses_invalid_stream_token_answer_means_the_sync_token_is_refused():
     assert sync_token_refused(400, "M_UNKNOWN", "Invalid stream token")
-    for transient in ((500, "M_UNKNOWN", "Internal server error"),
-                      (502, None, "Bad Gateway"), (None, None, "unreachable"),
-                      (429, "M_LIMIT_EXCEEDED", "Too Many Requests"),
-                      (504, "M_UNKNOWN", "Invalid stream token")):
+    for transient in (
+        (500, "M_UNKNOWN", "Internal server error"),
+        (502, None, "Bad Gateway"),
+        (None, None, "unreachable"),
+        (429, "M_LIMIT_EXCEEDED", "Too Many Requests"),
+        (504, "M_UNKNOWN", "Invalid stream token"),
+    ):
         assert not sync_token_refused(*transient)
-    for other_400 in ((400, "M_INVALID_PARAM", "Invalid stream token"),
-                      (400, "M_UNKNOWN", "'from' is not a valid query parameter"),
-                      (400, "M_NOT_JSON", "Invalid filter JSON")):
+    for other_400 in (
+        (400, "M_INVALID_PARAM", "Invalid stream token"),
+        (400, "M_UNKNOWN", "'from' is not a valid query parameter"),
+        (400, "M_NOT_JSON", "Invalid filter JSON"),
+    ):
         assert not sync_token_refused(*other_400)
 
 
@@ -101,21 +107,29 @@ class FakeHomeserver:
             return await handler(request)
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if token not in self.tokens:
-            return web.json_response({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid token",
-                                      "soft_logout": token in self.expired}, status=401)
+            return web.json_response(
+                {
+                    "errcode": "M_UNKNOWN_TOKEN",
+                    "error": "Invalid token",
+                    "soft_logout": token in self.expired,
+                },
+                status=401,
+            )
         request[DEVICE] = self.tokens[token]
         return await handler(request)
 
     async def _login(self, request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("password") != PASSWORD:
-            return web.json_response({"errcode": "M_FORBIDDEN", "error": "Invalid password"},
-                                     status=403)
+            return web.json_response(
+                {"errcode": "M_FORBIDDEN", "error": "Invalid password"}, status=403
+            )
         token = self.issue(body.get("device_id"))
         if self.revoke_every_login:
             self.revoke(token)
-        return web.json_response({"user_id": BOT, "access_token": token,
-                                  "device_id": self.tokens.get(token, "gone")})
+        return web.json_response(
+            {"user_id": BOT, "access_token": token, "device_id": self.tokens.get(token, "gone")}
+        )
 
     async def _whoami(self, request: web.Request) -> web.Response:
         return web.json_response({"user_id": BOT, "device_id": request[DEVICE]})
@@ -143,11 +157,23 @@ async def fake_hs():
     await runner.cleanup()
 
 
-def config_for(fake: FakeHomeserver, tmp_path: Path, *, password: str | None = PASSWORD,
-               access_token: str | None = None) -> Config:
-    return Config(homeserver=fake.url, user_id=BOT, password=password,
-                  access_token=access_token, db_path=tmp_path / "db",
-                  store_path=tmp_path / "store", log_format="json", log_level="info")
+def config_for(
+    fake: FakeHomeserver,
+    tmp_path: Path,
+    *,
+    password: str | None = PASSWORD,
+    access_token: str | None = None,
+) -> Config:
+    return Config(
+        homeserver=fake.url,
+        user_id=BOT,
+        password=password,
+        access_token=access_token,
+        db_path=tmp_path / "db",
+        store_path=tmp_path / "store",
+        log_format="json",
+        log_level="info",
+    )
 
 
 async def logged_in(config: Config) -> tuple[SessionClient, list[str]]:
@@ -159,8 +185,7 @@ async def logged_in(config: Config) -> tuple[SessionClient, list[str]]:
     return client, lost
 
 
-async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(
-        fake_hs, tmp_path):
+async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(fake_hs, tmp_path):
     config = config_for(fake_hs, tmp_path)
     client, lost = await logged_in(config)
     old_device = client.device_id
@@ -178,7 +203,8 @@ async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(
 
 
 async def test_a_renewal_is_counted_once_for_all_the_requests_that_met_the_revoked_token(
-        fake_hs, tmp_path):
+    fake_hs, tmp_path
+):
     config = config_for(fake_hs, tmp_path)
     client = SessionClient(config, client_config())
     await log_in(client, config)
@@ -189,12 +215,12 @@ async def test_a_renewal_is_counted_once_for_all_the_requests_that_met_the_revok
     assert metrics.registry.get_sample_value("lambda_session_renewals_total") == 1
 
 
-async def test_a_burst_of_requests_past_a_hundred_is_not_held_back_in_the_bot(
-        fake_hs, tmp_path):
+async def test_a_burst_of_requests_past_a_hundred_is_not_held_back_in_the_bot(fake_hs, tmp_path):
     client, _ = await logged_in(config_for(fake_hs, tmp_path))
     fake_hs.together = 150  # answers of 150 agent calls, say, sent at the same moment
     answers = await asyncio.wait_for(
-        asyncio.gather(*(client.joined_rooms() for _ in range(150))), 10)
+        asyncio.gather(*(client.joined_rooms() for _ in range(150))), 10
+    )
     assert all(isinstance(a, JoinedRoomsResponse) for a in answers)
     await client.close()
 
@@ -211,11 +237,9 @@ async def test_a_soft_logout_logs_in_again_on_the_same_device(fake_hs, tmp_path)
     await client.close()
 
 
-async def test_token_only_session_is_lost_and_the_dead_token_never_sent_again(
-        fake_hs, tmp_path):
+async def test_token_only_session_is_lost_and_the_dead_token_never_sent_again(fake_hs, tmp_path):
     token = fake_hs.issue()
-    client, lost = await logged_in(config_for(fake_hs, tmp_path, password=None,
-                                              access_token=token))
+    client, lost = await logged_in(config_for(fake_hs, tmp_path, password=None, access_token=token))
     fake_hs.revoke(token)
     with pytest.raises(TokenRefused, match="MATRIX_PASSWORD is not set"):
         await client.joined_rooms()
@@ -251,7 +275,8 @@ async def test_a_wrong_password_at_renewal_loses_the_session(fake_hs, tmp_path):
 
 @pytest.mark.parametrize("soft", [False, True])
 async def test_a_saved_session_refused_at_start_logs_in_on_a_new_device_unless_soft(
-        fake_hs, tmp_path, soft):
+    fake_hs, tmp_path, soft
+):
     config = config_for(fake_hs, tmp_path)
     first, _ = await logged_in(config)
     fake_hs.revoke(first.access_token, soft=soft)
@@ -260,6 +285,5 @@ async def test_a_saved_session_refused_at_start_logs_in_on_a_new_device_unless_s
     session = await log_in(client, config)
     assert (session.device_id == first.device_id) is soft
     assert fake_hs.devices == {session.device_id}
-    assert json.loads(session_file(config.store_path).read_text())["device_id"] \
-        == session.device_id
+    assert json.loads(session_file(config.store_path).read_text())["device_id"] == session.device_id
     await client.close()

@@ -47,8 +47,18 @@ async def test_prefix_scan_treats_like_wildcards_as_plain_characters(store):
 async def test_prefix_scan_at_the_edges_of_unicode(store, prefix):
     """A prefix ending in the highest code point, or just below the surrogates, still
     bounds the range correctly; an empty prefix lists everything."""
-    keys = ["k", "k\ud7ff", "k\ud7ffz", "k\ue000", "k\U0010ffff", "k\U0010ffff\U0010ffffz",
-            "l", "\U0010ffff", "\U0010ffff\U0010ffff", "\U0010ffff\U0010ffffa"]
+    keys = [
+        "k",
+        "k\ud7ff",
+        "k\ud7ffz",
+        "k\ue000",
+        "k\U0010ffff",
+        "k\U0010ffff\U0010ffffz",
+        "l",
+        "\U0010ffff",
+        "\U0010ffff\U0010ffff",
+        "\U0010ffff\U0010ffffa",
+    ]
     for key in keys:
         await store.set(key, 1)
     got = [k for k, _ in await store.scan(prefix)]
@@ -120,19 +130,26 @@ async def test_a_legacy_reset_marker_reads_as_a_local_reset_birth(tmp_path):
 def test_a_db_that_cannot_be_created_is_unwritable_not_unreadable(tmp_path):
     """A full disk (here: a file-size limit of 0 for the process) at the first start: the
     error names the disk, not the reset tool, and no half-made file is left."""
-    code = ("import asyncio, sys\n"
-            "from core.store import SQLiteStore, StoreUnwritable\n"
-            "try:\n"
-            f"    asyncio.run(SQLiteStore.open({str(tmp_path / 'new.db')!r}))\n"
-            "except StoreUnwritable as err:\n"
-            "    print(err)\n"
-            "    sys.exit(3)\n")
+    code = (
+        "import asyncio, sys\n"
+        "from core.store import SQLiteStore, StoreUnwritable\n"
+        "try:\n"
+        f"    asyncio.run(SQLiteStore.open({str(tmp_path / 'new.db')!r}))\n"
+        "except StoreUnwritable as err:\n"
+        "    print(err)\n"
+        "    sys.exit(3)\n"
+    )
 
     def no_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          preexec_fn=no_disk, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=no_disk,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 3, done.stderr
     assert "free disk space" in done.stdout and "reset" not in done.stdout
     assert not (tmp_path / "new.db").exists()

@@ -36,34 +36,47 @@ async def examine(config: Config) -> Diagnosis:
             local = read_local(config.db_path)
             again = await _compare(reader, local, server, config.user_id, doubtful)
             findings = [f for f in findings if f.room_id not in doubtful] + again
-        return Diagnosis(local.birth, inbox_summary(local.inbox, time.time()),
-                         tuple(in_report_order(findings)), reader.requests)
+        return Diagnosis(
+            local.birth,
+            inbox_summary(local.inbox, time.time()),
+            tuple(in_report_order(findings)),
+            reader.requests,
+        )
     finally:
         await reader.close()
 
 
-async def _read_server(reader: ServerReader, bot_id: str, only: set[str] | None,
-                       before: ServerRooms | None = None) -> ServerRooms:
+async def _read_server(
+    reader: ServerReader, bot_id: str, only: set[str] | None, before: ServerRooms | None = None
+) -> ServerRooms:
     """The joined rooms and the state of each (``only``: of these, over ``before``), plus
     the parent Spaces the decision needs."""
     joined = await reader.joined()
     wanted = joined if only is None else joined & only
-    server = ServerRooms(joined, {**(before.states if before else {}),
-                                  **await reader.states(wanted)})
+    server = ServerRooms(
+        joined, {**(before.states if before else {}), **await reader.states(wanted)}
+    )
     if parents := parents_to_read(server, bot_id):
         server = replace(server, states={**server.states, **await reader.states(parents)})
     return server
 
 
-async def _compare(reader: ServerReader, local: LocalRecords, server: ServerRooms,
-                   bot_id: str, only: set[str] | None = None) -> list[Finding]:
+async def _compare(
+    reader: ServerReader,
+    local: LocalRecords,
+    server: ServerRooms,
+    bot_id: str,
+    only: set[str] | None = None,
+) -> list[Finding]:
     """``compare``, asking the server whether the owner's renames behind title mismatches
     came after the bot's sync position (then the bot follows them by itself)."""
     findings = compare(local, server, bot_id, only)
     renames = [(f.room_id, f.rename) for f in findings if f.rename and f.room_id]
     if not renames or local.sync_token is None:
         return findings
-    unsynced = {event_id for room_id, event_id in renames
-                if await reader.renamed_after(room_id, event_id, local.sync_token)}
+    unsynced = {
+        event_id
+        for room_id, event_id in renames
+        if await reader.renamed_after(room_id, event_id, local.sync_token)
+    }
     return compare(local, replace(server, unsynced=frozenset(unsynced)), bot_id, only)
-

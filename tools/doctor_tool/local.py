@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from reset_tool.facts import db_files, read_only_copy, schema_problem
+
 from adapter.matrix.delivery.inbox import PREFIX as INBOX_PREFIX
 from adapter.matrix.delivery.inbox import Entry
 from adapter.matrix.store.records import SYNC_TOKEN_KEY, RoomMeta, UserMeta
 from core.chat import Chat
 from core.store import Birth, birth_from
-from reset_tool.facts import db_files, read_only_copy, schema_problem
 
 
 class DbUnusable(Exception):
@@ -36,22 +37,26 @@ class LocalRecords:
 def read_local(db_path: Path) -> LocalRecords:
     """Every record of the bot's DB; ``DbUnusable`` if there is none to read."""
     if db_path.is_dir() or not db_path.exists():
-        raise DbUnusable(f"there is no database at LAMBDA_MATRIX_DB ({db_path}): check the "
-                         "variable (the bot creates it on its next start, and heals every room "
-                         "with cause=store_missing)")
+        raise DbUnusable(
+            f"there is no database at LAMBDA_MATRIX_DB ({db_path}): check the "
+            "variable (the bot creates it on its next start, and heals every room "
+            "with cause=store_missing)"
+        )
     try:
         with _read_only(db_path) as conn:
             if problem := schema_problem(conn):
-                raise DbUnusable(f"LAMBDA_MATRIX_DB ({db_path}) is not the bot's database: "
-                                 f"{problem}")
+                raise DbUnusable(
+                    f"LAMBDA_MATRIX_DB ({db_path}) is not the bot's database: {problem}"
+                )
             rows = dict(conn.execute("SELECT key, value FROM kv"))
     except sqlite3.Error as err:
         raise DbUnusable(f"cannot read LAMBDA_MATRIX_DB ({db_path}): {err}") from err
     try:
         return records_from(rows)
     except (ValueError, TypeError, KeyError) as err:
-        raise DbUnusable(f"LAMBDA_MATRIX_DB ({db_path}) holds a record the bot does not "
-                         f"write: {err}") from err
+        raise DbUnusable(
+            f"LAMBDA_MATRIX_DB ({db_path}) holds a record the bot does not write: {err}"
+        ) from err
 
 
 @contextmanager
@@ -91,5 +96,6 @@ def records_from(rows: dict[str, str]) -> LocalRecords:
         elif key.startswith(INBOX_PREFIX):
             inbox.append(Entry.from_json(key, json.loads(raw)))
     token = json.loads(rows[SYNC_TOKEN_KEY]) if SYNC_TOKEN_KEY in rows else None
-    return LocalRecords(birth_from(rows), users, rooms, chats,
-                        tuple(sorted(inbox, key=lambda e: e.seq)), token)
+    return LocalRecords(
+        birth_from(rows), users, rooms, chats, tuple(sorted(inbox, key=lambda e: e.seq)), token
+    )

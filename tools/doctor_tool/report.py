@@ -31,25 +31,40 @@ Exit: 0 everything agrees or heals by itself; 1 a difference will not heal by it
 
 
 def as_json(diagnosis: Diagnosis) -> str:
-    return json.dumps({
-        "consistent": diagnosis.consistent,
-        "birth": asdict(diagnosis.birth) if diagnosis.birth else None,
-        "inbox": asdict(diagnosis.inbox),
-        "rooms": [{"room_id": f.room_id, "kind": f.kind, "owner": f.owner, "state": f.state,
-                   "detail": f.detail} for f in diagnosis.findings],
-    }, indent=2, ensure_ascii=False)
+    return json.dumps(
+        {
+            "consistent": diagnosis.consistent,
+            "birth": asdict(diagnosis.birth) if diagnosis.birth else None,
+            "inbox": asdict(diagnosis.inbox),
+            "rooms": [
+                {
+                    "room_id": f.room_id,
+                    "kind": f.kind,
+                    "owner": f.owner,
+                    "state": f.state,
+                    "detail": f.detail,
+                }
+                for f in diagnosis.findings
+            ],
+        },
+        indent=2,
+        ensure_ascii=False,
+    )
 
 
-def as_text(diagnosis: Diagnosis, bot_id: str, homeserver: str, db: str,
-            now: float | None = None) -> str:
+def as_text(
+    diagnosis: Diagnosis, bot_id: str, homeserver: str, db: str, now: float | None = None
+) -> str:
     now = time.time() if now is None else now
     counts = Counter(f.state for f in diagnosis.findings)
-    lines = [f"Lambda doctor: {bot_id} on {homeserver}",
-             f"  DB     {db}, {_birth(diagnosis, now)}",
-             f"  inbox  {_inbox(diagnosis)}",
-             f"  rooms  {len(diagnosis.findings)} examined: "
-             + ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
-             + f" ({diagnosis.requests} homeserver requests)"]
+    lines = [
+        f"Lambda doctor: {bot_id} on {homeserver}",
+        f"  DB     {db}, {_birth(diagnosis, now)}",
+        f"  inbox  {_inbox(diagnosis)}",
+        f"  rooms  {len(diagnosis.findings)} examined: "
+        + ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
+        + f" ({diagnosis.requests} homeserver requests)",
+    ]
     for owner, findings in itertools.groupby(diagnosis.findings, key=lambda f: f.owner):
         lines += ["", owner or "Other rooms the bot is in"]
         lines += [line for finding in findings for line in _finding(finding)]
@@ -61,8 +76,10 @@ def _finding(f: Finding) -> list[str]:
     head = f"  {f.state:15}  {f.kind or '-':5}  {f.room_id or '(no room)'}  {f.name}"
     if not f.detail:
         return [head]
-    return [head, *textwrap.wrap(f.detail, WIDTH, initial_indent=" " * 6,
-                                 subsequent_indent=" " * 6)]
+    return [
+        head,
+        *textwrap.wrap(f.detail, WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6),
+    ]
 
 
 def _birth(diagnosis: Diagnosis, now: float) -> str:
@@ -86,13 +103,22 @@ def _verdict(diagnosis: Diagnosis) -> str:
         return "The DB and the homeserver agree (exit 0)."
     stuck = sum(1 for f in diagnosis.findings if not f.heals)
     odd = sum(1 for f in diagnosis.findings if f.cause == "inconsistent")
-    warned = (f" {odd} heal{'s' if odd > 1 else ''} will log cause=inconsistent, at warning: "
-              "the DB should have known; suspect a bug or a crash.") if odd else ""
+    warned = (
+        (
+            f" {odd} heal{'s' if odd > 1 else ''} will log cause=inconsistent, at warning: "
+            "the DB should have known; suspect a bug or a crash."
+        )
+        if odd
+        else ""
+    )
     if stuck:
-        return (f"{stuck} difference{'s' if stuck > 1 else ''} will not heal by itself: "
-                f"suspect a bug (exit 1).{warned}")
+        return (
+            f"{stuck} difference{'s' if stuck > 1 else ''} will not heal by itself: "
+            f"suspect a bug (exit 1).{warned}"
+        )
     return "Every difference heals by itself (exit 0)." + (
-        warned or " The causes say the DB was reset or lost after those rooms were made.")
+        warned or " The causes say the DB was reset or lost after those rooms were made."
+    )
 
 
 def _age(seconds: float) -> str:

@@ -41,9 +41,11 @@ class ServerReader(Homeserver):
     def on_saved_session(cls, config: Config) -> ServerReader:
         session = load_session(config)
         if session is None:
-            raise CannotAsk(f"no saved bot session in MATRIX_STORE_PATH ({config.store_path}): "
-                            "start the bot once, it logs in and saves it (the doctor never logs "
-                            "in: that would make a new device)")
+            raise CannotAsk(
+                f"no saved bot session in MATRIX_STORE_PATH ({config.store_path}): "
+                "start the bot once, it logs in and saves it (the doctor never logs "
+                "in: that would make a new device)"
+            )
         client = AsyncClient(config.homeserver, config.user_id, config=client_config())
         client.restore_login(session.user_id, session.device_id, session.access_token)
         return cls(client, config.server_name)
@@ -89,9 +91,17 @@ class ServerReader(Homeserver):
                 return False
             self.requests += 1
             try:
-                resp = await self._call("read renames", lambda s=start: self.client.room_messages(
-                    room_id, s, direction=MessageDirection.front, limit=100,
-                    message_filter={"types": ["m.room.name"]}), RoomMessagesResponse)
+                resp = await self._call(
+                    "read renames",
+                    lambda s=start: self.client.room_messages(
+                        room_id,
+                        s,
+                        direction=MessageDirection.front,
+                        limit=100,
+                        message_filter={"types": ["m.room.name"]},
+                    ),
+                    RoomMessagesResponse,
+                )
             except HomeserverError as err:
                 if unreadable(err):
                     return False
@@ -104,9 +114,12 @@ class ServerReader(Homeserver):
 
 def _cannot_ask(err: HomeserverError) -> CannotAsk:
     if err.status == "M_UNKNOWN_TOKEN":
-        return CannotAsk(f"the homeserver refused the saved session's token ({err}): the bot "
-                         "logs in again on its next start; run the doctor after that")
+        return CannotAsk(
+            f"the homeserver refused the saved session's token ({err}): the bot "
+            "logs in again on its next start; run the doctor after that"
+        )
     if err.status == "unreachable":
-        return CannotAsk(f"the homeserver did not answer ({err}): is MATRIX_HOMESERVER right, "
-                         "and is it up?")
+        return CannotAsk(
+            f"the homeserver did not answer ({err}): is MATRIX_HOMESERVER right, and is it up?"
+        )
     return CannotAsk(f"the homeserver refused a read ({err})")

@@ -90,8 +90,7 @@ def inspect_local(db_path: Path, store_path: Path) -> LocalFacts:
 
 
 def inspect_db(db_path: Path) -> DbFacts:
-    files = tuple(FileFact(p, p.stat().st_size) for p in db_files(db_path)
-                  if p.is_file())
+    files = tuple(FileFact(p, p.stat().st_size) for p in db_files(db_path) if p.is_file())
     if db_path.is_dir():
         return DbFacts(db_path, "directory", files=files)
     if not db_path.exists():
@@ -119,7 +118,7 @@ def read_only_copy(db_path: Path) -> Iterator[sqlite3.Connection]:
         copy = Path(tmp) / "copy.db"
         for src in db_files(db_path)[:2]:
             if src.is_file():
-                shutil.copyfile(src, str(copy) + src.name[len(db_path.name):])
+                shutil.copyfile(src, str(copy) + src.name[len(db_path.name) :])
         conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
         try:
             yield conn
@@ -129,11 +128,17 @@ def read_only_copy(db_path: Path) -> Iterator[sqlite3.Connection]:
 
 def schema_problem(conn: sqlite3.Connection) -> str | None:
     """Why the database is not the bot's, judged by its schema; None when it is."""
-    tables = [name for (name,) in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' "
-        "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-    columns = [(name, type_, notnull, pk) for _, name, type_, notnull, _, pk
-               in conn.execute("PRAGMA table_info(kv)")]
+    tables = [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
+    columns = [
+        (name, type_, notnull, pk)
+        for _, name, type_, notnull, _, pk in conn.execute("PRAGMA table_info(kv)")
+    ]
     if tables != ["kv"] or columns != BOT_KV_COLUMNS:
         return _schema_summary(tables)
     return None
@@ -176,7 +181,8 @@ def known_rooms(records: dict[str, object]) -> tuple[KnownRoom, ...]:
         kind, owner = meta.get("kind", "?"), meta.get("owner", "?")
         chat = records.get(f"chat:{owner}:{meta.get('chat_id')}")
         name = {"space": "Lambda (Space)", "lobby": "lobby (not created by the bot)"}.get(
-            kind, chat.get("title", "?") if isinstance(chat, dict) else "?")
+            kind, chat.get("title", "?") if isinstance(chat, dict) else "?"
+        )
         rooms.append(KnownRoom(room_id, kind, owner, name))
     return tuple(sorted(rooms, key=lambda r: (r.owner, r.kind != "space", r.name)))
 

@@ -15,9 +15,11 @@ from adapter.matrix.homeserver.session import session_file
 from reset_tool.facts import DbFacts, LocalFacts, StoreFacts
 
 FORCE_HINT = "to delete it anyway, rerun with --force"
-DAMAGED_HINT = ("If the bot stopped with store.unreadable naming this file, it is the bot's "
-                "database, damaged: rerun with --force to delete it. Otherwise check "
-                "LAMBDA_MATRIX_DB.")
+DAMAGED_HINT = (
+    "If the bot stopped with store.unreadable naming this file, it is the bot's "
+    "database, damaged: rerun with --force to delete it. Otherwise check "
+    "LAMBDA_MATRIX_DB."
+)
 
 
 def bot_session_files(store_path: Path) -> tuple[Path, Path]:
@@ -66,8 +68,14 @@ def _plan_db(db: DbFacts, force: bool) -> tuple[tuple[Removal, ...], str | None,
     removals = tuple(Removal(f.path, f.size, f.path.name) for f in db.files)
     name = f"LAMBDA_MATRIX_DB ({db.path})"
     if db.kind == "directory":
-        return (), None, (f"{name} is a directory. The reset tool never deletes a directory "
-                          "there, even with --force: check the variable.")
+        return (
+            (),
+            None,
+            (
+                f"{name} is a directory. The reset tool never deletes a directory "
+                "there, even with --force: check the variable."
+            ),
+        )
     problem = _not_the_bots(db, name)
     if problem is None:
         return removals, None, None
@@ -84,8 +92,10 @@ def _not_the_bots(db: DbFacts, name: str) -> str | None:
         return None
     if db.kind == "missing":
         leftovers = " and ".join(f.path.name for f in db.files)
-        return (f"{leftovers} {'is' if len(db.files) == 1 else 'are'} there without {name}, "
-                "so whose cannot be told; a fresh database must not inherit them")
+        return (
+            f"{leftovers} {'is' if len(db.files) == 1 else 'are'} there without {name}, "
+            "so whose cannot be told; a fresh database must not inherit them"
+        )
     if db.kind == "foreign":
         return f"{name} is an SQLite database but not the bot's: {db.detail}"
     if db.kind == "not_sqlite":
@@ -93,15 +103,17 @@ def _not_the_bots(db: DbFacts, name: str) -> str | None:
     return f"{name} cannot be read ({db.detail}), so whose it is cannot be told"
 
 
-def _plan_store(store: StoreFacts
-                ) -> tuple[tuple[Removal, ...], tuple[Kept, ...], Path | None]:
+def _plan_store(store: StoreFacts) -> tuple[tuple[Removal, ...], tuple[Kept, ...], Path | None]:
     """(removals, kept, folder to remove) for MATRIX_STORE_PATH."""
     name = f"MATRIX_STORE_PATH ({store.path})"
     if store.kind == "missing":
         return (), (), None
     if store.kind == "not_dir":
-        return (), (Kept(store.path, f"{name} is not a folder, so not the bot's session "
-                                     "folder"),), None
+        return (
+            (),
+            (Kept(store.path, f"{name} is not a folder, so not the bot's session folder"),),
+            None,
+        )
     bot_files = bot_session_files(store.path)
     removals, kept = [], []
     for entry in store.entries:
@@ -110,15 +122,22 @@ def _plan_store(store: StoreFacts
         if entry.path in bot_files and entry.session:
             removals.append(Removal(entry.path, entry.size, f"{store.path.name}/{entry.path.name}"))
         elif entry.path in bot_files:
-            kept.append(Kept(entry.path, "named like the bot's session file, but does not "
-                                         "hold one"))
+            kept.append(
+                Kept(entry.path, "named like the bot's session file, but does not hold one")
+            )
         else:
             kept.append(Kept(entry.path, "not written by the bot"))
     # The folder's own line comes first: a long list of foreign entries may be cut short.
     if store.holds_db:
         kept.insert(0, Kept(store.path, "the folder holds LAMBDA_MATRIX_DB"))
     elif kept:
-        kept.insert(0, Kept(store.path, f"the folder still holds {len(kept)} "
-                                        f"entr{'y' if len(kept) == 1 else 'ies'} not the bot's"))
+        kept.insert(
+            0,
+            Kept(
+                store.path,
+                f"the folder still holds {len(kept)} "
+                f"entr{'y' if len(kept) == 1 else 'ies'} not the bot's",
+            ),
+        )
     remove_dir = None if kept else store.path
     return tuple(removals), tuple(kept), remove_dir

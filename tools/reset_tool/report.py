@@ -42,8 +42,11 @@ def _print_db(db: DbFacts) -> None:
 
 
 def _print_store(store: StoreFacts) -> None:
-    what = {"missing": "none", "not_dir": "not a folder",
-            "dir": f"a folder of {len(store.entries)} entries"}[store.kind]
+    what = {
+        "missing": "none",
+        "not_dir": "not a folder",
+        "dir": f"a folder of {len(store.entries)} entries",
+    }[store.kind]
     print(f"  MATRIX_STORE_PATH {store.path}: {what}")
 
 
@@ -66,8 +69,7 @@ def print_plan(plan: ResetPlan, backup: Path | None) -> None:
 def print_server_steps(rooms: tuple[KnownRoom, ...]) -> None:
     print("\nServer side (untouched):")
     print("  a) Keep the rooms: the bot heals each one lazily on its next message.")
-    print("  b) For a true clean room, leave these in your Matrix client "
-          "(or rerun with --server):")
+    print("  b) For a true clean room, leave these in your Matrix client (or rerun with --server):")
     made = [r for r in rooms if r.kind in ("space", "chat")]
     for room in made:
         print(f"       {room.room_id}  {room.name}  ({room.owner})")

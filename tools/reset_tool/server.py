@@ -51,10 +51,13 @@ async def server_cleanup(config: Config) -> bool:
 
 
 async def _clean_room(client: AsyncClient, room_id: str, members: list[str]) -> bool:
-    steps = [(f"kick {m}", lambda m=m: client.room_kick(room_id, m, reason=KICK_REASON))
-             for m in members]
-    steps += [("leave", lambda: client.room_leave(room_id)),
-              ("forget", lambda: client.room_forget(room_id))]
+    steps = [
+        (f"kick {m}", lambda m=m: client.room_kick(room_id, m, reason=KICK_REASON)) for m in members
+    ]
+    steps += [
+        ("leave", lambda: client.room_leave(room_id)),
+        ("forget", lambda: client.room_forget(room_id)),
+    ]
     for what, call in steps:
         resp = await call()
         if isinstance(resp, ErrorResponse):

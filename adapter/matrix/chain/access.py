@@ -19,25 +19,31 @@ class Access:
     creations_per_window: int = 5
     window_s: float = CREATION_WINDOW_S
     _created: defaultdict[str, deque[float]] = field(
-        default_factory=lambda: defaultdict(deque), repr=False)
+        default_factory=lambda: defaultdict(deque), repr=False
+    )
 
     def allows(self, user_id: str) -> bool:
         return any(fnmatchcase(user_id, pattern) for pattern in self.allowed)
 
-    def creation_refused(self, user_id: str, active_chats: int,
-                         now: float | None = None) -> str | None:
+    def creation_refused(
+        self, user_id: str, active_chats: int, now: float | None = None
+    ) -> str | None:
         """Why ``user_id`` may not create a chat room now (a message for them), or None."""
         if active_chats >= self.max_chats:
-            return (f"You have {active_chats} active chats, the most I keep for one person. "
-                    "Archive one with !archive in its room, then try again.")
+            return (
+                f"You have {active_chats} active chats, the most I keep for one person. "
+                "Archive one with !archive in its room, then try again."
+            )
         now = time.monotonic() if now is None else now
         recent = self._created[user_id]
         while recent and recent[0] <= now - self.window_s:
             recent.popleft()
         if len(recent) >= self.creations_per_window:
             wait = max(1, round(recent[0] + self.window_s - now))
-            return (f"You are creating chats faster than I can keep up with. "
-                    f"Please try again in {wait} s.")
+            return (
+                f"You are creating chats faster than I can keep up with. "
+                f"Please try again in {wait} s."
+            )
         return None
 
     def record_creation(self, user_id: str, now: float | None = None) -> None:

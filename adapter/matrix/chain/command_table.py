@@ -31,17 +31,22 @@ class Command:
     spec: CommandSpec = field(repr=False)
 
 
-COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in [
-    CommandSpec("new", "!new [title]", "start a new chat room",
-                in_lobby=True, needs_space=True),
-    CommandSpec("chats", "!chats", "list your chats",
-                in_lobby=True, needs_space=True, lists_space=True),
-    CommandSpec("rename", "!rename <title>", "rename this chat"),
-    CommandSpec("archive", "!archive", "archive this chat (asks to !confirm)"),
-    CommandSpec("confirm", "!confirm", "confirm a pending !archive"),
-    CommandSpec("cancel", "!cancel", "drop a pending !archive", in_lobby=True),
-    CommandSpec("help", "!help", "show this help", in_lobby=True),
-]}
+COMMANDS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in [
+        CommandSpec(
+            "new", "!new [title]", "start a new chat room", in_lobby=True, needs_space=True
+        ),
+        CommandSpec(
+            "chats", "!chats", "list your chats", in_lobby=True, needs_space=True, lists_space=True
+        ),
+        CommandSpec("rename", "!rename <title>", "rename this chat"),
+        CommandSpec("archive", "!archive", "archive this chat (asks to !confirm)"),
+        CommandSpec("confirm", "!confirm", "confirm a pending !archive"),
+        CommandSpec("cancel", "!cancel", "drop a pending !archive", in_lobby=True),
+        CommandSpec("help", "!help", "show this help", in_lobby=True),
+    ]
+}
 UNKNOWN = CommandSpec("unknown", "", "", in_lobby=True)
 
 

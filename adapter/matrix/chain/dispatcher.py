@@ -9,8 +9,7 @@ from typing import Protocol
 import structlog
 
 from adapter.matrix.chain.context import EventData
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
+from adapter.matrix.ingest.update import RetryLater, Update
 
 log = structlog.get_logger()
 
@@ -30,8 +29,9 @@ def build_chain(middlewares: Sequence[Middleware], handler: Handler) -> Handler:
 
 
 class Dispatcher:
-    def __init__(self, middlewares: Sequence[Middleware], handler: Handler,
-                 base_data: EventData) -> None:
+    def __init__(
+        self, middlewares: Sequence[Middleware], handler: Handler, base_data: EventData
+    ) -> None:
         self._chain = build_chain(middlewares, handler)
         self._base = base_data
 
@@ -44,7 +44,11 @@ class Dispatcher:
         except RetryLater:
             raise
         except Exception:
-            log.exception("event.handler_crashed", room_id=update.room_id,
-                          event_id=update.event_id, kind=update.kind)
+            log.exception(
+                "event.handler_crashed",
+                room_id=update.room_id,
+                event_id=update.event_id,
+                kind=update.kind,
+            )
             if update.kind == "message":
                 await self._base["services"].try_reply(update, CRASHED, part="crashed")

@@ -6,18 +6,20 @@ records; fetching and deciding is done by ``healer.Healer``, and what the user i
 from __future__ import annotations
 
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
 from adapter.matrix.chain.dispatcher import Handler
-from adapter.matrix.healing.healer import Healer
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.notices import RefusalNotices, postpone
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Unregistered
+from adapter.matrix.healing.healer import Healer
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import knows_a_chat
 from core.chat import Chat, ChatNotFound
 
-FAILURE_NOTICE = ("I couldn't reach my homeserver to look up this room. "
-                  "I'll retry and answer your message when it is back.")
+FAILURE_NOTICE = (
+    "I couldn't reach my homeserver to look up this room. "
+    "I'll retry and answer your message when it is back."
+)
 
 
 class HealingMiddleware:
@@ -71,12 +73,12 @@ class HealingMiddleware:
     def _onboarding(update: Update, data: EventData) -> bool:
         """An invite, or a message in the lobby (which completes an onboarding cut short)."""
         return update.kind == "invite" or (
-            update.kind == "message" and isinstance(data["route"], LobbyRoute))
+            update.kind == "message" and isinstance(data["route"], LobbyRoute)
+        )
 
     def _needs_space(self, update: Update, data: EventData) -> bool:
         command = data.get("command")
-        return self._onboarding(update, data) or (
-            command is not None and command.spec.needs_space)
+        return self._onboarding(update, data) or (command is not None and command.spec.needs_space)
 
     async def _lists_space(self, update: Update, data: EventData) -> bool:
         """``!chats`` lists, and onboarding looks for, every chat of the Space: an invite
@@ -86,4 +88,5 @@ class HealingMiddleware:
             return True
         svc = data["services"]
         return self._onboarding(update, data) and not await knows_a_chat(
-            svc.store, svc.chats, update.sender)
+            svc.store, svc.chats, update.sender
+        )

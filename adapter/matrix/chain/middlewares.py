@@ -10,13 +10,12 @@ import structlog
 
 from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.chain.context import EventData
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.chain.dispatcher import Handler
-from adapter.matrix.homeserver.client import HomeserverError
-from adapter.matrix.delivery.inbox import WriteFailed
 from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, SpaceRoute
+from adapter.matrix.delivery.inbox import WriteFailed
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import RetryLater, Update
 
 log = structlog.get_logger()
 
@@ -31,8 +30,14 @@ async def store_faults(handler: Handler, update: Update, data: EventData) -> Non
         svc = data["services"]
         fault = WriteFailed(svc.store.path, err)
         svc.health.store_refused(str(fault))
-        log.error("store.write_failed", during="handling", room_id=update.room_id,
-                  event_id=update.event_id, error=str(fault), remedy=fault.remedy)
+        log.error(
+            "store.write_failed",
+            during="handling",
+            room_id=update.room_id,
+            event_id=update.event_id,
+            error=str(fault),
+            remedy=fault.remedy,
+        )
         await tell_store_down(svc, update, data.get("route"))
         raise RetryLater(f"store: {fault}") from err
 
@@ -53,8 +58,13 @@ async def allowed_users_only(handler: Handler, update: Update, data: EventData) 
                 raise RetryLater(str(err), err.retry_after_ms) from err
             log.info("invite.reject_failed", room_id=update.room_id, error=str(err))
         return
-    log.info("event.ignored", reason="not_allowed", room_id=update.room_id,
-             sender=update.sender, event_id=update.event_id)
+    log.info(
+        "event.ignored",
+        reason="not_allowed",
+        room_id=update.room_id,
+        sender=update.sender,
+        event_id=update.event_id,
+    )
 
 
 async def resolve_route(handler: Handler, update: Update, data: EventData) -> None:
@@ -70,12 +80,16 @@ async def owner_only(handler: Handler, update: Update, data: EventData) -> None:
         await handler(update, data)
         return
     if isinstance(route, SpaceRoute):
-        log.info("event.ignored", reason="space_room", room_id=update.room_id,
-                 sender=update.sender)
+        log.info("event.ignored", reason="space_room", room_id=update.room_id, sender=update.sender)
         return
     if isinstance(route, ChatRoute | LobbyRoute) and update.sender != route.owner:
-        log.info("event.ignored", reason="not_owner", room_id=update.room_id,
-                 sender=update.sender, owner=route.owner)
+        log.info(
+            "event.ignored",
+            reason="not_owner",
+            room_id=update.room_id,
+            sender=update.sender,
+            owner=route.owner,
+        )
         return
     await handler(update, data)
 
@@ -84,8 +98,12 @@ async def catchup_in_chats_only(handler: Handler, update: Update, data: EventDat
     """After a start without a sync token, only chat rooms' unanswered messages are answered;
     elsewhere they stay history (SPEC §5)."""
     if update.catchup and not isinstance(data["route"], ChatRoute):
-        log.info("event.ignored", reason="catchup_outside_chat", room_id=update.room_id,
-                 event_id=update.event_id)
+        log.info(
+            "event.ignored",
+            reason="catchup_outside_chat",
+            room_id=update.room_id,
+            event_id=update.event_id,
+        )
         return
     await handler(update, data)
 
@@ -96,16 +114,23 @@ async def answered_once(handler: Handler, update: Update, data: EventData) -> No
     homeserver remembers of transaction ids (a day, per device)."""
     if update.is_event and update.may_be_answered:
         try:
-            answered = await data["services"].conversation.answered(update.room_id,
-                                                                    update.event_id)
+            answered = await data["services"].conversation.answered(update.room_id, update.event_id)
         except HomeserverError as err:
             if err.transient:
                 raise RetryLater(str(err), err.retry_after_ms) from err
             answered = False  # the room cannot say: the transaction id is the fallback
-            log.info("answer.lookup_failed", room_id=update.room_id,
-                     event_id=update.event_id, error=str(err))
+            log.info(
+                "answer.lookup_failed",
+                room_id=update.room_id,
+                event_id=update.event_id,
+                error=str(err),
+            )
         if answered:
-            log.info("event.already_answered", room_id=update.room_id,
-                     event_id=update.event_id, attempt=update.attempt)
+            log.info(
+                "event.already_answered",
+                room_id=update.room_id,
+                event_id=update.event_id,
+                attempt=update.attempt,
+            )
             return
     await handler(update, data)

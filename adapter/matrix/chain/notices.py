@@ -12,26 +12,28 @@ from typing import NoReturn
 import structlog
 
 from adapter.matrix.chain.context import Services
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Route
 from adapter.matrix.healing.room_state import HealRefused
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import RetryLater, Update
 
 log = structlog.get_logger()
 
 REFUSAL_NOTICE_EVERY_S = 3600.0
 RATE_LIMITED = "The homeserver is rate-limiting me. I'll retry in {s} s and answer you then."
-STORE_DOWN = ("I can't save anything just now: my local storage is full or read-only. Your "
-              "message is not lost; I'll answer it as soon as that is fixed.")
+STORE_DOWN = (
+    "I can't save anything just now: my local storage is full or read-only. Your "
+    "message is not lost; I'll answer it as soon as that is fixed."
+)
 
 
 class RefusalNotices:
     """At most one notice per room and hour about a room the bot cannot heal. An invite or a
     catch-up message (history that may have been answered already) gets none."""
 
-    def __init__(self, every_s: float = REFUSAL_NOTICE_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, every_s: float = REFUSAL_NOTICE_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.every_s = every_s
         self._clock = clock
         self._last: dict[str, float] = {}
@@ -48,8 +50,12 @@ class RefusalNotices:
 
     async def tell(self, update: Update, refusal: HealRefused, svc: Services) -> None:
         if not self.due(update):
-            log.info("event.ignored", reason=refusal.reason, room_id=update.room_id,
-                     event_id=update.event_id)
+            log.info(
+                "event.ignored",
+                reason=refusal.reason,
+                room_id=update.room_id,
+                event_id=update.event_id,
+            )
             return
         await svc.try_reply(update, refusal.user_message, part="refusal")
 
@@ -68,6 +74,9 @@ async def postpone(update: Update, err: HomeserverError, svc: Services, notice: 
 async def tell_store_down(svc: Services, update: Update, route: Route | None) -> None:
     """Tell a room's owner that their message waits for the DB to take writes again. The
     transaction id makes it one notice per message, however often it is retried."""
-    if update.kind == "message" and isinstance(route, ChatRoute | LobbyRoute) \
-            and update.sender == route.owner:
+    if (
+        update.kind == "message"
+        and isinstance(route, ChatRoute | LobbyRoute)
+        and update.sender == route.owner
+    ):
         await svc.try_reply(update, STORE_DOWN, part="store-down", provisional=True)

@@ -10,9 +10,14 @@ from collections.abc import Iterable
 
 import structlog
 
-from adapter.matrix.conversation.turns import CONVERSATION_TYPES, MESSAGE_TYPES, conversation_turns, history_before
-from adapter.matrix.vocabulary.content import answered_source
+from adapter.matrix.conversation.turns import (
+    CONVERSATION_TYPES,
+    MESSAGE_TYPES,
+    conversation_turns,
+    history_before,
+)
 from adapter.matrix.homeserver.client import Homeserver
+from adapter.matrix.vocabulary.content import answered_source
 from core.agent import Turn
 
 log = structlog.get_logger()
@@ -57,9 +62,18 @@ class Conversations:
 
     def sent(self, room_id: str, event_id: str, content: dict) -> None:
         """The bot sent a message: it is the room's latest, and a turn if it is an answer."""
-        self.observe(room_id, [{"type": "m.room.message", "event_id": event_id,
-                                "sender": self.hs.bot_id, "content": content,
-                                "origin_server_ts": int(time.time() * 1000)}])
+        self.observe(
+            room_id,
+            [
+                {
+                    "type": "m.room.message",
+                    "event_id": event_id,
+                    "sender": self.hs.bot_id,
+                    "content": content,
+                    "origin_server_ts": int(time.time() * 1000),
+                }
+            ],
+        )
 
     def follows(self, room_id: str, event_id: str) -> bool:
         """Whether ``event_id`` is the latest message the bot has seen in the room, so that an
@@ -71,8 +85,9 @@ class Conversations:
         if self.turns == 0:
             return []
         events = await self._read(room_id)
-        return history_before(conversation_turns(events, owner, self.hs.bot_id), event_id, ts,
-                              self.turns)
+        return history_before(
+            conversation_turns(events, owner, self.hs.bot_id), event_id, ts, self.turns
+        )
 
     async def _read(self, room_id: str) -> list[dict]:
         if room_id in self._events and room_id not in self._reads:
@@ -87,17 +102,23 @@ class Conversations:
         started = time.monotonic()
         arriving = self._events[room_id] = {}  # sync keeps adding while the request is out
         try:
-            page, _ = await self.hs.messages(room_id, None, None, self.window,
-                                             CONVERSATION_TYPES)
+            page, _ = await self.hs.messages(room_id, None, None, self.window, CONVERSATION_TYPES)
         except BaseException:
             self._events.pop(room_id, None)
             raise
-        kept = {ev["event_id"]: {**ev, "room_id": room_id} for ev in reversed(page)
-                if isinstance(ev.get("event_id"), str)}
+        kept = {
+            ev["event_id"]: {**ev, "room_id": room_id}
+            for ev in reversed(page)
+            if isinstance(ev.get("event_id"), str)
+        }
         kept.update((eid, ev) for eid, ev in arriving.items() if eid not in kept)
         self._events[room_id] = kept
-        log.info("conversation.read", room_id=room_id, events=len(kept),
-                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+        log.info(
+            "conversation.read",
+            room_id=room_id,
+            events=len(kept),
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
         return list(kept.values())
 
     async def answered(self, room_id: str, event_id: str) -> bool:
@@ -113,6 +134,6 @@ class Conversations:
             scanned += len(later)
             if token is None or len(later) < ANSWER_PAGE or scanned >= MAX_READ:
                 return False
-            later, token = await self.hs.messages(room_id, token, None, ANSWER_PAGE,
-                                                  ["m.room.message"], forward=True,
-                                                  senders=bot)
+            later, token = await self.hs.messages(
+                room_id, token, None, ANSWER_PAGE, ["m.room.message"], forward=True, senders=bot
+            )

@@ -9,12 +9,51 @@ from markdown_it.common.utils import escapeHtml
 
 # The spec's "HTML tags to permit" (m.room.message msgtypes), less img: a client loads only
 # mxc:// images, and a model's image links point elsewhere (they are rendered as links).
-TAGS = {"del", "s", "strike", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "p", "a",
-        "ul", "ol", "sup", "sub", "li", "b", "i", "u", "strong", "em", "code", "hr", "br",
-        "div", "table", "thead", "tbody", "tr", "th", "td", "caption", "pre", "span",
-        "details", "summary"}
-ATTRIBUTES = {"a": {"href", "target"}, "ol": {"start"}, "code": {"class"},
-              "span": {"data-mx-bg-color", "data-mx-color", "data-mx-spoiler"}}
+TAGS = {
+    "del",
+    "s",
+    "strike",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "p",
+    "a",
+    "ul",
+    "ol",
+    "sup",
+    "sub",
+    "li",
+    "b",
+    "i",
+    "u",
+    "strong",
+    "em",
+    "code",
+    "hr",
+    "br",
+    "div",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "caption",
+    "pre",
+    "span",
+    "details",
+    "summary",
+}
+ATTRIBUTES = {
+    "a": {"href", "target"},
+    "ol": {"start"},
+    "code": {"class"},
+    "span": {"data-mx-bg-color", "data-mx-color", "data-mx-spoiler"},
+}
 URL_SCHEMES = {"https", "http", "ftp", "mailto", "magnet"}
 
 # html=False: raw HTML in an answer is text, never markup. Tables and strikethrough are the
@@ -22,7 +61,7 @@ URL_SCHEMES = {"https", "http", "ftp", "mailto", "magnet"}
 _parser = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
 
 
-def _image_as_link(renderer, tokens, idx, options, env) -> str:  # noqa: ANN001 (markdown-it)
+def _image_as_link(renderer, tokens, idx, options, env) -> str:
     """An image becomes a link to it, named by its alt text (see TAGS: no ``img``)."""
     token = tokens[idx]
     alt = renderer.renderInlineAsText(token.children or [], options, env) or "image"
@@ -45,6 +84,12 @@ def render(markdown: str) -> str | None:
     rendered = _parser.render(markdown)
     if rendered == f"<p>{escapeHtml(markdown)}</p>\n":
         return None
-    return nh3.clean(rendered, tags=TAGS, attributes=ATTRIBUTES, url_schemes=URL_SCHEMES,
-                     attribute_filter=_keep_language_class, link_rel=None,
-                     url_relative="deny").strip()
+    return nh3.clean(
+        rendered,
+        tags=TAGS,
+        attributes=ATTRIBUTES,
+        url_schemes=URL_SCHEMES,
+        attribute_filter=_keep_language_class,
+        link_rel=None,
+        url_relative="deny",
+    ).strip()

@@ -67,16 +67,25 @@ class Entry:
 
     @classmethod
     def from_json(cls, key: str, data: dict) -> Entry:
-        return cls(int(key.removeprefix(PREFIX)), Update(**data["update"]),
-                   float(data.get("not_before", 0.0)))
+        return cls(
+            int(key.removeprefix(PREFIX)),
+            Update(**data["update"]),
+            float(data.get("not_before", 0.0)),
+        )
 
 
 class Inbox:
     """The updates not yet fully handled, in the SQLite file. Open it with ``Inbox.open``.
     It counts its depth and the retries in ``metrics``, and tells ``health`` of refused writes."""
 
-    def __init__(self, db: SQLiteStore, next_seq: int, depth: int = 0,
-                 metrics: Metrics | None = None, health: Health | None = None) -> None:
+    def __init__(
+        self,
+        db: SQLiteStore,
+        next_seq: int,
+        depth: int = 0,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+    ) -> None:
         self._db = db
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the file refused to drop
@@ -89,12 +98,14 @@ class Inbox:
         self._health = health or Health()
 
     @classmethod
-    async def open(cls, db: SQLiteStore, metrics: Metrics | None = None,
-                   health: Health | None = None) -> tuple[Inbox, list[Entry]]:
+    async def open(
+        cls, db: SQLiteStore, metrics: Metrics | None = None, health: Health | None = None
+    ) -> tuple[Inbox, list[Entry]]:
         """The inbox, and what it still holds from an earlier run, in order."""
         pending = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
-        return cls(db, pending[-1].seq + 1 if pending else 0, len(pending), metrics,
-                   health), pending
+        return cls(
+            db, pending[-1].seq + 1 if pending else 0, len(pending), metrics, health
+        ), pending
 
     def hold_token(self) -> None:
         """A start without a token: record rounds but not their token until ``release``, so a
@@ -151,8 +162,11 @@ class Inbox:
         """Keep the entry for another attempt in ``delay_s`` seconds (survives a restart, unless
         the file refuses the write: then only this run remembers the attempt)."""
         self._metrics.retries_scheduled.inc()
-        later = Entry(entry.seq, replace(entry.update, attempt=entry.update.attempt + 1),
-                      time.time() + delay_s)
+        later = Entry(
+            entry.seq,
+            replace(entry.update, attempt=entry.update.attempt + 1),
+            time.time() + delay_s,
+        )
         try:
             await self._db.set(later.key, later.to_json())
         except sqlite3.OperationalError as err:
@@ -162,5 +176,11 @@ class Inbox:
     def _refused(self, during: str, entry: Entry, err: sqlite3.OperationalError) -> None:
         fault = WriteFailed(self._db.path, err)
         self._health.store_refused(str(fault))
-        log.error("store.write_failed", during=during, room_id=entry.update.room_id,
-                  event_id=entry.update.event_id, error=str(fault), remedy=fault.remedy)
+        log.error(
+            "store.write_failed",
+            during=during,
+            room_id=entry.update.room_id,
+            event_id=entry.update.event_id,
+            error=str(fault),
+            remedy=fault.remedy,
+        )

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
-from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.delivery.inbox import Entry, Inbox
+from adapter.matrix.ingest.update import RetryLater, Update
 from core.store import StoreError
 
 log = structlog.get_logger()
@@ -35,14 +35,15 @@ def retry_delay(attempt: int, retry_after_ms: int | None) -> float:
     one, else 1 s doubling up to 5 minutes."""
     if retry_after_ms:
         return retry_after_ms / 1000
-    return min(2.0 ** attempt, MAX_BACKOFF_S)
+    return min(2.0**attempt, MAX_BACKOFF_S)
 
 
 class Delivery:
     """Drains the inbox through ``feed``: in order per room, concurrently across rooms."""
 
-    def __init__(self, inbox: Inbox, feed: Feed, give_up: Feed,
-                 expand: Expand | None = None) -> None:
+    def __init__(
+        self, inbox: Inbox, feed: Feed, give_up: Feed, expand: Expand | None = None
+    ) -> None:
         self._inbox = inbox
         self._feed = feed
         self._give_up = give_up
@@ -123,12 +124,22 @@ class Delivery:
         except RetryLater as later:
             if update.attempt + 1 < MAX_ATTEMPTS:
                 delay = retry_delay(update.attempt, later.retry_after_ms)
-                log.info("delivery.retry_scheduled", room_id=update.room_id,
-                         event_id=update.event_id, attempt=update.attempt + 1,
-                         retry_in_s=delay, reason=str(later))
+                log.info(
+                    "delivery.retry_scheduled",
+                    room_id=update.room_id,
+                    event_id=update.event_id,
+                    attempt=update.attempt + 1,
+                    retry_in_s=delay,
+                    reason=str(later),
+                )
                 return await self._inbox.postpone(entry, delay)
-            log.error("delivery.gave_up", room_id=update.room_id, event_id=update.event_id,
-                      attempts=update.attempt + 1, reason=str(later))
+            log.error(
+                "delivery.gave_up",
+                room_id=update.room_id,
+                event_id=update.event_id,
+                attempts=update.attempt + 1,
+                reason=str(later),
+            )
             await self._give_up(update)
         await self._inbox.done(entry)
         return None

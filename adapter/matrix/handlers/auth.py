@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import structlog
 
-from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
+from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
 from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import RoomMeta, UserMeta, active_chat_rooms, knows_a_chat
 
 log = structlog.get_logger()
@@ -29,13 +29,18 @@ async def onboarded(update: Update, data: EventData) -> bool:
     """Whether the sender has a Space with a chat room, active or archived (the healing link
     has looked on the server when the DB knew none)."""
     return data.get("user") is not None and await knows_a_chat(
-        data["services"].store, data["services"].chats, update.sender)
+        data["services"].store, data["services"].chats, update.sender
+    )
 
 
 async def complete_onboarding(update: Update, data: EventData) -> None:
     """A message in the lobby from a user whose onboarding was cut short: finish it."""
-    log.info("onboarding.resumed", room_id=update.room_id, owner=update.sender,
-             has_space=data.get("user") is not None)
+    log.info(
+        "onboarding.resumed",
+        room_id=update.room_id,
+        owner=update.sender,
+        has_space=data.get("user") is not None,
+    )
     async with data["services"].bootstrap_locks[update.sender]:
         await _onboard(update, data)
 
@@ -66,14 +71,16 @@ async def _onboard(update: Update, data: EventData) -> None:
     # A Space found with no chat in it: maybe a returning user, maybe onboarding cut short.
     greeting = greeting or ("Welcome! Your Space is" if made_now else "Welcome back! Your Space is")
     space_link, chat_link = (matrix_to(room, svc.hs.server_name) for room in (user.space_id, first))
-    await svc.reply(update,
-                    f"{greeting} “Lambda”: {space_link}\n"
-                    f"Start chatting in {chat_link} — or send !help here.",
-                    html=f'{greeting} <a href="{space_link}">Lambda</a>. '
-                         f'Start chatting in <a href="{chat_link}">your chat</a>, '
-                         "or send <code>!help</code> here.", part="welcome",
-                    # A lobby command still runs after it: the welcome is not its answer.
-                    provisional=data.get("command") is not None)
+    await svc.reply(
+        update,
+        f"{greeting} “Lambda”: {space_link}\nStart chatting in {chat_link} — or send !help here.",
+        html=f'{greeting} <a href="{space_link}">Lambda</a>. '
+        f'Start chatting in <a href="{chat_link}">your chat</a>, '
+        "or send <code>!help</code> here.",
+        part="welcome",
+        # A lobby command still runs after it: the welcome is not its answer.
+        provisional=data.get("command") is not None,
+    )
 
 
 async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
@@ -82,11 +89,13 @@ async def _reinvite(svc: Services, room_id: str, owner: str) -> None:
         await svc.hs.invite(room_id, owner)
     except HomeserverError as err:
         (log.debug if err.status == "M_FORBIDDEN" else log.warning)(
-            "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err))
+            "room.reinvite_skipped", room_id=room_id, owner=owner, error=str(err)
+        )
 
 
-async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id: str,
-                      new_space: bool) -> tuple[str, bool]:
+async def _first_chat(
+    svc: Services, owner: str, space_id: str, source_event_id: str, new_space: bool
+) -> tuple[str, bool]:
     """An active chat room of the owner, created if they have none (also after a crash
     between creating the Space and its first chat); and whether it was made now."""
     room_id = next(iter((await active_chat_rooms(svc.store, svc.chats, owner)).values()), None)
@@ -97,6 +106,7 @@ async def _first_chat(svc: Services, owner: str, space_id: str, source_event_id:
     # Not in a Space made just now: no room names it as parent yet, and looking reads the
     # state of every room the DB does not know (all of them, after a total loss).
     adopt = not new_space and not await knows_a_chat(svc.store, svc.chats, owner)
-    room_id, _ = await create_chat(svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id,
-                                   adopt_orphan=adopt)
+    room_id, _ = await create_chat(
+        svc, owner, space_id, FIRST_CHAT_TITLE, source_event_id, adopt_orphan=adopt
+    )
     return room_id, True

@@ -16,9 +16,9 @@ from urllib.parse import quote, unquote
 import structlog
 
 from adapter.matrix.chain.context import Services
-from adapter.matrix.vocabulary.markers import ChatMarker
 from adapter.matrix.healing.room_state import HealRefused, RoomSnapshot, trusted_marker
 from adapter.matrix.store.records import Creation, RoomMeta
+from adapter.matrix.vocabulary.markers import ChatMarker
 from core.chat import Chat, new_chat_id
 
 log = structlog.get_logger()
@@ -37,41 +37,55 @@ def linked_rooms(text: str) -> list[str]:
     return [unquote(encoded) for encoded in _MATRIX_TO.findall(text)]
 
 
-async def create_chat(svc: Services, owner: str, space_id: str, title: str,
-                      source_event_id: str, *, adopt_orphan: bool = False) -> tuple[str, Chat]:
+async def create_chat(
+    svc: Services,
+    owner: str,
+    space_id: str,
+    title: str,
+    source_event_id: str,
+    *,
+    adopt_orphan: bool = False,
+) -> tuple[str, Chat]:
     """The chat room that ``source_event_id`` creates in the owner's Space: made once.
 
     ``adopt_orphan`` (a first chat): a room the bot made for the owner that no record knows
     (a crash between ``createRoom`` and the records, then a loss of the DB) is taken instead."""
     creation = await svc.store.get_created(source_event_id)
     if creation is not None and creation.room_id is not None:
-        return creation.room_id, await svc.chats.get_or_create(owner, creation.chat_id,
-                                                                creation.title)
+        return creation.room_id, await svc.chats.get_or_create(
+            owner, creation.chat_id, creation.title
+        )
     orphan = None
     if creation is not None or adopt_orphan:
-        orphan = await _find_unrecorded(svc, owner, space_id,
-                                        creation.chat_id if creation else None)
+        orphan = await _find_unrecorded(
+            svc, owner, space_id, creation.chat_id if creation else None
+        )
     if orphan is not None:
         room_id, creation = orphan
     else:
         if creation is None:
             creation = Creation(new_chat_id(), title)
             await svc.store.set_created(source_event_id, creation)
-        room_id = await svc.hs.create_chat_room(owner, space_id, creation.chat_id,
-                                                creation.title)
+        room_id = await svc.hs.create_chat_room(owner, space_id, creation.chat_id, creation.title)
     await svc.hs.link_child(space_id, room_id)
     chat = Chat(creation.chat_id, owner, creation.title, "active", time.time())
     async with svc.store.transaction() as tx:
         await svc.store.set_room(room_id, RoomMeta("chat", owner, chat.chat_id, space_id), tx)
         svc.chats.restore(chat, tx)
         await svc.store.set_created(source_event_id, replace(creation, room_id=room_id), tx)
-    log.info("chat.created", room_id=room_id, chat_id=chat.chat_id, owner=owner,
-             resumed=orphan is not None)
+    log.info(
+        "chat.created",
+        room_id=room_id,
+        chat_id=chat.chat_id,
+        owner=owner,
+        resumed=orphan is not None,
+    )
     return room_id, chat
 
 
-async def _find_unrecorded(svc: Services, owner: str, space_id: str, chat_id: str | None
-                           ) -> tuple[str, Creation] | None:
+async def _find_unrecorded(
+    svc: Services, owner: str, space_id: str, chat_id: str | None
+) -> tuple[str, Creation] | None:
     """An active chat room of the owner in this Space that the bot made but the DB does not
     know (``chat_id``: that one): a crash right after ``createRoom``, or its answer lost on
     the way. Reads the state of each unknown joined room, so it runs only when resuming."""
@@ -86,8 +100,12 @@ async def _find_unrecorded(svc: Services, owner: str, space_id: str, chat_id: st
             found = trusted_marker(snap, ChatMarker, svc.bot_id)
         except HealRefused:
             continue  # a marker someone else wrote, or a malformed one: not this creation
-        if (found is not None and found.owner == owner and found.status == "active"
-                and chat_id in (None, found.chat_id)):
+        if (
+            found is not None
+            and found.owner == owner
+            and found.status == "active"
+            and chat_id in (None, found.chat_id)
+        ):
             log.info("chat.creation_resumed", room_id=room_id, chat_id=found.chat_id)
             return room_id, Creation(found.chat_id, snap.name or "Chat")
     return None

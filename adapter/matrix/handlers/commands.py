@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
 from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, Command
 from adapter.matrix.chain.context import EventData, Services
-from adapter.matrix.ingest.update import Update
 from adapter.matrix.chain.router import ChatRoute
+from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
+from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import Pending
 from core.chat import Chat, InvalidTitle, validate_title
 
@@ -61,15 +61,18 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
     refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
     if refusal is not None:
-        log.info("command.refused", room_id=update.room_id, command="new", owner=owner,
-                 why=refusal)
+        log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal)
         await _say(update, data, refusal)
         return
     svc.access.record_creation(owner)
     room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
     link = matrix_to(room_id, svc.hs.server_name)
-    await _say(update, data, f"Created “{chat.title}”: {link}",
-               f'Created <a href="{link}">{html.escape(chat.title)}</a>.')
+    await _say(
+        update,
+        data,
+        f"Created “{chat.title}”: {link}",
+        f'Created <a href="{link}">{html.escape(chat.title)}</a>.',
+    )
 
 
 async def cmd_rename(cmd: Command, update: Update, data: EventData) -> None:
@@ -91,19 +94,27 @@ async def cmd_archive(cmd: Command, update: Update, data: EventData) -> None:
     if chat.status == "archived":
         await _say(update, data, "This chat is already archived. Send !new to start another.")
         return
-    await svc.store.set_pending(route.room_id, Pending("archive", chat.chat_id,
-                                                       time.time() + CONFIRM_TTL_S))
-    await _say(update, data, f"Archive “{chat.title}”? Send !confirm within 5 minutes, "
-                             "or !cancel to keep it.")
+    await svc.store.set_pending(
+        route.room_id, Pending("archive", chat.chat_id, time.time() + CONFIRM_TTL_S)
+    )
+    await _say(
+        update,
+        data,
+        f"Archive “{chat.title}”? Send !confirm within 5 minutes, or !cancel to keep it.",
+    )
 
 
 async def cmd_confirm(cmd: Command, update: Update, data: EventData) -> None:
     svc, route, chat = _chat_context(data)
     pending = await svc.store.get_pending(update.room_id)
     if pending is None:
-        await _say(update, data, "There is nothing to confirm here. (Confirmations are kept "
-                                 "locally, so a restart with a reset database clears them.) "
-                                 "Send !archive again if you meant to archive this chat.")
+        await _say(
+            update,
+            data,
+            "There is nothing to confirm here. (Confirmations are kept "
+            "locally, so a restart with a reset database clears them.) "
+            "Send !archive again if you meant to archive this chat.",
+        )
         return
     if pending.expired or pending.chat_id != chat.chat_id:
         await svc.store.set_pending(update.room_id, None)
@@ -139,25 +150,38 @@ async def cmd_chats(cmd: Command, update: Update, data: EventData) -> None:
     active = [c for c in chats if c.status == "active"]
     archived = len(chats) - len(active)
     if not active:
-        await _say(update, data, f"You have no active chats ({archived} archived). "
-                                 "Send !new to start one.")
+        await _say(
+            update, data, f"You have no active chats ({archived} archived). Send !new to start one."
+        )
         return
     plain, items = [], []
     for chat in active:
         link = matrix_to(rooms[chat.chat_id], svc.hs.server_name)
         here = rooms[chat.chat_id] == update.room_id
         plain.append(f"• {chat.title} — {link}{' (this chat)' if here else ''}")
-        items.append(f'<li><a href="{link}">{html.escape(chat.title)}</a>'
-                     f'{" <b>(this chat)</b>" if here else ""}</li>')
+        items.append(
+            f'<li><a href="{link}">{html.escape(chat.title)}</a>'
+            f"{' <b>(this chat)</b>' if here else ''}</li>"
+        )
     footer = f"{archived} archived."
-    await _say(update, data, "Your chats:\n" + "\n".join(plain) + "\n" + footer,
-               f"<p>Your chats:</p><ul>{''.join(items)}</ul><p>{footer}</p>")
+    await _say(
+        update,
+        data,
+        "Your chats:\n" + "\n".join(plain) + "\n" + footer,
+        f"<p>Your chats:</p><ul>{''.join(items)}</ul><p>{footer}</p>",
+    )
 
 
 # What each command of the table (``adapter.matrix.chain.command_table``) runs.
 RUNS: dict[str, Run] = {
-    "new": cmd_new, "chats": cmd_chats, "rename": cmd_rename, "archive": cmd_archive,
-    "confirm": cmd_confirm, "cancel": cmd_cancel, "help": cmd_help, UNKNOWN.name: cmd_unknown,
+    "new": cmd_new,
+    "chats": cmd_chats,
+    "rename": cmd_rename,
+    "archive": cmd_archive,
+    "confirm": cmd_confirm,
+    "cancel": cmd_cancel,
+    "help": cmd_help,
+    UNKNOWN.name: cmd_unknown,
 }
 
 

@@ -9,25 +9,33 @@ from contextlib import asynccontextmanager, suppress
 import structlog
 
 from adapter.matrix.chain.context import EventData
-from adapter.matrix.ingest.update import Update
+from adapter.matrix.chain.router import ChatRoute, LobbyRoute
 from adapter.matrix.conversation.markdown import render
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
-from adapter.matrix.chain.router import ChatRoute, LobbyRoute
+from adapter.matrix.ingest.update import Update
 from core.agent import Turn, agent_timeout, wants_history
 from core.chat import InvalidTitle
 
 log = structlog.get_logger()
 
-LOBBY_HINT = ("This is your lobby. Chat with me in the rooms of your Lambda Space; "
-              "send !chats to list them, !new to start one, or !help.")
+LOBBY_HINT = (
+    "This is your lobby. Chat with me in the rooms of your Lambda Space; "
+    "send !chats to list them, !new to start one, or !help."
+)
 ARCHIVED_HINT = "This chat is archived. Send !new to start a new chat."
-AGENT_FAILED = ("Sorry, I couldn't come up with an answer to that just now (the assistant "
-                "failed). Please try again.")
-MISSED = ("I was away and missed {n} older messages in this room, which I could not answer. "
-          "If one of them still needs an answer, please send it again.")
+AGENT_FAILED = (
+    "Sorry, I couldn't come up with an answer to that just now (the assistant "
+    "failed). Please try again."
+)
+MISSED = (
+    "I was away and missed {n} older messages in this room, which I could not answer. "
+    "If one of them still needs an answer, please send it again."
+)
 TYPING_MS = 30_000
-ENCRYPTED_HINT = ("I can't read encrypted messages. Please write to me in the chat rooms of "
-                  "your Lambda Space (they are not encrypted), or in an unencrypted room.")
+ENCRYPTED_HINT = (
+    "I can't read encrypted messages. Please write to me in the chat rooms of "
+    "your Lambda Space (they are not encrypted), or in an unencrypted room."
+)
 
 
 async def handle_text(update: Update, data: EventData) -> None:
@@ -47,19 +55,31 @@ async def handle_text(update: Update, data: EventData) -> None:
             extra["history"] = await _history(update, data)
         try:
             async with svc.agent_slots:  # the agent's call alone holds a slot, not the room
-                answer = await asyncio.wait_for(svc.metrics.timed_agent_call(
-                    svc.agent.reply(chat, update.body, **extra)), agent_timeout(svc.agent))
+                answer = await asyncio.wait_for(
+                    svc.metrics.timed_agent_call(svc.agent.reply(chat, update.body, **extra)),
+                    agent_timeout(svc.agent),
+                )
         except Exception as err:  # third-party code: any failure is told, never retried
-            log.error("agent.failed", room_id=update.room_id, event_id=update.event_id,
-                      error=str(err) or type(err).__name__,
-                      exc_info=not isinstance(err, TimeoutError))
+            log.error(
+                "agent.failed",
+                room_id=update.room_id,
+                event_id=update.event_id,
+                error=str(err) or type(err).__name__,
+                exc_info=not isinstance(err, TimeoutError),
+            )
             await svc.reply(update, AGENT_FAILED)
             return
         answer = str(answer)
         await svc.reply(update, answer, html=render(answer), notice=False)
-    log.info("message.answered", room_id=update.room_id, chat_id=chat.chat_id,
-             event_id=update.event_id, catchup=update.catchup, attempt=update.attempt,
-             history=len(extra.get("history", ())))
+    log.info(
+        "message.answered",
+        room_id=update.room_id,
+        chat_id=chat.chat_id,
+        event_id=update.event_id,
+        catchup=update.catchup,
+        attempt=update.attempt,
+        history=len(extra.get("history", ())),
+    )
     svc.metrics.answered(update.ts)
 
 
@@ -68,13 +88,18 @@ async def _history(update: Update, data: EventData) -> list[Turn]:
     answer (the inbox retries it); one that refuses for good gets an answer without it."""
     svc, route = data["services"], data["route"]
     try:
-        return await svc.conversation.history(update.room_id, route.owner, update.event_id,
-                                              update.ts)
+        return await svc.conversation.history(
+            update.room_id, route.owner, update.event_id, update.ts
+        )
     except HomeserverError as err:
         if err.transient:
             raise
-        log.warning("conversation.read_failed", room_id=update.room_id,
-                    event_id=update.event_id, error=str(err))
+        log.warning(
+            "conversation.read_failed",
+            room_id=update.room_id,
+            event_id=update.event_id,
+            error=str(err),
+        )
         return []
 
 

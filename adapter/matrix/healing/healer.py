@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 from dataclasses import replace
+from typing import Protocol
 
 import structlog
 
+from adapter.matrix.healing.room_state import (
+    HealCause,
+    HealPlan,
+    HealRefused,
+    RoomSnapshot,
+    assess_room,
+    heal_cause,
+    parent_to_verify,
+)
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.vocabulary.content import SPACE_TYPE
-from adapter.matrix.healing.room_state import HealCause, HealPlan, HealRefused, RoomSnapshot, assess_room, heal_cause, parent_to_verify
 from adapter.matrix.store.records import MatrixStore, UserMeta
+from adapter.matrix.vocabulary.content import SPACE_TYPE
 from core.chat import ChatManager, ChatNotFound
 
 log = structlog.get_logger()
@@ -87,27 +95,41 @@ class Healer:
         try:
             parent = None
             if parent_id := parent_to_verify(snap, bot):  # may refuse a forged marker too
-                parent = await self._snapshot(parent_id, self.cause(snap.created_at, held),
-                                              for_room=room_id)
+                parent = await self._snapshot(
+                    parent_id, self.cause(snap.created_at, held), for_room=room_id
+                )
                 requests += 1
             plan = assess_room(snap, bot, parent)
         except HealRefused as refusal:
-            log.warning("state.heal_refused", room_id=room_id, reason=refusal.reason,
-                        cause=self.cause(snap.created_at, held), hs_requests=requests)
+            log.warning(
+                "state.heal_refused",
+                room_id=room_id,
+                reason=refusal.reason,
+                cause=self.cause(snap.created_at, held),
+                hs_requests=requests,
+            )
             self._refused[room_id] = (refusal, time.monotonic() + REFUSAL_MEMORY_S)
             self.svc.metrics.heal_refusals.labels(reason=refusal.reason).inc()
             raise
         cause = self.cause(snap.created_at, held or await self._holds_chat(plan))
         restored = await self._write(plan)
         (log.warning if cause == "inconsistent" else log.info)(
-            "state.healed", room_id=room_id, restored=restored, source=plan.source, cause=cause,
-            hs_requests=requests, duration_ms=round((time.monotonic() - started) * 1000, 1),
-            kind=plan.room.kind, owner=plan.room.owner)
+            "state.healed",
+            room_id=room_id,
+            restored=restored,
+            source=plan.source,
+            cause=cause,
+            hs_requests=requests,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            kind=plan.room.kind,
+            owner=plan.room.owner,
+        )
         self.svc.metrics.heals.labels(cause=cause, source=plan.source).inc()
         return plan
 
-    async def _snapshot(self, room_id: str, cause: HealCause, for_room: str | None = None
-                        ) -> RoomSnapshot:
+    async def _snapshot(
+        self, room_id: str, cause: HealCause, for_room: str | None = None
+    ) -> RoomSnapshot:
         """One state request. A room the bot cannot see gives an empty snapshot, which the
         decision refuses (unknown room, or a foreign parent); other errors are retried later."""
         try:
@@ -115,8 +137,13 @@ class Healer:
         except HomeserverError as err:
             if err.status in ("M_FORBIDDEN", "M_NOT_FOUND"):
                 return RoomSnapshot(room_id)
-            log.warning("state.heal_failed", room_id=for_room or room_id, error=str(err),
-                        will_retry=True, cause=cause)
+            log.warning(
+                "state.heal_failed",
+                room_id=for_room or room_id,
+                error=str(err),
+                will_retry=True,
+                cause=cause,
+            )
             raise
         return RoomSnapshot.from_events(room_id, events)
 
@@ -171,8 +198,14 @@ class Healer:
         try:
             joined = await self.svc.hs.joined_rooms()
         except HomeserverError as err:
-            log.warning("state.heal_failed", room_id=None, user_id=user_id, error=str(err),
-                        will_retry=True, cause=self.cause())
+            log.warning(
+                "state.heal_failed",
+                room_id=None,
+                user_id=user_id,
+                error=str(err),
+                will_retry=True,
+                cause=self.cause(),
+            )
             raise
         spaces, unknown = [], []
         for room_id in joined:
@@ -194,8 +227,11 @@ class Healer:
         """Heal every current and former child of the Space that has no complete local record
         (for ``!chats``, whose archived count includes the unlinked children)."""
         snap = await self._snapshot(space_id, self.cause())
-        missing = [rid for rid in snap.children(self.svc.bot_id, former=True)
-                   if not await self._complete(rid)]
+        missing = [
+            rid
+            for rid in snap.children(self.svc.bot_id, former=True)
+            if not await self._complete(rid)
+        ]
         if not missing:
             return
         gate = asyncio.Semaphore(SPACE_HEAL_CONCURRENCY)

@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
-from adapter.matrix.vocabulary.content import SPACE_TYPE
 from adapter.matrix.store.records import RoomMeta, UserMeta
+from adapter.matrix.vocabulary.content import SPACE_TYPE
+from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
 from core.chat import Chat
 from core.store import Birth
 
@@ -26,18 +26,16 @@ HealCause = Literal["local_reset", "store_missing", "inconsistent"]
 # Reason code -> what the user is told. Written once, here.
 REFUSALS: dict[str, str] = {
     "shared_room": "This room was not created by me and has other members, so I can't treat "
-                   "it as your chat. Invite me to a room of your own, or use your Lambda Space.",
+    "it as your chat. Invite me to a room of your own, or use your Lambda Space.",
     "forged_marker": "This room carries Lambda settings that I did not write, so I can't use it.",
     "malformed_marker": "This room's Lambda settings are damaged, so I can't use it.",
     "foreign_parent": "This room belongs to a Space that is not yours, so I can't use it.",
-    "ambiguous_parent": "This room is linked to several Spaces, so I can't tell whose chat "
-                        "it is.",
+    "ambiguous_parent": "This room is linked to several Spaces, so I can't tell whose chat it is.",
     "missing_parent": "This room is not linked to a Lambda Space, so I can't tell whose chat "
-                      "it is.",
+    "it is.",
     "no_single_owner": "I can't tell whose chat this room is (it needs exactly one member "
-                       "besides me).",
-    "unexpected_members": "This room has members it should not have, so I can't use it as "
-                          "a chat.",
+    "besides me).",
+    "unexpected_members": "This room has members it should not have, so I can't use it as a chat.",
     "unknown_room": "I can't read this room's state, so I can't use it.",
 }
 
@@ -77,10 +75,13 @@ class RoomSnapshot:
             if not isinstance(raw, dict) or "state_key" not in raw:
                 continue
             content = raw.get("content")
-            ev = StateEvent(str(raw.get("type", "")), str(raw["state_key"]),
-                            str(raw.get("sender", "")),
-                            content if isinstance(content, dict) else {},
-                            int(raw.get("origin_server_ts") or 0))
+            ev = StateEvent(
+                str(raw.get("type", "")),
+                str(raw["state_key"]),
+                str(raw.get("sender", "")),
+                content if isinstance(content, dict) else {},
+                int(raw.get("origin_server_ts") or 0),
+            )
             parsed[(ev.type, ev.state_key)] = ev
         return cls(room_id, parsed)
 
@@ -113,18 +114,27 @@ class RoomSnapshot:
 
     def members(self, bot_id: str) -> list[str]:
         """Non-bot users who are joined or invited."""
-        return sorted(ev.state_key for ev in self.of_type("m.room.member")
-                      if ev.state_key != bot_id and ev.content.get("membership") in _PRESENT)
+        return sorted(
+            ev.state_key
+            for ev in self.of_type("m.room.member")
+            if ev.state_key != bot_id and ev.content.get("membership") in _PRESENT
+        )
 
     def parents(self, bot_id: str) -> list[str]:
-        return sorted(ev.state_key for ev in self.of_type("m.space.parent")
-                      if ev.sender == bot_id and ev.content)
+        return sorted(
+            ev.state_key
+            for ev in self.of_type("m.space.parent")
+            if ev.sender == bot_id and ev.content
+        )
 
     def children(self, bot_id: str, former: bool = False) -> list[str]:
         """The Space's children linked by the bot; with ``former``, also those it unlinked
         (archived chats: an unlinked child keeps an ``m.space.child`` with empty content)."""
-        return sorted(ev.state_key for ev in self.of_type("m.space.child")
-                      if ev.sender == bot_id and (former or ev.content))
+        return sorted(
+            ev.state_key
+            for ev in self.of_type("m.space.child")
+            if ev.sender == bot_id and (former or ev.content)
+        )
 
 
 @dataclass(frozen=True)
@@ -205,8 +215,9 @@ def assess_room(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | None = N
         return _assess_lobby(snap, bot_id)
     if snap.is_space:
         owner, source = space_owner(snap, bot_id)
-        return HealPlan(snap.room_id, RoomMeta("space", owner), source,
-                        user=UserMeta(space_id=snap.room_id))
+        return HealPlan(
+            snap.room_id, RoomMeta("space", owner), source, user=UserMeta(space_id=snap.room_id)
+        )
     marker = trusted_marker(snap, ChatMarker, bot_id)
     if marker is not None:
         return _assess_marked_chat(snap, bot_id, marker)
@@ -231,12 +242,16 @@ def _assess_marked_chat(snap: RoomSnapshot, bot_id: str, marker: ChatMarker) -> 
         raise HealRefused("ambiguous_parent")
     space_id = parents[0] if parents else None
     chat = Chat(chat_id, owner, snap.name or "Chat", marker.status, snap.created_at)
-    return HealPlan(snap.room_id, RoomMeta("chat", owner, chat_id, space_id), "marker", chat,
-                    UserMeta(space_id=space_id) if space_id else None)
+    return HealPlan(
+        snap.room_id,
+        RoomMeta("chat", owner, chat_id, space_id),
+        "marker",
+        chat,
+        UserMeta(space_id=space_id) if space_id else None,
+    )
 
 
-def _assess_legacy_chat(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | None
-                        ) -> HealPlan:
+def _assess_legacy_chat(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | None) -> HealPlan:
     parents = snap.parents(bot_id)
     if len(parents) > 1:
         raise HealRefused("ambiguous_parent")
@@ -252,5 +267,10 @@ def _assess_legacy_chat(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | 
         raise HealRefused("foreign_parent")
     chat_id = legacy_chat_id(snap.room_id)
     chat = Chat(chat_id, owner, snap.name or "Chat", "active", snap.created_at)
-    return HealPlan(snap.room_id, RoomMeta("chat", owner, chat_id, parent.room_id), "legacy",
-                    chat, UserMeta(space_id=parent.room_id))
+    return HealPlan(
+        snap.room_id,
+        RoomMeta("chat", owner, chat_id, parent.room_id),
+        "legacy",
+        chat,
+        UserMeta(space_id=parent.room_id),
+    )

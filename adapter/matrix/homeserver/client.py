@@ -43,8 +43,14 @@ UNSTABLE_API_PATH = "/_matrix/client/unstable"
 class HomeserverError(Exception):
     """A homeserver call failed (error status, rate limit or unreachable)."""
 
-    def __init__(self, what: str, status: str, message: str,
-                 retry_after_ms: int | None = None, http_status: int | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        status: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        http_status: int | None = None,
+    ) -> None:
         super().__init__(f"{what}: {status} {message}".strip())
         self.status = status
         self.retry_after_ms = retry_after_ms
@@ -53,8 +59,7 @@ class HomeserverError(Exception):
     @property
     def transient(self) -> bool:
         """Unreachable, rate-limited or a server error: the same call may succeed later."""
-        return (self.status in ("unreachable", "M_LIMIT_EXCEEDED")
-                or (self.http_status or 0) >= 500)
+        return self.status in ("unreachable", "M_LIMIT_EXCEEDED") or (self.http_status or 0) >= 500
 
 
 # Unstable room versions that already follow version 12's rule for creators (MSC4289).
@@ -87,14 +92,24 @@ def power_levels(owner: str, bot_id: str, room_version: str | None) -> dict[str,
         "users_default": 0,
         "events_default": 0,
         "state_default": 100,
-        "invite": 100, "kick": 100, "ban": 100, "redact": 100,
+        "invite": 100,
+        "kick": 100,
+        "ban": 100,
+        "redact": 100,
         "events": {
-            "m.room.name": 50, "m.room.topic": 50, "m.room.avatar": 50,
-            "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 100, "m.room.encryption": 100,
-            "m.room.tombstone": 100, "m.room.server_acl": 100,
-            "m.space.child": 100, "m.space.parent": 100,
-            SpaceMarker.TYPE: 100, ChatMarker.TYPE: 100,
+            "m.room.name": 50,
+            "m.room.topic": 50,
+            "m.room.avatar": 50,
+            "m.room.power_levels": 100,
+            "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 100,
+            "m.room.encryption": 100,
+            "m.room.tombstone": 100,
+            "m.room.server_acl": 100,
+            "m.space.child": 100,
+            "m.space.parent": 100,
+            SpaceMarker.TYPE: 100,
+            ChatMarker.TYPE: 100,
         },
     }
 
@@ -160,8 +175,9 @@ class Homeserver:
         owner = self._space_owners.get(room_id)
         room = self.client.rooms.get(room_id)
         if room is not None:
-            return SyncedRoom(room.room_type, frozenset(room.users)
-                              | frozenset(room.invited_users), owner)
+            return SyncedRoom(
+                room.room_type, frozenset(room.users) | frozenset(room.invited_users), owner
+            )
         if room_id in self._swept_types:
             return SyncedRoom(self._swept_types[room_id], frozenset(), owner)
         return None
@@ -171,8 +187,7 @@ class Homeserver:
         no custom state, and with lazily loaded members sync rarely shows a Space's owner
         (a first sync gives every room's state but members only of the timeline's senders)."""
         for room_id, info in resp.rooms.join.items():
-            self._note_markers(room_id, (ev.source for ev in (*info.state,
-                                                               *info.timeline.events)))
+            self._note_markers(room_id, (ev.source for ev in (*info.state, *info.timeline.events)))
 
     def note_room(self, room_id: str, room_type: str | None, state: Iterable[dict]) -> None:
         """What a start's sweep saw of a room that nio's sync did not: its type and state."""
@@ -181,8 +196,11 @@ class Homeserver:
 
     def _note_markers(self, room_id: str, events: Iterable[dict]) -> None:
         for raw in events:
-            if raw.get("type") != SpaceMarker.TYPE or raw.get("state_key") != "" \
-                    or raw.get("sender") != self.bot_id:
+            if (
+                raw.get("type") != SpaceMarker.TYPE
+                or raw.get("state_key") != ""
+                or raw.get("sender") != self.bot_id
+            ):
                 continue
             try:
                 marker = SpaceMarker.parse(raw.get("content") or {})
@@ -204,24 +222,34 @@ class Homeserver:
             if not isinstance(resp, ErrorResponse):
                 raise HomeserverError(what, "unexpected", type(resp).__name__)
             retry_after = getattr(resp, "retry_after_ms", None)
-            if (resp.status_code == "M_LIMIT_EXCEEDED" and retry_after is not None
-                    and retry_after <= SHORT_RATE_LIMIT_MS
-                    and attempt < MAX_SHORT_RATE_LIMIT_RETRIES):
+            if (
+                resp.status_code == "M_LIMIT_EXCEEDED"
+                and retry_after is not None
+                and retry_after <= SHORT_RATE_LIMIT_MS
+                and attempt < MAX_SHORT_RATE_LIMIT_RETRIES
+            ):
                 await asyncio.sleep(retry_after / 1000)  # a short limit is absorbed here
                 continue
             transport = resp.transport_response
-            raise HomeserverError(what, str(resp.status_code or ""), resp.message or "",
-                                  retry_after, transport.status if transport else None)
+            raise HomeserverError(
+                what,
+                str(resp.status_code or ""),
+                resp.message or "",
+                retry_after,
+                transport.status if transport else None,
+            )
         raise AssertionError("unreachable")
 
     async def get_state(self, room_id: str) -> list[dict]:
-        resp = await self._call("get room state", lambda: self.client.room_get_state(room_id),
-                                RoomGetStateResponse)
+        resp = await self._call(
+            "get room state", lambda: self.client.room_get_state(room_id), RoomGetStateResponse
+        )
         return resp.events
 
     async def joined_rooms(self) -> list[str]:
-        resp = await self._call("list joined rooms", lambda: self.client.joined_rooms(),
-                                JoinedRoomsResponse)
+        resp = await self._call(
+            "list joined rooms", lambda: self.client.joined_rooms(), JoinedRoomsResponse
+        )
         return resp.rooms
 
     async def join(self, room_id: str) -> None:
@@ -231,21 +259,28 @@ class Homeserver:
         await self._call("leave", lambda: self.client.room_leave(room_id), RoomLeaveResponse)
 
     async def invite(self, room_id: str, user_id: str) -> None:
-        await self._call("invite", lambda: self.client.room_invite(room_id, user_id),
-                         RoomInviteResponse)
+        await self._call(
+            "invite", lambda: self.client.room_invite(room_id, user_id), RoomInviteResponse
+        )
 
-    async def put_state(self, room_id: str, event_type: str, content: dict,
-                        state_key: str = "") -> None:
-        await self._call(f"set {event_type}",
-                         lambda: self.client.room_put_state(room_id, event_type, content,
-                                                            state_key),
-                         RoomPutStateResponse)
+    async def put_state(
+        self, room_id: str, event_type: str, content: dict, state_key: str = ""
+    ) -> None:
+        await self._call(
+            f"set {event_type}",
+            lambda: self.client.room_put_state(room_id, event_type, content, state_key),
+            RoomPutStateResponse,
+        )
 
     async def default_room_version(self) -> str | None:
         """The version the server creates rooms at by default (None: it does not say)."""
-        resp = await self._call("get capabilities", lambda: self.client._send(
-            CapabilitiesResponse, "GET", Api._build_path(["capabilities"])),
-            CapabilitiesResponse)
+        resp = await self._call(
+            "get capabilities",
+            lambda: self.client._send(
+                CapabilitiesResponse, "GET", Api._build_path(["capabilities"])
+            ),
+            CapabilitiesResponse,
+        )
         return resp.default_room_version
 
     async def room_version(self) -> str | None:
@@ -262,11 +297,18 @@ class Homeserver:
         # even if the server's default changes while the bot runs.
         version = await self.room_version()
         try:
-            resp = await self._call(what, lambda: self.client.room_create(
-                visibility=RoomVisibility.private, preset=RoomPreset.private_chat,
-                room_version=version, invite=[owner],
-                power_level_override=power_levels(owner, self.bot_id, version), **options),
-                RoomCreateResponse)
+            resp = await self._call(
+                what,
+                lambda: self.client.room_create(
+                    visibility=RoomVisibility.private,
+                    preset=RoomPreset.private_chat,
+                    room_version=version,
+                    invite=[owner],
+                    power_level_override=power_levels(owner, self.bot_id, version),
+                    **options,
+                ),
+                RoomCreateResponse,
+            )
         except HomeserverError as err:
             if err.status == "M_UNSUPPORTED_ROOM_VERSION":  # ask the server again next time
                 self._room_version_known = False
@@ -276,18 +318,28 @@ class Homeserver:
     async def create_space(self, owner: str) -> str:
         """A Space owned by ``owner``, carrying its marker from the first event; owner invited."""
         return await self._create_room(
-            "create space", owner, name=SPACE_NAME, space=True,
-            initial_state=[SpaceMarker(owner).state_event()])
+            "create space",
+            owner,
+            name=SPACE_NAME,
+            space=True,
+            initial_state=[SpaceMarker(owner).state_event()],
+        )
 
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         """A chat room with its marker and ``m.space.parent`` set at creation; owner invited."""
         return await self._create_room(
-            "create chat room", owner, name=title,
+            "create chat room",
+            owner,
+            name=title,
             initial_state=[
                 ChatMarker(owner, chat_id, "active").state_event(),
-                {"type": "m.space.parent", "state_key": space_id,
-                 "content": {"via": [self.server_name], "canonical": True}},
-            ])
+                {
+                    "type": "m.space.parent",
+                    "state_key": space_id,
+                    "content": {"via": [self.server_name], "canonical": True},
+                },
+            ],
+        )
 
     async def link_child(self, space_id: str, room_id: str) -> None:
         await self.put_state(space_id, "m.space.child", {"via": [self.server_name]}, room_id)
@@ -295,17 +347,26 @@ class Homeserver:
     async def unlink_child(self, space_id: str, room_id: str) -> None:
         await self.put_state(space_id, "m.space.child", {}, room_id)
 
-    async def set_chat_marker(self, room_id: str, owner: str, chat_id: str,
-                              status: ChatStatus) -> None:
+    async def set_chat_marker(
+        self, room_id: str, owner: str, chat_id: str, status: ChatStatus
+    ) -> None:
         marker = ChatMarker(owner, chat_id, status)
         await self.put_state(room_id, marker.TYPE, marker.content(), marker.STATE_KEY)
 
     async def set_name(self, room_id: str, name: str) -> None:
         await self.put_state(room_id, "m.room.name", {"name": name})
 
-    async def messages(self, room_id: str, start: str | None, end: str | None, limit: int,
-                       types: list[str], *, forward: bool = False,
-                       senders: list[str] | None = None) -> tuple[list[dict], str | None]:
+    async def messages(
+        self,
+        room_id: str,
+        start: str | None,
+        end: str | None,
+        limit: int,
+        types: list[str],
+        *,
+        forward: bool = False,
+        senders: list[str] | None = None,
+    ) -> tuple[list[dict], str | None]:
         """One page of ``/messages`` from ``start`` (None: the room's latest event) towards
         ``end``, backwards unless ``forward``: the raw events in that order, and the next
         page's token (None at the end)."""
@@ -313,41 +374,57 @@ class Homeserver:
         if senders is not None:
             event_filter["senders"] = senders
         direction = MessageDirection.front if forward else MessageDirection.back
-        resp = await self._call("read messages", lambda: self.client.room_messages(
-            room_id, start, end, direction, limit, event_filter), RoomMessagesResponse)
+        resp = await self._call(
+            "read messages",
+            lambda: self.client.room_messages(room_id, start, end, direction, limit, event_filter),
+            RoomMessagesResponse,
+        )
         return [ev.source for ev in resp.chunk], resp.end if resp.chunk else None
 
-    async def messages_after(self, room_id: str, event_id: str, limit: int,
-                             senders: list[str]) -> tuple[list[dict], str | None]:
+    async def messages_after(
+        self, room_id: str, event_id: str, limit: int, senders: list[str]
+    ) -> tuple[list[dict], str | None]:
         """Up to ``limit`` messages of ``senders`` right after ``event_id`` (``/context``, which
         nio offers without a filter; Synapse gives half its ``limit`` to each side): the raw
         events, oldest first, and the token to read on forwards."""
         event_filter = json.dumps({"types": ["m.room.message"], "senders": senders})
-        path = Api._build_path(["rooms", room_id, "context", event_id],
-                               {"limit": 2 * limit, "filter": event_filter})
-        resp = await self._call("read messages after", lambda: self.client._send(
-            RoomContextResponse, "GET", path, response_data=(room_id,)), RoomContextResponse)
+        path = Api._build_path(
+            ["rooms", room_id, "context", event_id], {"limit": 2 * limit, "filter": event_filter}
+        )
+        resp = await self._call(
+            "read messages after",
+            lambda: self.client._send(RoomContextResponse, "GET", path, response_data=(room_id,)),
+            RoomContextResponse,
+        )
         return [ev.source for ev in resp.events_after], resp.end
 
-    async def sliding_sync(self, conn_id: str, lists: dict[str, Any], pos: str | None
-                           ) -> dict[str, Any]:
+    async def sliding_sync(
+        self, conn_id: str, lists: dict[str, Any], pos: str | None
+    ) -> dict[str, Any]:
         """One simplified sliding sync request (MSC4186) on connection ``conn_id``, answered
         at once: the raw answer."""
         query = {"timeout": 0, **({"pos": pos} if pos is not None else {})}
-        path = Api._build_path(["org.matrix.simplified_msc3575", "sync"], query,
-                               base_path=UNSTABLE_API_PATH)
+        path = Api._build_path(
+            ["org.matrix.simplified_msc3575", "sync"], query, base_path=UNSTABLE_API_PATH
+        )
         body = json.dumps({"conn_id": conn_id, "lists": lists})
-        resp = await self._call("sliding sync", lambda: self.client._send(
-            RawResponse, "POST", path, data=body), RawResponse)
+        resp = await self._call(
+            "sliding sync",
+            lambda: self.client._send(RawResponse, "POST", path, data=body),
+            RawResponse,
+        )
         return resp.body
 
     async def typing(self, room_id: str, on: bool, timeout_ms: int = 30_000) -> None:
-        await self._call("typing", lambda: self.client.room_typing(room_id, on, timeout_ms),
-                         RoomTypingResponse)
+        await self._call(
+            "typing", lambda: self.client.room_typing(room_id, on, timeout_ms), RoomTypingResponse
+        )
 
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str | None = None
-                   ) -> str:
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str | None = None) -> str:
         """Send an ``m.room.message``; returns its event id."""
-        resp = await self._call("send message", lambda: self.client.room_send(
-            room_id, "m.room.message", content, tx_id=txn_id), RoomSendResponse)
+        resp = await self._call(
+            "send message",
+            lambda: self.client.room_send(room_id, "m.room.message", content, tx_id=txn_id),
+            RoomSendResponse,
+        )
         return resp.event_id

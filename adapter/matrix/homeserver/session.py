@@ -104,7 +104,10 @@ async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
     except (ClientError, OSError, TimeoutError) as err:
         raise HomeserverUnreachable(str(err)) from err
     if isinstance(resp, WhoamiResponse) or resp.status_code in (
-            "M_UNKNOWN_TOKEN", "M_MISSING_TOKEN", "M_FORBIDDEN"):
+        "M_UNKNOWN_TOKEN",
+        "M_MISSING_TOKEN",
+        "M_FORBIDDEN",
+    ):
         return resp
     raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
 
@@ -145,10 +148,12 @@ async def log_in(client: AsyncClient, config: Config) -> Session:
         if not isinstance(who, WhoamiResponse):
             raise LoginFailed("MATRIX_ACCESS_TOKEN was refused by the homeserver")
         if who.user_id != config.user_id:
-            raise LoginFailed(f"MATRIX_ACCESS_TOKEN belongs to {who.user_id}, "
-                              f"not MATRIX_USER_ID {config.user_id}")
-        session = Session(config.homeserver, config.user_id, who.device_id or "",
-                          config.access_token)
+            raise LoginFailed(
+                f"MATRIX_ACCESS_TOKEN belongs to {who.user_id}, not MATRIX_USER_ID {config.user_id}"
+            )
+        session = Session(
+            config.homeserver, config.user_id, who.device_id or "", config.access_token
+        )
         client.restore_login(session.user_id, session.device_id, session.access_token)
         save_session(config, session)
         return session
@@ -179,25 +184,27 @@ class SessionClient(AsyncClient):
         self._renewal = asyncio.Lock()
         self._untried: str | None = None  # a renewed token that no request has succeeded with
 
-    def renew_when_refused(self, on_lost: Callable[[], object],
-                           on_renewed: Callable[[], object] = lambda: None) -> None:
+    def renew_when_refused(
+        self, on_lost: Callable[[], object], on_renewed: Callable[[], object] = lambda: None
+    ) -> None:
         """From now on, renew a refused token (then call ``on_renewed``); call ``on_lost``
         when that is impossible."""
         self._on_lost, self._on_renewed = on_lost, on_renewed
 
-    async def _send(self, response_class: type, method: str, path: str,
-                    *args: Any, **kwargs: Any) -> Any:
+    async def _send(
+        self, response_class: type, method: str, path: str, *args: Any, **kwargs: Any
+    ) -> Any:
         if self.client_session is None:  # else nio makes one on first use, with its pool
             self.client_session = ClientSession(
                 timeout=ClientTimeout(total=self.config.request_timeout),
-                connector=TCPConnector(limit=connection_limit(self.settings.concurrency)))
+                connector=TCPConnector(limit=connection_limit(self.settings.concurrency)),
+            )
         for _ in range(2):  # a request is sent again at most once
             if self.lost is not None:
                 raise TokenRefused(str(self.lost))
             token = self.access_token
             resp = await super()._send(response_class, method, path, *args, **kwargs)
-            if (self._on_lost is None or response_class is LoginResponse
-                    or not token_refused(resp)):
+            if self._on_lost is None or response_class is LoginResponse or not token_refused(resp):
                 if token == self._untried:
                     self._untried = None
                 return resp
@@ -222,20 +229,29 @@ class SessionClient(AsyncClient):
             if refused == self._untried:
                 self._lose("the homeserver refused the token it had just issued")
             if not self.settings.password:
-                self._lose("the homeserver revoked the access token (M_UNKNOWN_TOKEN) and "
-                           "MATRIX_PASSWORD is not set")
+                self._lose(
+                    "the homeserver revoked the access token (M_UNKNOWN_TOKEN) and "
+                    "MATRIX_PASSWORD is not set"
+                )
             old_device = self.device_id
             try:
-                session = await password_login(self, self.settings,
-                                               relogin_device(soft_logout, old_device))
+                session = await password_login(
+                    self, self.settings, relogin_device(soft_logout, old_device)
+                )
             except LoginFailed as err:
                 self._lose(f"the access token was revoked and a new login failed: {err}")
             except HomeserverUnreachable as err:
-                raise TokenRefused(f"the access token was revoked; a new login will be "
-                                   f"tried again: {err}") from err
+                raise TokenRefused(
+                    f"the access token was revoked; a new login will be tried again: {err}"
+                ) from err
             self._untried = session.access_token
-        log.warning("session.relogin", old_device_id=old_device, device_id=session.device_id,
-                    soft_logout=soft_logout, request=request)
+        log.warning(
+            "session.relogin",
+            old_device_id=old_device,
+            device_id=session.device_id,
+            soft_logout=soft_logout,
+            request=request,
+        )
         self._on_renewed()
 
     def _lose(self, reason: str) -> NoReturn:

@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.ingest.update import RetryLater
-from adapter.matrix.vocabulary.content import answered_source, is_legacy_reply
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.ingest import events
 from adapter.matrix.ingest.events import READ_TYPES, is_own_join, to_update
-from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.ingest.update import RetryLater, Update
+from adapter.matrix.vocabulary.content import answered_source, is_legacy_reply
 
 log = structlog.get_logger()
 
@@ -98,8 +97,15 @@ def deferred(room_id: str, sync_token: str) -> Update:
     find answers already given after that position: a start's sweep is recorded window by
     window, so a catch-up of an earlier start (cut short by a crash, or a refused token) may
     be answering the same room in its lane, and its answers come after this position."""
-    return Update("catchup", room_id, "", f"catchup|{room_id}|{sync_token}", sync_token,
-                  catchup=True, replayed=True)
+    return Update(
+        "catchup",
+        room_id,
+        "",
+        f"catchup|{room_id}|{sync_token}",
+        sync_token,
+        catchup=True,
+        replayed=True,
+    )
 
 
 class CatchUpReader:
@@ -117,22 +123,36 @@ class CatchUpReader:
             return [update]
         try:
             found, dropped = await self._read_back(update.room_id, update.body)
-            answered = (await self._answered_since(update.room_id, update.body)
-                        if update.may_be_answered else set())
+            answered = (
+                await self._answered_since(update.room_id, update.body)
+                if update.may_be_answered
+                else set()
+            )
         except HomeserverError as err:
             if not err.transient:  # the bot left the room, say: nothing of it to answer
                 log.info("sync.catchup_skipped", room_id=update.room_id, error=str(err))
                 return []
             raise RetryLater(str(err), err.retry_after_ms) from err
-        updates = [u for ev in found.answer if ev.get("event_id") not in answered
-                   and (u := to_update(ev, self.hs.bot_id, catchup=True)) is not None]
+        updates = [
+            u
+            for ev in found.answer
+            if ev.get("event_id") not in answered
+            and (u := to_update(ev, self.hs.bot_id, catchup=True)) is not None
+        ]
         if dropped:
-            updates.insert(0, Update("missed", update.room_id, dropped[-1].get("sender", ""),
-                                     f"missed|{update.event_id}", str(len(dropped))))
+            updates.insert(
+                0,
+                Update(
+                    "missed",
+                    update.room_id,
+                    dropped[-1].get("sender", ""),
+                    f"missed|{update.event_id}",
+                    str(len(dropped)),
+                ),
+            )
         return updates
 
-    async def _read_back(self, room_id: str, token: str | None
-                         ) -> tuple[CatchUp, list[dict]]:
+    async def _read_back(self, room_id: str, token: str | None) -> tuple[CatchUp, list[dict]]:
         """Page back from ``token`` until the rule is complete, the room begins, or the bound:
         the rule's result over what was read, and the messages past the bound."""
         started = time.monotonic()
@@ -146,12 +166,21 @@ class CatchUpReader:
         found = walk.result()
         cut = max(0, len(found.answer) - events.MAX_BACKFILL)
         dropped, found = found.answer[:cut], replace(found, answer=found.answer[cut:])
-        log.info("sync.catchup_read", room_id=room_id, answered=len(found.answer),
-                 skipped=found.skipped, pages=pages,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+        log.info(
+            "sync.catchup_read",
+            room_id=room_id,
+            answered=len(found.answer),
+            skipped=found.skipped,
+            pages=pages,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
         if dropped:
-            log.warning("sync.timeline_gap", room_id=room_id, handled=len(found.answer),
-                        unanswered=len(dropped))
+            log.warning(
+                "sync.timeline_gap",
+                room_id=room_id,
+                handled=len(found.answer),
+                unanswered=len(dropped),
+            )
         return found, dropped
 
     async def _answered_since(self, room_id: str, token: str | None) -> set[str]:
@@ -159,9 +188,11 @@ class CatchUpReader:
         answered: set[str] = set()
         bot, read = [self.hs.bot_id], 0
         while token is not None and read < events.MAX_BACKFILL + events.MAX_COUNTED:
-            page, token = await self.hs.messages(room_id, token, None, events.PAGE,
-                                                 ["m.room.message"], forward=True, senders=bot)
+            page, token = await self.hs.messages(
+                room_id, token, None, events.PAGE, ["m.room.message"], forward=True, senders=bot
+            )
             read += len(page)
-            answered.update(s for ev in page
-                            if (s := answered_source(ev, self.hs.bot_id)) is not None)
+            answered.update(
+                s for ev in page if (s := answered_source(ev, self.hs.bot_id)) is not None
+            )
         return answered

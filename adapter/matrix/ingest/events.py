@@ -20,16 +20,23 @@ def to_update(ev: dict, bot_id: str, catchup: bool = False) -> Update | None:
     sender, content = ev.get("sender"), ev.get("content")
     if sender == bot_id or not isinstance(sender, str) or not isinstance(content, dict):
         return None
-    common = {"room_id": ev.get("room_id", ""), "sender": sender, "catchup": catchup,
-              "event_id": str(ev.get("event_id", "")), "ts": int(ev.get("origin_server_ts") or 0)}
+    common = {
+        "room_id": ev.get("room_id", ""),
+        "sender": sender,
+        "catchup": catchup,
+        "event_id": str(ev.get("event_id", "")),
+        "ts": int(ev.get("origin_server_ts") or 0),
+    }
     kind = ev.get("type")
-    if kind == "m.room.message" and content.get("msgtype") == "m.text" \
-            and (body := without_reply_fallback(content)) is not None \
-            and replaced_event(ev) is None:
+    if (
+        kind == "m.room.message"
+        and content.get("msgtype") == "m.text"
+        and (body := without_reply_fallback(content)) is not None
+        and replaced_event(ev) is None
+    ):
         # An edit is not a new question: it changes the turn it edits (the conversation).
         return Update("message", body=body, **common)
-    if kind == "m.room.name" and ev.get("state_key") == "" \
-            and isinstance(content.get("name"), str):
+    if kind == "m.room.name" and ev.get("state_key") == "" and isinstance(content.get("name"), str):
         return Update("room_name", body=content["name"], **common)
     if kind == "m.room.encrypted":  # the bot has no E2EE: say so, never stay silent
         return Update("encrypted", **common)
@@ -41,8 +48,9 @@ def is_own_join(ev: dict, bot_id: str) -> bool:
     if ev.get("type") != "m.room.member" or ev.get("state_key") != bot_id:
         return False
     prev = (ev.get("unsigned") or {}).get("prev_content") or {}
-    return (ev.get("content") or {}).get("membership") == "join" \
-        and prev.get("membership") != "join"
+    return (ev.get("content") or {}).get("membership") == "join" and prev.get(
+        "membership"
+    ) != "join"
 
 
 def invites_of(resp: SyncResponse, bot_id: str) -> list[tuple[str, str]]:
@@ -50,8 +58,16 @@ def invites_of(resp: SyncResponse, bot_id: str) -> list[tuple[str, str]]:
     invite event for the bot itself)."""
     found = []
     for room_id, info in resp.rooms.invite.items():
-        invite = next((ev for ev in info.invite_state if isinstance(ev, InviteMemberEvent)
-                       and ev.state_key == bot_id and ev.membership == "invite"), None)
+        invite = next(
+            (
+                ev
+                for ev in info.invite_state
+                if isinstance(ev, InviteMemberEvent)
+                and ev.state_key == bot_id
+                and ev.membership == "invite"
+            ),
+            None,
+        )
         if invite is not None:
             found.append((room_id, invite.sender))
     return found

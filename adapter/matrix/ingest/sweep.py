@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.vocabulary.markers import SpaceMarker
-from adapter.matrix.ingest.events import READ_TYPES, invites_of
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.ingest.events import READ_TYPES, invites_of
+from adapter.matrix.vocabulary.markers import SpaceMarker
 
 log = structlog.get_logger()
 
@@ -68,15 +68,28 @@ def parse_window(body: dict, bot_id: str) -> Window:
         if not isinstance(room, dict) or not room.get("initial"):
             continue
         if (invite_state := room.get("invite_state")) is not None:
-            invite = next((ev for ev in invite_state if ev.get("type") == "m.room.member"
-                           and ev.get("state_key") == bot_id
-                           and (ev.get("content") or {}).get("membership") == "invite"), None)
+            invite = next(
+                (
+                    ev
+                    for ev in invite_state
+                    if ev.get("type") == "m.room.member"
+                    and ev.get("state_key") == bot_id
+                    and (ev.get("content") or {}).get("membership") == "invite"
+                ),
+                None,
+            )
             if invite is not None and isinstance(invite.get("sender"), str):
                 invites.append((room_id, invite["sender"]))
             continue
         state = room.get("required_state") or []
-        own = next((ev for ev in state if ev.get("type") == "m.room.member"
-                    and ev.get("state_key") == bot_id), None)
+        own = next(
+            (
+                ev
+                for ev in state
+                if ev.get("type") == "m.room.member" and ev.get("state_key") == bot_id
+            ),
+            None,
+        )
         if own is not None and (own.get("content") or {}).get("membership") != "join":
             continue  # left, or banned, since the connection began
         events = [{**ev, "room_id": room_id} for ev in room.get("timeline") or []]
@@ -93,10 +106,15 @@ def first_sync_window(resp: SyncResponse, hs: Homeserver) -> Window:
     rooms = []
     for room_id, info in resp.rooms.join.items():
         synced = hs.synced_room(room_id)
-        rooms.append(Glimpse(room_id, [{**ev.source, "room_id": room_id}
-                                       for ev in info.timeline.events],
-                             info.timeline.limited, synced.room_type if synced else None,
-                             []))
+        rooms.append(
+            Glimpse(
+                room_id,
+                [{**ev.source, "room_id": room_id} for ev in info.timeline.events],
+                info.timeline.limited,
+                synced.room_type if synced else None,
+                [],
+            )
+        )
     return Window(rooms, invites_of(resp, hs.bot_id))
 
 
@@ -108,8 +126,7 @@ def unsupported(err: HomeserverError) -> bool:
 class Sweep:
     """The windows of one start's sweep, most recently active rooms first."""
 
-    def __init__(self, hs: Homeserver, first_sync: Callable[[], Awaitable[SyncResponse]]
-                 ) -> None:
+    def __init__(self, hs: Homeserver, first_sync: Callable[[], Awaitable[SyncResponse]]) -> None:
         self.hs = hs
         self.first_sync = first_sync
         self.sliding = True  # until the homeserver says it has no sliding sync
@@ -131,20 +148,31 @@ class Sweep:
                 log.info("sync.sweep_fallback", reason=str(err))
         started = time.monotonic()
         yield first_sync_window(await self.first_sync(), self.hs)
-        log.info("sync.swept", via="sync", windows=1,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+        log.info(
+            "sync.swept",
+            via="sync",
+            windows=1,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
-    async def _sliding(self, give_way: Callable[[], Awaitable[None]]
-                       ) -> AsyncIterator[Window]:
+    async def _sliding(self, give_way: Callable[[], Awaitable[None]]) -> AsyncIterator[Window]:
         started, pos, end, windows, waited = time.monotonic(), None, FIRST_WINDOW - 1, 0, 0.0
         while True:
             if windows:
                 paused = time.monotonic()
                 await give_way()
                 waited += time.monotonic() - paused
-            body = await self.hs.sliding_sync(CONNECTION, {LIST: {
-                "ranges": [[0, end]], "timeline_limit": TIMELINE,
-                "required_state": REQUIRED_STATE}}, pos)
+            body = await self.hs.sliding_sync(
+                CONNECTION,
+                {
+                    LIST: {
+                        "ranges": [[0, end]],
+                        "timeline_limit": TIMELINE,
+                        "required_state": REQUIRED_STATE,
+                    }
+                },
+                pos,
+            )
             window = parse_window(body, self.hs.bot_id)
             for glimpse in window.rooms:  # hints for finding a user's Space (the healer)
                 self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
@@ -154,6 +182,11 @@ class Sweep:
             if not isinstance(count, int) or end + 1 >= count:
                 break
             pos, end = body.get("pos"), end + WINDOW
-        log.info("sync.swept", via="sliding_sync", windows=windows, rooms=count,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1),
-                 gave_way_ms=round(waited * 1000, 1))
+        log.info(
+            "sync.swept",
+            via="sliding_sync",
+            windows=windows,
+            rooms=count,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            gave_way_ms=round(waited * 1000, 1),
+        )

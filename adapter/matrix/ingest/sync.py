@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.ingest.update import Update
-from adapter.matrix.vocabulary.content import SPACE_TYPE
+from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.ingest import events
 from adapter.matrix.ingest.catchup import catch_up, deferred, window_start_ms
 from adapter.matrix.ingest.events import READ_TYPES, invites_of, is_own_join, to_update
-from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.ingest.sweep import Window
+from adapter.matrix.ingest.update import Update
+from adapter.matrix.vocabulary.content import SPACE_TYPE
 
 log = structlog.get_logger()
 
@@ -33,22 +33,25 @@ log = structlog.get_logger()
 Observer = Callable[[str, Iterable[dict], bool], None]
 
 
-def sync_token_refused(http_status: int | None, errcode: str | None, message: str | None
-                       ) -> bool:
+def sync_token_refused(http_status: int | None, errcode: str | None, message: str | None) -> bool:
     """Whether a failed ``/sync?since=`` means the server does not accept the token itself.
 
     Synapse (``StreamToken.from_string``) answers any token it cannot parse with exactly
     ``400 M_UNKNOWN "Invalid stream token"``, and accepts one from the future (bounded to its
     current position). Nothing transient (a 5xx, a 429, no answer) is ever that.
     """
-    return http_status == 400 and errcode == "M_UNKNOWN" \
+    return (
+        http_status == 400
+        and errcode == "M_UNKNOWN"
         and (message or "").startswith("Invalid stream token")
+    )
 
 
 def _own_join_index(timeline: list[dict], bot_id: str) -> int | None:
     """Where the bot's last join is in a timeline, if it is there."""
-    return next((i for i in range(len(timeline) - 1, -1, -1)
-                 if is_own_join(timeline[i], bot_id)), None)
+    return next(
+        (i for i in range(len(timeline) - 1, -1, -1) if is_own_join(timeline[i], bot_id)), None
+    )
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ class Backfill:
 class Ingest:
     """Turns sync responses into updates, fetching what a limited timeline left out."""
 
-    def __init__(self, hs: Homeserver, catchup_hours: float,
-                 observe: Observer | None = None) -> None:
+    def __init__(
+        self, hs: Homeserver, catchup_hours: float, observe: Observer | None = None
+    ) -> None:
         self.hs = hs
         self.catchup_hours = catchup_hours
         self.observe = observe or (lambda room_id, events, limited: None)
@@ -90,15 +94,23 @@ class Ingest:
                 if joined is None:  # a newly joined room has nothing of the bot's before
                     updates.append(deferred(room_id, self._start))
             if joined is not None:
-                timeline = timeline[joined + 1:]  # newly joined: what came before is not ours
+                timeline = timeline[joined + 1 :]  # newly joined: what came before is not ours
             elif info.timeline.limited and info.timeline.prev_batch and since is not None:
                 missed = await self._backfill(room_id, info.timeline.prev_batch, since)
                 if missed.dropped:
-                    updates.append(Update("missed", room_id, missed.dropped_sender or "",
-                                          f"missed|{room_id}|{since}", str(missed.dropped)))
+                    updates.append(
+                        Update(
+                            "missed",
+                            room_id,
+                            missed.dropped_sender or "",
+                            f"missed|{room_id}|{since}",
+                            str(missed.dropped),
+                        )
+                    )
                 timeline = missed.events + timeline
-            updates.extend(update for ev in timeline
-                           if (update := to_update(ev, bot_id)) is not None)
+            updates.extend(
+                update for ev in timeline if (update := to_update(ev, bot_id)) is not None
+            )
         return updates
 
     def sweep(self, window: Window) -> list[Update]:
@@ -118,9 +130,13 @@ class Ingest:
             found = catch_up(room.events, self.hs.bot_id, not_before_ms)
             if found.answer or (room.limited and not found.conclusive):
                 updates.append(deferred(room.room_id, self._start))
-        log.info("sync.catchup", rooms=len(window.rooms), deferred=sum(
-            u.kind == "catchup" for u in updates), invites=sum(u.kind == "invite" for u in updates),
-            hours=self.catchup_hours)
+        log.info(
+            "sync.catchup",
+            rooms=len(window.rooms),
+            deferred=sum(u.kind == "catchup" for u in updates),
+            invites=sum(u.kind == "invite" for u in updates),
+            hours=self.catchup_hours,
+        )
         return updates
 
     def swept(self) -> None:
@@ -145,8 +161,7 @@ class Ingest:
         kept: list[dict] = []
         dropped, dropped_sender, token = 0, None, start
         while token and dropped < events.MAX_COUNTED:
-            page, token = await self.hs.messages(room_id, token, since, events.PAGE,
-                                                 READ_TYPES)
+            page, token = await self.hs.messages(room_id, token, since, events.PAGE, READ_TYPES)
             for ev in ({**raw, "room_id": room_id} for raw in page):
                 if is_own_join(ev, bot_id):
                     token = None
@@ -161,6 +176,5 @@ class Ingest:
         if kept:
             log.info("sync.gap_backfilled", room_id=room_id, events=len(kept))
         if dropped:
-            log.warning("sync.timeline_gap", room_id=room_id, handled=len(kept),
-                        unanswered=dropped)
+            log.warning("sync.timeline_gap", room_id=room_id, handled=len(kept), unanswered=dropped)
         return Backfill(kept[::-1], dropped, dropped_sender)

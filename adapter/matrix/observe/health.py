@@ -29,9 +29,10 @@ class HealthReport:
         return not self.problems
 
     def to_json(self) -> dict:
-        body: dict = {"status": "ok" if self.ok else "unavailable",
-                      "last_sync_s": None if self.last_sync_s is None
-                      else round(self.last_sync_s, 1)}
+        body: dict = {
+            "status": "ok" if self.ok else "unavailable",
+            "last_sync_s": None if self.last_sync_s is None else round(self.last_sync_s, 1),
+        }
         if self.problems:
             body["problems"] = [{"reason": p.reason, "detail": p.detail} for p in self.problems]
         return body
@@ -41,8 +42,9 @@ class Health:
     """The bot is healthy while it syncs: a round was recorded, the homeserver has not been
     failing for more than ``outage_after_s``, and the DB takes writes."""
 
-    def __init__(self, outage_after_s: float = OUTAGE_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, outage_after_s: float = OUTAGE_AFTER_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.outage_after_s = outage_after_s
         self._clock = clock
         self._synced_at: float | None = None
@@ -78,17 +80,29 @@ class Health:
         if self._synced_at is None:
             problems.append(Problem("not_syncing_yet", "the bot has not recorded a sync round yet"))
         if self._failing_since is not None and now - self._failing_since > self.outage_after_s:
-            problems.append(Problem(
-                "homeserver_failing", f"the homeserver has been failing for "
-                f"{now - self._failing_since:.0f} s: {self._homeserver_error}"))
-        elif self._synced_at is not None \
-                and now - self._synced_at > self.outage_after_s + LONG_POLL_S:
+            problems.append(
+                Problem(
+                    "homeserver_failing",
+                    f"the homeserver has been failing for "
+                    f"{now - self._failing_since:.0f} s: {self._homeserver_error}",
+                )
+            )
+        elif (
+            self._synced_at is not None
+            and now - self._synced_at > self.outage_after_s + LONG_POLL_S
+        ):
             # A homeserver that hangs fails no request for minutes (nio's own timeouts).
-            problems.append(Problem(
-                "homeserver_failing", f"no sync round for {now - self._synced_at:.0f} s: "
-                "the homeserver does not answer"))
+            problems.append(
+                Problem(
+                    "homeserver_failing",
+                    f"no sync round for {now - self._synced_at:.0f} s: "
+                    "the homeserver does not answer",
+                )
+            )
         if self._store_error is not None:
-            problems.append(Problem("store_refuses_writes",
-                                    f"the local DB refuses writes: {self._store_error}"))
-        return HealthReport(tuple(problems),
-                            None if self._synced_at is None else now - self._synced_at)
+            problems.append(
+                Problem("store_refuses_writes", f"the local DB refuses writes: {self._store_error}")
+            )
+        return HealthReport(
+            tuple(problems), None if self._synced_at is None else now - self._synced_at
+        )

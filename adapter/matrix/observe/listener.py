@@ -52,7 +52,8 @@ class MetricsListener:
             raise ListenerUnavailable(
                 f"LAMBDA_METRICS_ADDR={addr}: cannot listen there "
                 f"({os.strerror(err.errno) if err.errno else err}); choose a free port on an "
-                "address of this host") from err
+                "address of this host"
+            ) from err
         listener = cls(runner, ListenAddr(*runner.addresses[0][:2]))
         log.info("metrics.listening", addr=str(listener.addr), url=listener.url)
         return listener

@@ -120,11 +120,15 @@ class MatrixStore:
     async def get_created(self, source_event_id: str) -> Creation | None:
         """What the chat room that an event creates is (to be): see ``chat_rooms``."""
         data = await self.db.get(f"created_by:{source_event_id}")
-        return Creation(data["chat_id"], data.get("title", "Chat"), data.get("room_id")
-                        ) if data else None
+        return (
+            Creation(data["chat_id"], data.get("title", "Chat"), data.get("room_id"))
+            if data
+            else None
+        )
 
-    async def set_created(self, source_event_id: str, creation: Creation,
-                          tx: Transaction | None = None) -> None:
+    async def set_created(
+        self, source_event_id: str, creation: Creation, tx: Transaction | None = None
+    ) -> None:
         await self._write(f"created_by:{source_event_id}", _strip_none(creation), tx)
 
     async def get_sync_token(self) -> str | None:
@@ -134,8 +138,9 @@ class MatrixStore:
 async def active_chat_rooms(store: MatrixStore, chats: ChatManager, owner: str) -> dict[str, str]:
     """chat_id -> room_id of the owner's active chats that have a room, oldest first."""
     rooms = await store.chat_rooms_of(owner)
-    return {c.chat_id: rooms[c.chat_id] for c in await chats.list_active(owner)
-            if c.chat_id in rooms}
+    return {
+        c.chat_id: rooms[c.chat_id] for c in await chats.list_active(owner) if c.chat_id in rooms
+    }
 
 
 async def knows_a_chat(store: MatrixStore, chats: ChatManager, owner: str) -> bool:

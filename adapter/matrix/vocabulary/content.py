@@ -14,9 +14,15 @@ PROVISIONAL_KEY = "io.lambda.provisional"
 SPACE_TYPE = "m.space"  # m.room.create's ``type`` of a Space
 
 
-def message_content(body: str, *, html: str | None = None, notice: bool = True,
-                    source_event_id: str | None = None, reply_to: str | None = None,
-                    provisional: bool = False) -> dict[str, Any]:
+def message_content(
+    body: str,
+    *,
+    html: str | None = None,
+    notice: bool = True,
+    source_event_id: str | None = None,
+    reply_to: str | None = None,
+    provisional: bool = False,
+) -> dict[str, Any]:
     """An ``m.room.message`` of the bot: a notice (bot texts) or ``m.text`` (answers), naming
     its source; ``reply_to`` makes it a rich reply to that event."""
     content: dict[str, Any] = {"msgtype": "m.notice" if notice else "m.text", "body": body}
@@ -54,8 +60,11 @@ def answered_source(ev: dict, bot_id: str) -> str | None:
     source, body = content.get(SOURCE_KEY), content.get("body")
     if not isinstance(source, str) or content.get(PROVISIONAL_KEY):
         return None
-    if content.get("msgtype") == "m.notice" and isinstance(body, str) \
-            and any(words in body for words in LEGACY_PROVISIONAL):
+    if (
+        content.get("msgtype") == "m.notice"
+        and isinstance(body, str)
+        and any(words in body for words in LEGACY_PROVISIONAL)
+    ):
         return None
     return source
 
@@ -63,8 +72,12 @@ def answered_source(ev: dict, bot_id: str) -> str | None:
 def is_legacy_reply(ev: dict, bot_id: str) -> bool:
     """A bot message from before replies named their source: it answered what came before."""
     content = content_of(ev)
-    return (ev.get("sender") == bot_id and ev.get("type") == "m.room.message"
-            and isinstance(content.get("body"), str) and SOURCE_KEY not in content)
+    return (
+        ev.get("sender") == bot_id
+        and ev.get("type") == "m.room.message"
+        and isinstance(content.get("body"), str)
+        and SOURCE_KEY not in content
+    )
 
 
 def replaced_event(ev: dict) -> str | None:
@@ -92,8 +105,7 @@ def without_reply_fallback(content: dict) -> str | None:
     if not isinstance(body, str):
         return None
     relation = content.get("m.relates_to")
-    if not (isinstance(relation, dict) and "m.in_reply_to" in relation
-            and body.startswith("> ")):
+    if not (isinstance(relation, dict) and "m.in_reply_to" in relation and body.startswith("> ")):
         return body
     lines = body.split("\n")
     while lines and lines[0].startswith(">"):

@@ -84,5 +84,9 @@ class ChatMarker(Marker):
         return cls(owner, chat_id, status)
 
     def content(self) -> dict[str, Any]:
-        return {"owner": self.owner, "chat_id": self.chat_id, "status": self.status,
-                "v": FORMAT_VERSION}
+        return {
+            "owner": self.owner,
+            "chat_id": self.chat_id,
+            "status": self.status,
+            "v": FORMAT_VERSION,
+        }
