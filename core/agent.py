@@ -74,7 +74,7 @@ def load_agent(import_string: str) -> Agent:
         raise AgentLoadError(
             f"LAMBDA_AGENT={import_string!r}: cannot import {module_name!r} ({err})"
         ) from err
-    factory = module
+    factory: object = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
