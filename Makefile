@@ -19,6 +19,7 @@ run: $(VENV)/.installed
 # Two workers, each with its own Synapse: one Synapse and the bot wait on each other, so a
 # single session keeps only one of the 2 cores busy.
 test: $(VENV)/.installed
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
 	$(PY) -m pytest -q -n 2
 
 bench: $(VENV)/.installed

@@ -26,13 +26,22 @@ class Turn:
     ts: int  # origin_server_ts, ms
 
 
-class Agent(Protocol):
+class PlainAgent(Protocol):
     """An agent may also set ``timeout_s``: how long one answer may take (default 300 s), and
     take a keyword ``history`` (``list[Turn]``, oldest first) to see the conversation."""
 
     async def reply(self, chat: Chat, text: str) -> str:
         """The assistant's answer to ``text`` in ``chat``, in Markdown."""
         ...
+
+
+class HistoryAgent(Protocol):
+    """An agent whose ``reply`` requires the ``history`` (see ``wants_history``)."""
+
+    async def reply(self, chat: Chat, text: str, *, history: list[Turn]) -> str: ...
+
+
+Agent = PlainAgent | HistoryAgent
 
 
 class AgentLoadError(Exception):
@@ -74,7 +83,7 @@ def load_agent(import_string: str) -> Agent:
         raise AgentLoadError(
             f"LAMBDA_AGENT={import_string!r}: cannot import {module_name!r} ({err})"
         ) from err
-    factory = module
+    factory: object = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

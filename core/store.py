@@ -10,11 +10,11 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiosqlite
 
@@ -257,7 +257,8 @@ async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:
     async with conn.execute(
         "SELECT key, value FROM kv WHERE key IN (?, ?)", (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)
     ) as cur:
-        rows = dict(await cur.fetchall())
+        # no row_factory on this connection: the rows are (key, value) tuples
+        rows = dict(cast("Iterable[tuple[str, str]]", await cur.fetchall()))
     try:
         return birth_from(rows)
     except ValueError as err:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -28,7 +30,7 @@ class LoggedCalls:
     """``SlowAgent``'s calls as a bot process logged them: ``calls[text] = (began, ended)``,
     the shape ``bench_delivery.burst`` reads."""
 
-    def __init__(self, logs: list[dict]) -> None:
+    def __init__(self, logs: Sequence[Mapping[str, Any]]) -> None:
         self.logs = logs
 
     @property

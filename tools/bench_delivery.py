@@ -16,14 +16,16 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from bench_heal import BotProcess  # noqa: E402
+from bench_heal import BotProcess, Logs  # noqa: E402
 from homeserver import LocalHomeserver  # noqa: E402
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import SOURCE_KEY, ScriptedUser  # noqa: E402
@@ -32,6 +34,13 @@ from core.chat import Chat  # noqa: E402
 
 AGENT_DELAY_S = 1.0
 TARGET_MEDIAN, TARGET_MAX = 1.1, 1.3
+
+
+class TimedCalls(Protocol):
+    """When (epoch ms) each text's agent call began and ended: ``calls[text] = (began, ended)``."""
+
+    @property
+    def calls(self) -> Mapping[str, tuple[float, float]]: ...
 
 
 class SlowAgent:
@@ -60,7 +69,7 @@ async def users(hs: LocalHomeserver, count: int, bot_id: str) -> list[ScriptedUs
     )
 
 
-async def answered(logs: list[dict], event_ids: list[str], timeout: float) -> None:
+async def answered(logs: Sequence[Mapping[str, Any]], event_ids: list[str], timeout: float) -> None:
     """Wait until the bot logged ``message.answered`` for each of ``event_ids``."""
     wanted, deadline = set(event_ids), time.monotonic() + timeout
     while not wanted <= {e.get("event_id") for e in logs if e["event"] == "message.answered"}:
@@ -70,7 +79,10 @@ async def answered(logs: list[dict], event_ids: list[str], timeout: float) -> No
 
 
 async def burst(
-    logs: list[dict], agent: SlowAgent, group: list[tuple[ScriptedUser, str]], label: str
+    logs: Sequence[Mapping[str, Any]],
+    agent: TimedCalls,
+    group: list[tuple[ScriptedUser, str]],
+    label: str,
 ) -> dict:
     """Every user sends one message in its chat at once; latency per user / agent delay.
     The users do not sync until the bot is done: the observers must not load the
@@ -97,18 +109,18 @@ async def burst(
             began, ended = agent.calls[text]
             to_agent.append(began - asked)
             to_reply.append(stamped - ended)
-    began = [agent.calls[text][0] for text in texts if text in agent.calls]
+    begins = [agent.calls[text][0] for text in texts if text in agent.calls]
     return {
         "k": len(group),
         "answered": len(ratios),
         "ratios": ratios,
         "to_agent": to_agent,
         "to_reply": to_reply,
-        "spread": max(began) - min(began) if began else float("nan"),
+        "spread": max(begins) - min(begins) if begins else float("nan"),
     }
 
 
-async def gap(bot: BotProcess, logs: list[dict], person: ScriptedUser, chat: str, n: int) -> dict:
+async def gap(bot: BotProcess, logs: Logs, person: ScriptedUser, chat: str, n: int) -> dict:
     """``n`` messages while the bot is stopped; then start it and wait for the answers
     (seen by the user's sync); then check them against the room's own timeline."""
     await bot.stop()

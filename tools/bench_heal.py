@@ -19,9 +19,11 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import MutableMapping
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -39,14 +41,17 @@ from adapter.matrix.run import run_bot  # noqa: E402
 from core.agent import Agent  # noqa: E402
 
 SCRAPE_EVERY_S = 0.1
+Logs = list[MutableMapping[str, Any]]  # the log lines, as structlog.testing.capture_logs
 
 
 class BotProcess:
     def __init__(self, config: Config, agent: Agent | None = None) -> None:
         """``agent`` overrides ``config.agent`` (None: the one the config names)."""
-        self.config, self.agent, self.task, self.stop_event = config, agent, None, None
+        self.config, self.agent = config, agent
+        self.task: asyncio.Task[int] | None = None
+        self.stop_event: asyncio.Event | None = None
 
-    async def start(self, logs: list[dict]) -> float:
+    async def start(self, logs: Logs) -> float:
         """Start the bot in-process; returns seconds until it logged ``bot.ready``."""
         started = time.perf_counter()
         seen = sum(e["event"] == "bot.ready" for e in logs)
@@ -59,6 +64,7 @@ class BotProcess:
         return time.perf_counter() - started
 
     async def stop(self) -> None:
+        assert self.stop_event is not None and self.task is not None, "stop() before start()"
         self.stop_event.set()
         await self.task
 
@@ -75,6 +81,7 @@ async def cli_start_seconds(config: Config) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapter.matrix", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
     )
+    assert proc.stderr is not None  # a pipe
     async for raw in proc.stderr:
         if json.loads(raw).get("event") == "bot.ready":
             break
@@ -95,7 +102,11 @@ async def scrape_every(url: str, seconds: float, scrapes: list[int]) -> None:
 
 
 async def metrics_cost(
-    bot: BotProcess, person: ScriptedUser, room: str, logs: list[dict], samples: int
+    bot: BotProcess,
+    person: ScriptedUser,
+    room: str,
+    logs: Logs,
+    samples: int,
 ) -> dict:
     """Healthy replies in alternating runs without and with a metrics listener being scraped
     (plain, metered, metered, plain, twice: a drift of the machine weighs on both alike). The

@@ -21,16 +21,18 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from bench_agent import LoggedCalls  # noqa: E402
 from bench_delivery import AGENT_DELAY_S, burst, ms_spread, users  # noqa: E402
-from bench_heal import BotProcess  # noqa: E402
+from bench_heal import BotProcess, Logs  # noqa: E402
 from homeserver import LocalHomeserver  # noqa: E402
 from nio import AsyncClient  # noqa: E402
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
@@ -56,7 +58,7 @@ class ProcessBot(BotProcess):
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
 
-    async def start(self, logs: list[dict]) -> float:
+    async def start(self, logs: Logs) -> float:
         """Exec the bot; returns seconds until it logged ``bot.ready``."""
         started = time.perf_counter()
         seen = sum(e.get("event") == "bot.ready" for e in logs)
@@ -86,7 +88,7 @@ class ProcessBot(BotProcess):
             await asyncio.sleep(0.01)
         return time.perf_counter() - started
 
-    async def _read(self, logs: list[dict]) -> None:
+    async def _read(self, logs: Logs) -> None:
         assert self.proc and self.proc.stderr
         async for raw in self.proc.stderr:
             try:
@@ -111,6 +113,7 @@ class ProcessBot(BotProcess):
 async def synapse_idle(hs: LocalHomeserver, below: float = 0.1, timeout: float = 60) -> None:
     """Until Synapse uses less than ``below`` of a core for a second: what building rooms set
     off in it is done, and does not share the CPU with the starts measured next."""
+    assert hs._process is not None, "the homeserver is running"
     stat = Path(f"/proc/{hs._process.pid}/stat")
 
     def cpu_s() -> float:
@@ -125,14 +128,14 @@ async def synapse_idle(hs: LocalHomeserver, below: float = 0.1, timeout: float =
         before = now
 
 
-def logged_at(entry: dict) -> float:
+def logged_at(entry: Mapping[str, Any]) -> float:
     return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 async def first_reply(
     hs: LocalHomeserver,
     bot: ProcessBot,
-    logs: list[dict],
+    logs: Logs,
     owner: ScriptedUser,
     chat: str,
     lose: bool,
@@ -169,7 +172,7 @@ async def first_reply(
 async def measure(
     hs: LocalHomeserver,
     bot: ProcessBot,
-    logs: list[dict],
+    logs: Logs,
     owner: ScriptedUser,
     chat: str,
     samples: int,
@@ -212,7 +215,8 @@ async def typing_syncs(hs: LocalHomeserver, work: Path, typists: int, seconds: f
     proxy = FaultProxy(hs.url)
     await proxy.start()
     config = replace(bot_config(hs, work, "typingbot"), homeserver=proxy.url)
-    bot, logs = ProcessBot(config), []
+    bot = ProcessBot(config)
+    logs: Logs = []
     people: list[ScriptedUser] = []
     try:
         await bot.start(logs)
@@ -252,7 +256,7 @@ async def bench(
     bot_log: Path | None,
 ) -> None:
     small, large = sizes
-    logs: list[dict] = []
+    logs: Logs = []
     people: list[ScriptedUser] = []
     with throwaway_homeserver("lambda-bench-scale-") as (hs, work):
         try:
@@ -310,7 +314,7 @@ def report(
     typing: dict,
     typists: int,
     typing_s: float,
-    logs: list[dict],
+    logs: Logs,
 ) -> None:
     small, large = sorted(at)
     print(

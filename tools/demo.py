@@ -36,7 +36,8 @@ SHOWN = {
 
 class Bot:
     def __init__(self, env: dict[str, str]) -> None:
-        self.env, self.proc, self.ready = env, None, asyncio.Event()
+        self.env, self.ready = env, asyncio.Event()
+        self.proc: asyncio.subprocess.Process | None = None
         self.warnings: list[dict] = []  # a healthy run has none (SPEC §6)
 
     async def start(self) -> None:
@@ -67,6 +68,7 @@ class Bot:
                 self.ready.set()
 
     async def stop(self) -> None:
+        assert self.proc is not None, "stop() before start()"
         self.proc.send_signal(signal.SIGTERM)
         await self.proc.wait()
 

@@ -14,6 +14,7 @@ import sqlite3
 from contextlib import aclosing
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 import structlog
 from aiohttp import ClientError
@@ -59,7 +60,7 @@ SYNC_TIMEOUT_MS = 30_000
 # other users' typing and read receipts would each end the long poll and cost a sync round.
 # Members are loaded lazily (those of the timeline's senders): a heal reads a room's members
 # from its state; finding a user's Space goes by the Space markers sync shows (note_sync).
-SYNC_FILTER = {
+SYNC_FILTER: dict[str, Any] = {
     "presence": {"not_types": ["*"]},
     "account_data": {"not_types": ["*"]},
     "room": {
@@ -225,7 +226,8 @@ class Bot:
         read back (``Ingest.sweep``). Each window is recorded as it comes and handled at once,
         before the next is asked for (the homeserver's time goes to users first); once the
         last one is recorded, the token is kept again."""
-        backoff, unrecorded = 1.0, []
+        backoff = 1.0
+        unrecorded: list[Update] = []
         while not stop.is_set():
             try:
                 if unrecorded:  # decided, but the file refused them: never decided again

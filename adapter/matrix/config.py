@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from core.log_setup import LEVELS
 
@@ -138,6 +139,7 @@ class Config:
                 )
         if problems:
             raise ConfigError("; ".join(problems))
+        assert homeserver is not None and user_id is not None  # else a problem above
         db_path, store_path = local_paths(env)
         return cls(
             homeserver=homeserver.rstrip("/"),
@@ -183,14 +185,17 @@ class Config:
         return env
 
 
+_Number = TypeVar("_Number", int, float)
+
+
 def _number(
     raw: str | None,
-    kind: type[int] | type[float],
-    default: int | float,
+    kind: type[_Number],
+    default: _Number,
     name: str,
     problems: list[str],
     zero_ok: bool = False,
-) -> int | float:
+) -> _Number:
     """A positive number from the environment (``kind`` is int or float); 0 too if
     ``zero_ok``."""
     if raw is None:

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,10 @@ def unique(prefix: str) -> str:
 class LogSink:
     """Every structlog event of the test, as dicts (structlog.testing.capture_logs)."""
 
-    def __init__(self, entries: list[dict]) -> None:
+    def __init__(self, entries: list[MutableMapping[str, Any]]) -> None:
         self.entries = entries
 
-    def named(self, event: str, **fields: Any) -> list[dict]:
+    def named(self, event: str, **fields: Any) -> list[MutableMapping[str, Any]]:
         return [
             e
             for e in self.entries
@@ -63,7 +63,7 @@ class LogSink:
 
     async def wait_for(
         self, event: str, timeout: float = TIMEOUT, count: int = 1, **fields: Any
-    ) -> list[dict]:
+    ) -> list[MutableMapping[str, Any]]:
         deadline = time.monotonic() + timeout
         while len(found := self.named(event, **fields)) < count:
             if time.monotonic() > deadline:
@@ -203,6 +203,7 @@ async def reset_tool(config: Config, *args: str, stdin: bytes = b"") -> tuple[in
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate(stdin)
+    assert proc.returncode is not None  # communicate() waited for the exit
     return proc.returncode, out.decode()
 
 
@@ -219,6 +220,7 @@ async def doctor_tool(config: Config, *args: str, **env: str) -> tuple[int, str,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
+    assert proc.returncode is not None  # communicate() waited for the exit
     return proc.returncode, out.decode(), err.decode()
 
 

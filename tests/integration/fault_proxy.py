@@ -65,7 +65,7 @@ class FaultProxy:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
@@ -82,6 +82,7 @@ class FaultProxy:
                 fault.remaining -= 1
                 self.hits.append(path)
                 if fault.status == 0:
+                    assert request.transport is not None  # a request being handled has one
                     request.transport.close()
                     return web.Response(status=502)
                 return web.json_response(fault.body, status=fault.status)
@@ -91,6 +92,7 @@ class FaultProxy:
             await asyncio.Event().wait()  # until the bot is killed and the proxy stopped
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        assert self._session is not None  # made by start()
         async with self._session.request(
             request.method, self.upstream + request.path_qs, data=body, headers=headers
         ) as upstream:

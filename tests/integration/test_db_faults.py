@@ -109,7 +109,7 @@ async def test_a_full_disk_holds_messages_back_and_answers_each_once_when_space_
     assert "retries by itself" in failed["remedy"] and failed["level"] == "error"
     await alice.wait_for(lambda: len(store_notices(alice, chat, bot.user_id)) == len(sent))
     assert echoes(alice, chat, bot.user_id) == []
-    assert proc.proc.returncode is None  # still running, still syncing
+    assert proc.proc and proc.proc.returncode is None  # still running, still syncing
     if recovery == "space_returns":
         free_disk(proc)
         assert (await proc.wait_log("store.recovered"))["waited"] == len(sent)

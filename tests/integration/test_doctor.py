@@ -110,6 +110,7 @@ async def _forge_title(config: Config, room_id: str, owner: str, title: str) -> 
     store = await SQLiteStore.open(config.db_path)
     try:
         meta = await MatrixStore(store).get_room(room_id)
+        assert meta is not None and meta.chat_id is not None
         await ChatManager(store).rename(owner, meta.chat_id, title)
     finally:
         await store.close()
@@ -118,6 +119,7 @@ async def _forge_title(config: Config, room_id: str, owner: str, title: str) -> 
 async def _leave_behind_the_dbs_back(config: Config, room_id: str) -> None:
     """The bot leaves a room with its saved session (no login: no new device)."""
     session = load_session(config)
+    assert session is not None
     client = AsyncClient(config.homeserver, config.user_id)
     client.restore_login(session.user_id, session.device_id, session.access_token)
     try:

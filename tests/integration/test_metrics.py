@@ -43,7 +43,7 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def metrics_until(url: str, check: Callable[[Samples], bool]) -> Samples:
+async def metrics_until(url: str, check: Callable[[Samples], object]) -> Samples:
     """Scrape until ``check`` holds (a count is recorded just after the answer is sent)."""
     deadline = time.monotonic() + TIMEOUT
     while not check(samples := await scrape(url)):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 
-def state_of(events: list[dict], event_type: str, state_key: str = "") -> dict | None:
-    return next(
+def state_of(events: list[dict], event_type: str, state_key: str = "") -> dict:
+    found = next(
         (e for e in events if e["type"] == event_type and e["state_key"] == state_key), None
     )
+    assert found is not None, f"no {event_type} {state_key!r} in the room's state"
+    return found
 
 
 async def test_invite_builds_space_and_first_chat_with_markers_and_links(bot, make_user):

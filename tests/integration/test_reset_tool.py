@@ -101,6 +101,7 @@ async def test_a_foreign_db_is_refused_touching_nothing_and_force_resets_all(bot
     assert code == 0, out
     assert not session.exists() and not bot.config.store_path.exists()
     fresh = await SQLiteStore.open(db)
+    assert fresh.birth is not None
     assert fresh.birth.cause == "local_reset" and await fresh.scan("") == [
         ("birth", {"at": fresh.birth.at, "cause": "local_reset"})
     ]

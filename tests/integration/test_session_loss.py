@@ -10,6 +10,7 @@ import os
 import stat
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -64,7 +65,7 @@ async def keep_only_the_bots_device(config: Config) -> None:
     """Registering the account made a device too: delete it (user-interactive auth)."""
     session = saved_session(config)
     others = [d for d in await devices(config) if d != session["device_id"]]
-    request = {"devices": others}
+    request: dict[str, Any] = {"devices": others}
     status, body = await client_api(
         config, "POST", "/delete_devices", session["access_token"], request
     )
@@ -145,6 +146,7 @@ async def test_token_only_bot_exits_1_with_login_failed_and_keeps_the_invite(bot
     lobby = await alice.open_lobby(config.user_id)  # wakes the bot's sync
     failed = await proc.wait_log("login.failed")
     assert "MATRIX_PASSWORD is not set" in failed["error"]
+    assert proc.proc
     assert await asyncio.wait_for(proc.proc.wait(), TIMEOUT) == 1
     assert not [line for line in proc.lines if line["event"] == "session.relogin"]
     # A new token: the invite the dead session could not handle was kept, and is handled.

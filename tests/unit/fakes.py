@@ -11,7 +11,7 @@ from adapter.matrix.chain.command_table import parse_command
 from adapter.matrix.chain.context import EventData, Services
 from adapter.matrix.chain.router import ChatRoute, RoomRouter
 from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import Update, UpdateKind
 from adapter.matrix.store.records import MatrixStore, RoomMeta, UserMeta
 from adapter.matrix.vocabulary.content import SOURCE_KEY
 from core.agent import EchoAgent
@@ -126,14 +126,14 @@ def make_services(
 ) -> Services:
     matrix, hs = MatrixStore(store), hs or FakeHomeserver()
     return Services(
-        hs=hs,
-        store=matrix,  # type: ignore[arg-type]
+        hs=hs,  # type: ignore[arg-type]  # a duck-typed fake of Homeserver
+        store=matrix,
         chats=ChatManager(store),
         agent=EchoAgent(),
         router=RoomRouter(matrix),
         access=access or Access(("@*:x",), max_chats=100),
-        conversation=Conversations(hs, 20),
-    )  # type: ignore[arg-type]
+        conversation=Conversations(hs, 20),  # type: ignore[arg-type]  # the same fake
+    )
 
 
 async def onboard(svc: Services, owner: str = ALICE) -> Chat:
@@ -152,7 +152,7 @@ def message(
     sender: str = ALICE,
     event_id: str = "$ev",
     *,
-    kind: str = "message",
+    kind: UpdateKind = "message",
     catchup: bool = False,
     attempt: int = 0,
 ) -> Update:
@@ -162,7 +162,7 @@ def message(
         sender,
         event_id,
         body,
-        catchup=catchup,  # type: ignore[arg-type]
+        catchup=catchup,
         attempt=attempt,
     )
 

@@ -104,6 +104,7 @@ def test_the_metrics_address_is_host_and_port_and_unset_means_none():
         ("localhost:0", "localhost", 0),
     ]:
         config = Config.from_env({**BASE, "LOG_FORMAT": "json", "LAMBDA_METRICS_ADDR": raw})
+        assert config.metrics_addr is not None
         assert (config.metrics_addr.host, config.metrics_addr.port) == (host, port)
         assert config.to_env()["LAMBDA_METRICS_ADDR"] == raw
         assert Config.from_env(config.to_env()) == config

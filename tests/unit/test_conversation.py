@@ -3,6 +3,8 @@ Markdown renderer, which agents get history, and the cache's one read per room."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from adapter.matrix.conversation.history import Conversations
@@ -37,15 +39,11 @@ def answer(event_id: str, body: str, source: str, **options) -> dict:
 
 
 def edit(event_id: str, target: str, body: str, sender: str = ALICE) -> dict:
-    return said(
-        event_id,
-        f"* {body}",
-        sender,
-        **{
-            "m.new_content": {"msgtype": "m.text", "body": body},
-            "m.relates_to": {"rel_type": "m.replace", "event_id": target},
-        },
-    )
+    content: dict[str, Any] = {
+        "m.new_content": {"msgtype": "m.text", "body": body},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+    }
+    return said(event_id, f"* {body}", sender, **content)
 
 
 def texts(turns: list[Turn]) -> list[tuple[str, str]]:
@@ -129,6 +127,7 @@ def test_markdown_is_rendered_and_raw_html_stays_text():
         "[click](javascript:alert(1)) [ok](https://example.org)\n\n"
         "```python\nprint(1)\n```"
     )
+    assert html is not None
     assert "<strong>bold</strong>" in html
     assert "&lt;script&gt;" in html and "<script" not in html
     assert "onclick" not in html.replace("&lt;b onclick", "")  # only as escaped text
@@ -209,11 +208,10 @@ async def test_an_answer_far_after_its_question_is_still_found():
 
 
 def test_a_reply_from_an_older_client_is_read_without_its_quote():
-    quoted = said(
-        "$2",
-        "> <@lambda:x> Echo: one\n> more\n\nand two?",
-        **{"m.relates_to": {"m.in_reply_to": {"event_id": "$1"}}},
-    )
-    assert to_update(quoted, BOT).body == "and two?"
+    reply_to: dict[str, Any] = {"m.relates_to": {"m.in_reply_to": {"event_id": "$1"}}}
+    quoted = said("$2", "> <@lambda:x> Echo: one\n> more\n\nand two?", **reply_to)
+    update = to_update(quoted, BOT)
+    assert update is not None and update.body == "and two?"
     assert texts(conversation_turns([quoted], ALICE, BOT)) == [("user", "and two?")]
-    assert to_update(said("$3", "> not a reply"), BOT).body == "> not a reply"
+    update = to_update(said("$3", "> not a reply"), BOT)
+    assert update is not None and update.body == "> not a reply"

@@ -209,7 +209,8 @@ class HeldSends(FakeHomeserver):
 
     def __init__(self, held: set[str]) -> None:
         super().__init__()
-        self.held, self.holding, self.release = held, [], asyncio.Event()
+        self.held, self.release = held, asyncio.Event()
+        self.holding: list[str] = []
 
     async def send(self, room_id: str, content: dict, txn_id: str | None = None) -> str:
         if room_id in self.held:
@@ -268,8 +269,8 @@ async def test_a_room_waiting_on_the_homeserver_holds_no_agent_slot(store):
 
 
 async def test_agent_slots_bound_the_agent_calls_at_once(store):
-    agent = CountingAgent()
-    svc = replace(make_services(store), agent=agent, agent_slots=asyncio.Semaphore(2))
+    agent, hs = CountingAgent(), FakeHomeserver()
+    svc = replace(make_services(store, hs), agent=agent, agent_slots=asyncio.Semaphore(2))
     rooms = await chat_rooms(svc, 5)
     inbox, _ = await Inbox.open(store)
     workers = delivery_over(inbox, svc)
@@ -280,6 +281,6 @@ async def test_agent_slots_bound_the_agent_calls_at_once(store):
     )
     await until(lambda: agent.running == 2)
     agent.release.set()
-    await until(lambda: len(svc.hs.sent) == 5)
+    await until(lambda: len(hs.sent) == 5)
     assert agent.peak == 2
     await workers.close()

@@ -10,10 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from adapter.matrix.delivery.inbox import Entry
-from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import Update, UpdateKind
 from adapter.matrix.store.records import RoomMeta, UserMeta
 from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
-from core.chat import Chat
+from core.chat import Chat, ChatStatus
 from core.store import Birth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -60,7 +60,7 @@ def space_state() -> list[dict]:
 
 
 def chat_state(
-    name: str = "Trip", status: str = "active", name_by: str = BOT, name_id: str = "$name"
+    name: str = "Trip", status: ChatStatus = "active", name_by: str = BOT, name_id: str = "$name"
 ) -> list[dict]:
     return [
         ev("m.room.create", {}),
@@ -96,7 +96,7 @@ def findings(local: LocalRecords = HEALTHY, server: ServerRooms = SERVER) -> dic
     return {f.room_id: f for f in compare(local, server, BOT)}
 
 
-def pending(kind: str, room_id: str, event_id: str, ts: int = 0, seq: int = 0) -> Entry:
+def pending(kind: UpdateKind, room_id: str, event_id: str, ts: int = 0, seq: int = 0) -> Entry:
     return Entry(seq, Update(kind, room_id, ALICE, event_id, body="x", ts=ts))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import structlog
@@ -15,6 +16,7 @@ from adapter.matrix.ingest.catchup import CatchUpReader, catch_up, deferred
 from adapter.matrix.ingest.events import to_update
 from adapter.matrix.ingest.sweep import Glimpse, Window, parse_window
 from adapter.matrix.ingest.sync import Ingest, sync_token_refused
+from adapter.matrix.ingest.update import Update
 
 BOT, ALICE = "@lambda:x", "@alice:x"
 NOW = 1_000_000_000
@@ -32,13 +34,19 @@ def text(event_id: str, body: str, sender: str = ALICE, ts: int = NOW, **content
 
 
 def reply(to: str | None, body: str = "Echo") -> dict:
-    extra = {"io.lambda.source": to} if to else {}
+    extra: dict[str, Any] = {"io.lambda.source": to} if to else {}
     return text(f"$re-{to}-{body}", body, sender=BOT, msgtype="m.notice", **extra)
 
 
+def update_of(ev: dict, catchup: bool = False) -> Update:
+    update = to_update(ev, BOT, catchup)
+    assert update is not None
+    return update
+
+
 def test_to_update_keeps_text_renames_and_encrypted_but_never_the_bots_own():
-    assert to_update(text("$1", "hi"), BOT).kind == "message"
-    assert to_update(text("$1", "hi"), BOT).ts == NOW
+    assert update_of(text("$1", "hi")).kind == "message"
+    assert update_of(text("$1", "hi")).ts == NOW
     assert to_update(text("$2", "echo", sender=BOT), BOT) is None
     rename = {
         "type": "m.room.name",
@@ -47,10 +55,10 @@ def test_to_update_keeps_text_renames_and_encrypted_but_never_the_bots_own():
         "event_id": "$3",
         "content": {"name": "New"},
     }
-    assert to_update(rename, BOT).body == "New"
+    assert update_of(rename).body == "New"
     assert (
-        to_update(
-            {"type": "m.room.encrypted", "sender": ALICE, "event_id": "$4", "content": {}}, BOT
+        update_of(
+            {"type": "m.room.encrypted", "sender": ALICE, "event_id": "$4", "content": {}}
         ).kind
         == "encrypted"
     )
@@ -60,7 +68,7 @@ def test_to_update_keeps_text_renames_and_encrypted_but_never_the_bots_own():
         {"type": "m.reaction", "sender": ALICE, "content": {}},
     ):
         assert to_update(odd, BOT) is None
-    assert to_update(text("$5", "hi"), BOT, catchup=True).catchup
+    assert update_of(text("$5", "hi"), catchup=True).catchup
 
 
 def test_catch_up_answers_only_unanswered_recent_messages_in_order():
@@ -154,6 +162,10 @@ def member(user: str, membership: str, sender: str = ALICE, prev: str | None = N
     return ev
 
 
+def ingest(hs: PagedHomeserver, catchup_hours: float) -> Ingest:
+    return Ingest(hs, catchup_hours)  # type: ignore[arg-type]  # a duck-typed fake of Homeserver
+
+
 def ids(updates) -> list[str]:
     return [u.event_id for u in updates]
 
@@ -165,7 +177,7 @@ async def test_an_invite_of_the_bot_becomes_one_invite_update():
             "!not-us:x": [member("@someone:x", "invite")],
         }
     )
-    [update] = await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")
+    [update] = await ingest(PagedHomeserver(), 24).updates(resp, since="s1")
     assert (update.kind, update.room_id, update.sender) == ("invite", "!inv:x", ALICE)
     assert update.event_id == "invite|!inv:x|s1"
 
@@ -179,7 +191,7 @@ async def test_a_resumed_sync_hands_on_every_new_event_but_the_bots_own_in_order
         "content": {"name": "Trip"},
     }
     resp = sync(join={"!r:x": [text("$1", "one"), reply("$1"), rename, text("$2", "two")]})
-    updates = await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")
+    updates = await ingest(PagedHomeserver(), 24).updates(resp, since="s1")
     assert [(u.kind, u.event_id) for u in updates] == [
         ("message", "$1"),
         ("room_name", "$n"),
@@ -199,14 +211,14 @@ async def test_in_a_room_the_bot_just_joined_only_what_follows_its_join_is_its_t
             ]
         }
     )  # a profile change
-    assert ids(await Ingest(PagedHomeserver(), 24).updates(resp, since="s1")) == ["$after"]
+    assert ids(await ingest(PagedHomeserver(), 24).updates(resp, since="s1")) == ["$after"]
 
 
 async def test_a_limited_timeline_is_backfilled_back_to_the_previous_token_first():
     hs = PagedHomeserver([text("$3", "c"), text("$2", "b")], [reply("$1"), text("$1", "a")])
     resp = sync(join={"!r:x": [text("$4", "d")]}, limited=True)
     with structlog.testing.capture_logs() as logs:
-        updates = await Ingest(hs, 24).updates(resp, since="s1")
+        updates = await ingest(hs, 24).updates(resp, since="s1")
     assert ids(updates) == ["$1", "$2", "$3", "$4"]
     assert hs.asked == [("!r:x", "p1", "s1"), ("!r:x", "t1", "s1")]
     assert [(e["event"], e["events"]) for e in logs] == [("sync.gap_backfilled", 3)]
@@ -218,7 +230,7 @@ async def test_backfill_stops_at_the_bots_own_join():
         [text("$0", "never fetched")],
     )
     resp = sync(join={"!r:x": [text("$3", "c")]}, limited=True)
-    assert ids(await Ingest(hs, 24).updates(resp, since="s1")) == ["$2", "$3"]
+    assert ids(await ingest(hs, 24).updates(resp, since="s1")) == ["$2", "$3"]
     assert len(hs.asked) == 1
 
 
@@ -227,7 +239,7 @@ async def test_past_the_backfill_bound_the_owner_is_told_how_many_were_missed(mo
     hs = PagedHomeserver([text(f"${i}", str(i)) for i in range(5, 0, -1)])
     resp = sync(join={"!r:x": [text("$6", "6")]}, limited=True)
     with structlog.testing.capture_logs() as logs:
-        updates = await Ingest(hs, 24).updates(resp, since="s1")
+        updates = await ingest(hs, 24).updates(resp, since="s1")
     missed, *rest = updates
     assert (missed.kind, missed.body, missed.sender) == ("missed", "3", ALICE)
     assert missed.event_id == "missed|!r:x|s1"
@@ -246,7 +258,7 @@ def window(
 async def test_a_start_without_token_reads_back_only_rooms_with_unanswered_messages(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: NOW / 1000 + 3600)
     hs = PagedHomeserver()
-    reader = Ingest(hs, catchup_hours=1)
+    reader = ingest(hs, catchup_hours=1)
     reader.start_without_token("s0")
     with structlog.testing.capture_logs() as logs:
         [later] = reader.sweep(
@@ -285,7 +297,7 @@ def test_a_sweep_reads_back_a_room_whose_latest_events_cannot_tell_but_never_a_s
         }
         for i in range(3)
     ]
-    reader = Ingest(PagedHomeserver(), catchup_hours=1)
+    reader = ingest(PagedHomeserver(), catchup_hours=1)
     reader.start_without_token("s0")
     swept = reader.sweep(
         window(
@@ -356,7 +368,7 @@ def test_only_synapses_invalid_stream_token_means_the_token_is_refused(
 
 async def test_during_a_start_a_room_that_shows_up_first_reads_back_before_its_events(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: NOW / 1000)
-    reader = Ingest(PagedHomeserver(), catchup_hours=1)
+    reader = ingest(PagedHomeserver(), catchup_hours=1)
     reader.start_without_token("s0")
     first = await reader.updates(sync(join={"!r:x": [text("$1", "live")]}), since="s0")
     assert [(u.kind, u.event_id) for u in first] == [

@@ -99,8 +99,10 @@ async def test_resolve_route_sets_the_route_and_parses_commands_only(svc):
     await resolve_route(rest, message("!unknown:x", "!help"), EventData(services=svc))
     (_, in_chat), (_, in_lobby), (_, unknown) = rest.seen
     assert in_chat["route"] == CHAT_ROUTE
-    assert (in_chat["command"].name, in_chat["command"].args) == ("rename", "Trip")
-    assert in_chat["command"].spec is COMMANDS["rename"]
+    command = in_chat["command"]
+    assert command is not None
+    assert (command.name, command.args) == ("rename", "Trip")
+    assert command.spec is COMMANDS["rename"]
     assert in_lobby["route"] == LobbyRoute(LOBBY, ALICE) and in_lobby["command"] is None
     assert unknown["route"] == Unregistered("!unknown:x")
 

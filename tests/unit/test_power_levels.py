@@ -10,7 +10,7 @@ from adapter.matrix.vocabulary.markers import ChatMarker, SpaceMarker
 
 BOT, ALICE = "@lambda:example.org", "@alice:example.org"
 PRE_12 = ["1", "9", "10", "11", "org.matrix.msc3757.11", "an.unknown.version", None]
-FROM_12 = ["12", "13", "42", "org.matrix.hydra.11"]
+FROM_12: list[str | None] = ["12", "13", "42", "org.matrix.hydra.11"]
 BOT_ONLY = [
     SpaceMarker.TYPE,
     ChatMarker.TYPE,

@@ -94,17 +94,19 @@ def test_a_session_path_that_is_a_file_is_left():
 def test_a_foreign_sqlite_file_is_refused_unless_forced():
     foreign = DbFacts(DB, "foreign", "its tables are users", (FileFact(DB, 8192),))
     refused = plan_reset(LocalFacts(foreign, store(SESSION)))
+    assert refused.refusal is not None
     assert "not the bot's: its tables are users" in refused.refusal
     assert "--force" in refused.refusal
     assert refused.removals == () and refused.remove_store_dir is None  # not even the session
     forced = plan_reset(LocalFacts(foreign, store(SESSION)), force=True)
     assert forced.refusal is None and removed(forced) == {DB, SESSION.path}
-    assert "its tables are users" in forced.forced
+    assert forced.forced is not None and "its tables are users" in forced.forced
 
 
 def test_a_file_too_damaged_to_judge_is_refused_with_the_store_unreadable_hint():
     for kind in ("not_sqlite", "unreadable"):
         plan = plan_reset(LocalFacts(DbFacts(DB, kind, "why", (FileFact(DB, 9),)), store()))
+        assert plan.refusal is not None
         assert "store.unreadable" in plan.refusal and "--force" in plan.refusal
         assert removed(
             plan_reset(
@@ -115,12 +117,14 @@ def test_a_file_too_damaged_to_judge_is_refused_with_the_store_unreadable_hint()
 
 def test_a_directory_at_the_db_path_is_refused_even_when_forced():
     plan = plan_reset(LocalFacts(DbFacts(DB, "directory"), store(SESSION)), force=True)
+    assert plan.refusal is not None
     assert "never deletes a directory" in plan.refusal and plan.removals == ()
 
 
 def test_left_over_sidecars_without_their_db_are_refused_unless_forced():
     orphan = DbFacts(DB, "missing", files=(FileFact(Path(f"{DB}-wal"), 100),))
     plan = plan_reset(LocalFacts(orphan, store()))
+    assert plan.refusal is not None
     assert "lambda_matrix.db-wal is there without" in plan.refusal and "--force" in plan.refusal
     assert removed(plan_reset(LocalFacts(orphan, store()), force=True)) == {Path(f"{DB}-wal")}
 

@@ -76,6 +76,7 @@ def test_marker_room_is_restored_exactly():
     assert plan.source == "marker"
     assert plan.room.kind == "chat" and plan.room.owner == ALICE
     assert plan.room.chat_id == "abc123def456" and plan.room.space_id == SPACE
+    assert plan.chat is not None and plan.user is not None
     assert plan.chat.title == "Trip" and plan.chat.status == "active"
     assert plan.chat.created_at == 1_700_000_000
     assert plan.user.space_id == SPACE
@@ -83,7 +84,7 @@ def test_marker_room_is_restored_exactly():
 
 def test_archived_marker_restores_archived_status():
     plan = assess_room(snap(chat_events(marker={**MARKER, "status": "archived"})), BOT)
-    assert plan.chat.status == "archived"
+    assert plan.chat is not None and plan.chat.status == "archived"
 
 
 def test_marker_needs_no_parent_fetch():
@@ -94,7 +95,7 @@ def test_legacy_room_heals_from_name_parent_and_member_with_stable_id():
     room = snap(chat_events())
     assert parent_to_verify(room, BOT) == SPACE
     plan = assess_room(room, BOT, space_state())
-    assert plan.source == "legacy"
+    assert plan.source == "legacy" and plan.chat is not None
     assert plan.room.owner == ALICE and plan.chat.title == "Trip"
     again = assess_room(room, BOT, space_state())
     assert plan.room.chat_id == legacy_chat_id(ROOM) == again.room.chat_id
@@ -201,6 +202,7 @@ def test_legacy_room_without_parent_is_refused():
 def test_space_with_marker_heals_owner_and_user_record():
     plan = assess_room(space_state(), BOT)
     assert plan.room.kind == "space" and plan.room.owner == ALICE
+    assert plan.user is not None
     assert plan.user.space_id == SPACE and plan.source == "marker"
 
 

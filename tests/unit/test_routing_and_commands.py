@@ -65,10 +65,11 @@ async def test_chain_runs_middlewares_in_order_and_can_short_circuit():
     async def handler(update, data):
         seen.append("handler")
 
-    await build_chain([link("a"), link("b")], handler)(None, {})
+    update = Update("message", "!r:x", "@a:x", "$ev", "hello")
+    await build_chain([link("a"), link("b")], handler)(update, {})
     assert seen == ["a", "b", "handler"]
     seen.clear()
-    await build_chain([link("a", stop=True), link("b")], handler)(None, {})
+    await build_chain([link("a", stop=True), link("b")], handler)(update, {})
     assert seen == ["a"]
 
 
@@ -87,7 +88,8 @@ async def test_a_crashing_handler_is_logged_and_the_sender_told():
         raise KeyError("bug")
 
     services = RecordingServices()
-    dispatcher = Dispatcher([], broken, {"services": services})
+    # a duck-typed fake of Services: only try_reply
+    dispatcher = Dispatcher([], broken, {"services": services})  # type: ignore[typeddict-item]
     update = Update("message", "!r:x", "@a:x", "$ev", "hello")
     with structlog.testing.capture_logs() as logs:
         await dispatcher.feed(update)

@@ -76,6 +76,7 @@ class FakeHomeserver:
     revoke_every_login: bool = False
     requests: int = 0
     together: int = 0  # joined_rooms answers none until this many are in at once
+    url: str = ""  # set by the fake_hs fixture once it listens
     _arrived: list[asyncio.Event] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -152,7 +153,7 @@ async def fake_hs():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield fake
     await runner.cleanup()
 

@@ -214,7 +214,10 @@ def _against(
 ) -> Finding:
     """The records the DB holds against those the room's state implies."""
     room_id, kind, owner = plan.room_id, plan.room.kind, plan.room.owner
-    missing, differ, follows, rename = [], [], [], None
+    missing: list[str] = []
+    differ: list[str] = []
+    follows: list[str] = []
+    rename = None
     if meta is None:
         missing.append("no room record")
     else:

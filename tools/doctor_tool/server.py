@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterable
+from functools import partial
 
 from nio import AsyncClient, RoomMessagesResponse
 from nio.api import MessageDirection
@@ -93,9 +94,10 @@ class ServerReader(Homeserver):
             try:
                 resp = await self._call(
                     "read renames",
-                    lambda s=start: self.client.room_messages(
+                    partial(
+                        self.client.room_messages,
                         room_id,
-                        s,
+                        start,
                         direction=MessageDirection.front,
                         limit=100,
                         message_filter={"types": ["m.room.name"]},

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
 from nio import AsyncClient, ErrorResponse, JoinedRoomsResponse, RoomGetStateResponse
 
@@ -51,8 +54,8 @@ async def server_cleanup(config: Config) -> bool:
 
 
 async def _clean_room(client: AsyncClient, room_id: str, members: list[str]) -> bool:
-    steps = [
-        (f"kick {m}", lambda m=m: client.room_kick(room_id, m, reason=KICK_REASON)) for m in members
+    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        (f"kick {m}", partial(client.room_kick, room_id, m, reason=KICK_REASON)) for m in members
     ]
     steps += [
         ("leave", lambda: client.room_leave(room_id)),

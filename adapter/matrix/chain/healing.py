@@ -60,6 +60,7 @@ class HealingMiddleware:
                 await self.healer.heal_space_children(data["user"].space_id)
 
     async def _chat_of(self, route: ChatRoute, svc: Services) -> Chat:
+        assert route.meta.chat_id is not None  # RoomRouter routes a room without one elsewhere
         try:
             return await svc.chats.get(route.owner, route.meta.chat_id)
         except ChatNotFound:

@@ -36,7 +36,7 @@ def conversation_turns(events: Iterable[dict], owner: str, bot_id: str) -> list[
     """The turns of a chat room's events (oldest first): edits applied, redactions dropped,
     commands, notices and other senders left out."""
     turns: dict[str, Turn] = {}
-    senders: dict[str, str] = {}
+    senders: dict[str, str | None] = {}
     for ev in events:
         event_id, sender = ev.get("event_id"), ev.get("sender")
         if not isinstance(event_id, str):

@@ -50,7 +50,7 @@ async def _onboard(update: Update, data: EventData) -> None:
     # A concurrent invite of the same user may have made the Space while this one waited.
     user = data.get("user") or await svc.store.get_user(owner)
     new_space = user is None
-    if new_space:
+    if user is None:
         space_id = await svc.hs.create_space(owner)
         user = UserMeta(space_id=space_id, lobby_room_id=lobby_id)
         async with svc.store.transaction() as tx:

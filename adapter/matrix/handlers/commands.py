@@ -32,9 +32,9 @@ async def _say(update: Update, data: EventData, body: str, html_body: str | None
 
 def _chat_context(data: EventData) -> tuple[Services, ChatRoute, Chat]:
     """For commands without ``in_lobby``: ``handle_command`` has checked the route."""
-    route = data["route"]
-    assert isinstance(route, ChatRoute) and data.get("chat") is not None
-    return data["services"], route, data["chat"]
+    route, chat = data["route"], data.get("chat")
+    assert isinstance(route, ChatRoute) and chat is not None
+    return data["services"], route, chat
 
 
 async def cmd_help(cmd: Command, update: Update, data: EventData) -> None:

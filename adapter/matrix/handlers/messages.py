@@ -87,6 +87,7 @@ async def _history(update: Update, data: EventData) -> list[Turn]:
     """The conversation before ``update``. A homeserver that fails for now postpones the
     answer (the inbox retries it); one that refuses for good gets an answer without it."""
     svc, route = data["services"], data["route"]
+    assert isinstance(route, ChatRoute)  # handle_text asks only in a chat room
     try:
         return await svc.conversation.history(
             update.room_id, route.owner, update.event_id, update.ts

@@ -207,7 +207,8 @@ class Healer:
                 cause=self.cause(),
             )
             raise
-        spaces, unknown = [], []
+        spaces: list[str] = []
+        unknown: list[str] = []
         for room_id in joined:
             if room_id in known:
                 continue

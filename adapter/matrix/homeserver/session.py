@@ -175,6 +175,8 @@ class SessionClient(AsyncClient):
     ``TokenRefused``, so a dead token is never retried.
     """
 
+    client_session: ClientSession | None  # AsyncClient's (nio is untyped): None until first use
+
     def __init__(self, settings: Config, config: AsyncClientConfig) -> None:
         super().__init__(settings.homeserver, settings.user_id, config=config)
         self.settings = settings

@@ -13,7 +13,7 @@ fallback, a single window). ``parse_window`` is the pure rule over a sliding syn
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -131,7 +131,9 @@ class Sweep:
         self.first_sync = first_sync
         self.sliding = True  # until the homeserver says it has no sliding sync
 
-    async def windows(self, give_way: Callable[[], Awaitable[None]]) -> AsyncIterator[Window]:
+    async def windows(
+        self, give_way: Callable[[], Awaitable[None]]
+    ) -> AsyncGenerator[Window, None]:
         """Every window of a walk from the start (a walk that failed is walked again: the
         caller skips what it already took). Before asking for the next window, ``give_way``
         lets what users wait for go first."""
@@ -155,7 +157,9 @@ class Sweep:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    async def _sliding(self, give_way: Callable[[], Awaitable[None]]) -> AsyncIterator[Window]:
+    async def _sliding(
+        self, give_way: Callable[[], Awaitable[None]]
+    ) -> AsyncGenerator[Window, None]:
         started, pos, end, windows, waited = time.monotonic(), None, FIRST_WINDOW - 1, 0, 0.0
         while True:
             if windows:

@@ -159,7 +159,8 @@ class Ingest:
         """The events between the previous sync and this limited timeline, oldest first."""
         bot_id = self.hs.bot_id
         kept: list[dict] = []
-        dropped, dropped_sender, token = 0, None, start
+        dropped, dropped_sender = 0, None
+        token: str | None = start
         while token and dropped < events.MAX_COUNTED:
             page, token = await self.hs.messages(room_id, token, since, events.PAGE, READ_TYPES)
             for ev in ({**raw, "room_id": room_id} for raw in page):

@@ -5,7 +5,7 @@ whether a room's marker can be trusted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self, get_args
+from typing import Any, ClassVar, Self, cast, get_args
 
 from core.chat import ChatStatus
 
@@ -81,7 +81,7 @@ class ChatMarker(Marker):
             raise MalformedMarker(cls.TYPE, "chat_id", chat_id)
         if status not in get_args(ChatStatus):
             raise MalformedMarker(cls.TYPE, "status", status)
-        return cls(owner, chat_id, status)
+        return cls(owner, chat_id, cast(ChatStatus, status))  # checked just above
 
     def content(self) -> dict[str, Any]:
         return {
