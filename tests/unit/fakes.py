@@ -45,6 +45,8 @@ class FakeHomeserver:
         self.sent: list[Sent] = []
         self.fail: dict[str, Exception] = {}
         self._room_numbers = itertools.count(1)
+        self.encrypts = False  # rooms it creates come back encrypted (get_state shows it)
+        self.encrypted: set[str] = set()
 
     def _call(self, name: str, *args: object) -> None:
         if name in self.fail:
@@ -109,7 +111,35 @@ class FakeHomeserver:
 
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         self._call("create_chat_room", owner, space_id, chat_id, title)
-        return f"!room{next(self._room_numbers)}:x"
+        room_id = f"!room{next(self._room_numbers)}:x"
+        if self.encrypts:
+            self.encrypted.add(room_id)
+        return room_id
+
+    async def get_state(self, room_id: str) -> list[dict]:
+        """A room it made: its create event, and its encryption if it encrypts. Not recorded
+        in ``calls``: the bot only reads it."""
+        if "get_state" in self.fail:
+            raise self.fail["get_state"]
+        events = [
+            {
+                "type": "m.room.create",
+                "state_key": "",
+                "sender": self.bot_id,
+                "content": {"room_version": "12"},
+                "origin_server_ts": 1_700_000_000_000,
+            }
+        ]
+        if room_id in self.encrypted:
+            events.append(
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "sender": self.bot_id,
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            )
+        return events
 
     async def link_child(self, space_id: str, room_id: str) -> None:
         self._call("link_child", space_id, room_id)

@@ -14,6 +14,7 @@ from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, Command
 from adapter.matrix.chain.context import EventData, Services
 from adapter.matrix.chain.router import ChatRoute
 from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
+from adapter.matrix.healing.encryption import NEW_HELD, admin_can_fix, holding_room
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import Pending
 from core.chat import Chat, InvalidTitle, validate_title
@@ -59,6 +60,13 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
+    if await holding_room(svc.store, svc.chats, owner) is not None:
+        # The last room made for them came back encrypted: the next would too, until the
+        # homeserver's admin changes it (then a lobby message or an invite tries again).
+        log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why="held")
+        in_lobby = not isinstance(data["route"], ChatRoute)
+        await _say(update, data, f"{NEW_HELD}\n{admin_can_fix(in_lobby)}")
+        return
     refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
     if refusal is not None:
         log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal)
