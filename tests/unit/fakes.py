@@ -4,6 +4,7 @@ and ``Services`` over it with the real stores on the test's SQLite file."""
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from adapter.matrix.chain.access import Access
@@ -47,6 +48,7 @@ class FakeHomeserver:
         self._room_numbers = itertools.count(1)
         self.encrypts = False  # rooms it creates come back encrypted (get_state shows it)
         self.encrypted: set[str] = set()
+        self.made_at: dict[str, int] = {}  # room id -> its creation, ms
 
     def _call(self, name: str, *args: object) -> None:
         if name in self.fail:
@@ -112,6 +114,7 @@ class FakeHomeserver:
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         self._call("create_chat_room", owner, space_id, chat_id, title)
         room_id = f"!room{next(self._room_numbers)}:x"
+        self.made_at[room_id] = int(time.time() * 1000)
         if self.encrypts:
             self.encrypted.add(room_id)
         return room_id
@@ -127,7 +130,7 @@ class FakeHomeserver:
                 "state_key": "",
                 "sender": self.bot_id,
                 "content": {"room_version": "12"},
-                "origin_server_ts": 1_700_000_000_000,
+                "origin_server_ts": self.made_at.get(room_id, 1_700_000_000_000),
             }
         ]
         if room_id in self.encrypted:
