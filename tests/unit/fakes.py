@@ -111,13 +111,22 @@ class FakeHomeserver:
     async def set_chat_marker(self, room_id: str, owner: str, chat_id: str, status: str) -> None:
         self._call("set_chat_marker", room_id, owner, chat_id, status)
 
-    async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
-        self._call("create_chat_room", owner, space_id, chat_id, title)
-        room_id = f"!room{next(self._room_numbers)}:x"
+    async def joined_rooms(self) -> list[str]:
+        return list(self.made_at)
+
+    async def create_space(self, owner: str) -> str:
+        self._call("create_space", owner)
+        return self._made(f"!space{next(self._room_numbers)}:x")
+
+    def _made(self, room_id: str) -> str:
         self.made_at[room_id] = int(time.time() * 1000)
         if self.encrypts:
             self.encrypted.add(room_id)
         return room_id
+
+    async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
+        self._call("create_chat_room", owner, space_id, chat_id, title)
+        return self._made(f"!room{next(self._room_numbers)}:x")
 
     async def get_state(self, room_id: str) -> list[dict]:
         """A room it made: its create event, and its encryption if it encrypts. Not recorded

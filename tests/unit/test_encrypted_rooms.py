@@ -3,6 +3,7 @@ hold on building more rooms, the handlers' answers, the doctor's verdict and the
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import cast
 
@@ -13,7 +14,8 @@ from doctor_tool.report import as_json, as_text
 from structlog.testing import capture_logs
 
 from adapter.matrix.chain.context import EventData
-from adapter.matrix.handlers.chat_rooms import matrix_to
+from adapter.matrix.handlers import handle_update
+from adapter.matrix.handlers.chat_rooms import linked_rooms, matrix_to
 from adapter.matrix.handlers.commands import handle_command
 from adapter.matrix.handlers.messages import handle_encrypted
 from adapter.matrix.healing.encryption import (
@@ -260,3 +262,75 @@ def test_the_doctor_leaves_an_encrypted_space_alone_once_its_owner_has_a_readabl
 def test_the_doctor_reads_records_of_encrypted_rooms_as_unknown_keys():
     local = doctor.records_from({"encrypted_room:!x": '{"owner": "@a:x"}'})
     assert not local.rooms and not local.chats
+
+
+# Onboarding on a homeserver that encrypts: no chat after an encrypted Space, one try per
+# later invite or lobby message, within the creation throttle
+
+
+@pytest.fixture
+async def fresh(store, hs):
+    """Services with no user onboarded, on a homeserver that encrypts every room it makes."""
+    hs.encrypts = True
+    return make_services(store, hs)
+
+
+async def run(svc, update: Update) -> list[str]:
+    """``update`` through the handlers, as the chain would; what the bot said."""
+    before = len(svc.hs.sent)
+    data = await healed_data(svc, update)
+    await handle_update(update, data)
+    return svc.hs.bodies[before:]
+
+
+def lobby_message(svc, body: str = "hello?", **changes) -> Update:
+    later = int(time.time() * 1000) + 1000  # written after the rooms made so far
+    event = message(LOBBY, body, event_id=f"$m{len(svc.hs.sent)}")
+    return replace(event, **{"ts": later, **changes})
+
+
+def made(hs: FakeHomeserver, kind: str = "create_chat_room") -> int:
+    return sum(1 for call in hs.calls if call[0] == kind)
+
+
+async def test_an_invite_whose_space_comes_back_encrypted_makes_no_chat_and_says_why(fresh, hs):
+    with capture_logs() as logs:
+        [said] = await run(fresh, Update("invite", LOBBY, ALICE, "invite|lobby"))
+    [space] = [e["room_id"] for e in logs if e["event"] == "room.encrypted_by_server"]
+    assert (made(hs, "create_space"), made(hs)) == (1, 0)
+    assert said.startswith(
+        f"Welcome to Lambda! I made you a Space, “Lambda”: {matrix_to(space, 'x')}"
+    )
+    assert "encrypts every room I create" in said and "write to me here" in said
+    assert (await fresh.store.get_encrypted(space)).kind == "space"
+    # The same invite again (a replay after a crash) builds nothing more.
+    replayed = Update("invite", LOBBY, ALICE, "invite|lobby", replayed=True)
+    assert (await run(fresh, replayed))[0].startswith("Welcome to Lambda! I made you a Space")
+    assert (made(hs, "create_space"), made(hs)) == (1, 0)
+
+
+async def test_a_lobby_message_tries_once_more_and_finishes_once_the_admin_fixed_it(fresh, hs):
+    await run(fresh, Update("invite", LOBBY, ALICE, "invite|lobby"))
+    [said] = await run(fresh, lobby_message(fresh))
+    assert made(hs) == 1 and said.startswith("I made you a chat room, “Chat 1”")
+    before_it = lobby_message(fresh, ts=int(time.time() * 1000) - 60_000)
+    await run(fresh, before_it)  # written before that room was made: no new try
+    assert made(hs) == 1
+
+    hs.encrypts = False  # the admin turned the setting off and restarted Synapse
+    [welcome] = await run(fresh, lobby_message(fresh, "fixed?"))
+    assert made(hs) == 2 and welcome.startswith("Welcome! Your Space is")
+    [_, readable] = linked_rooms(welcome)
+    assert await fresh.store.get_encrypted(readable) is None
+    assert await holding_room(fresh.store, fresh.chats, ALICE) is None
+    [hint] = await run(fresh, lobby_message(fresh, "and now?"))
+    assert hint.startswith("This is your lobby") and made(hs) == 2
+
+
+async def test_a_user_writing_again_and_again_while_held_makes_a_few_rooms_a_minute_at_most(
+    fresh, hs
+):
+    await run(fresh, Update("invite", LOBBY, ALICE, "invite|lobby"))
+    for i in range(fresh.access.creations_per_window + 3):
+        await run(fresh, lobby_message(fresh, f"hello {i}?"))
+    assert made(hs) == fresh.access.creations_per_window

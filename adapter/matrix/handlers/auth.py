@@ -92,10 +92,14 @@ async def _onboard(update: Update, data: EventData) -> None:
     if await svc.store.get_room(lobby_id) is None:
         await svc.store.set_room(lobby_id, RoomMeta("lobby", owner))
     hold = await holding_room(svc.store, svc.chats, owner)
-    if hold is not None and (new_space or not retries(hold, update)):
+    if hold is not None:
         # This update made (or came before) the room that came back encrypted: build no more.
-        await _tell_held(update, data, *hold)
-        return
+        # A later one tries once more, within the creation throttle (a user writing again and
+        # again while the homeserver still encrypts makes a few rooms a minute at most).
+        if new_space or not retries(hold, update) or _throttled(svc, owner, update):
+            await _tell_held(update, data, *hold)
+            return
+        svc.access.record_creation(owner)
     first, made_now = await _first_chat(
         svc, owner, user.space_id, update.event_id, new_space, retry=hold is not None
     )
@@ -115,6 +119,15 @@ async def _onboard(update: Update, data: EventData) -> None:
         # A lobby command still runs after it: the welcome is not its answer.
         provisional=data.get("command") is not None,
     )
+
+
+def _throttled(svc: Services, owner: str, update: Update) -> bool:
+    """Whether the creation throttle stops a retry now (the chat limit does not: this is the
+    chat room that onboarding owes the owner)."""
+    refusal = svc.access.creation_refused(owner, 0)
+    if refusal is not None:
+        log.info("onboarding.retry_throttled", room_id=update.room_id, owner=owner)
+    return refusal is not None
 
 
 async def _tell_held(
