@@ -26,6 +26,7 @@ from adapter.matrix.healing.encryption import (
     readable_active_chats,
     retries,
 )
+from adapter.matrix.healing.healer import Healer
 from adapter.matrix.healing.room_state import (
     RoomSnapshot,
     assess_room,
@@ -34,7 +35,7 @@ from adapter.matrix.healing.room_state import (
 )
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store.records import EncryptedRoom
+from adapter.matrix.store.records import EncryptedRoom, RoomMeta
 from adapter.matrix.vocabulary.markers import SpaceMarker
 from tests.unit import test_doctor_compare as doctor
 from tests.unit import test_room_state as state
@@ -334,3 +335,52 @@ async def test_a_user_writing_again_and_again_while_held_makes_a_few_rooms_a_min
     for i in range(fresh.access.creations_per_window + 3):
         await run(fresh, lobby_message(fresh, f"hello {i}?"))
     assert made(hs) == fresh.access.creations_per_window
+
+
+# Healing learns it too: after a loss of the DB, and for a room recorded before the bot looked
+
+
+class StateServer(FakeHomeserver):
+    """Answers ``get_state`` from fixed room states, and counts the reads."""
+
+    def __init__(self, states: dict[str, list[dict]]) -> None:
+        super().__init__()
+        self.states = states
+        self.reads = 0
+
+    async def get_state(self, room_id: str) -> list[dict]:
+        self.reads += 1
+        return self.states.get(room_id, [])
+
+
+ENCRYPTED_CHAT = [*doctor.chat_state(), doctor.ev("m.room.encryption", ENCRYPTION)]
+
+
+async def test_a_heal_records_an_encrypted_chat_and_tells_the_operator_once(store):
+    svc = make_services(store, StateServer({doctor.CHAT: ENCRYPTED_CHAT}))
+    healer = Healer(svc)
+    with capture_logs() as logs:
+        plan = await healer.heal_room(doctor.CHAT)
+        await healer.heal_room(doctor.CHAT)  # idempotent: nothing told twice
+    assert plan.unreadable == EncryptedRoom(doctor.ALICE, "chat", doctor.MADE_MS / 1000)
+    assert await svc.store.get_encrypted(doctor.CHAT) == plan.unreadable
+    assert [e["room_id"] for e in logs if e["event"] == "room.encrypted_by_server"] == [doctor.CHAT]
+    [first, _] = [e for e in logs if e["event"] == "state.healed"]
+    assert "encrypted_room" in first["restored"]
+
+
+async def test_a_chat_recorded_before_the_bot_looked_is_read_once_when_an_encrypted_event_comes(
+    store,
+):
+    hs = StateServer({doctor.CHAT: ENCRYPTED_CHAT, CHAT: doctor.chat_state()})
+    svc = make_services(store, hs)
+    await svc.store.set_room(doctor.CHAT, RoomMeta("chat", doctor.ALICE, "c1", doctor.SPACE))
+    await svc.store.set_room(CHAT, RoomMeta("chat", doctor.ALICE, "c2", doctor.SPACE))
+    healer = Healer(svc)
+    with capture_logs() as logs:
+        found = await healer.unreadable(doctor.CHAT)
+        assert await healer.unreadable(doctor.CHAT) == found  # from the DB: no second read
+    assert found == EncryptedRoom(doctor.ALICE, "chat", doctor.MADE_MS / 1000)
+    assert hs.reads == 1 and len(logs) == 1
+    assert await healer.unreadable(CHAT) is None  # readable: nothing recorded
+    assert await svc.store.get_encrypted(CHAT) is None
