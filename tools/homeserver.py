@@ -48,14 +48,22 @@ class LocalHomeserver:
 
     ``default_room_version`` (e.g. ``"10"``) sets the version Synapse creates rooms at when
     a client does not name one; None keeps Synapse's own default (12 for Synapse 1.163).
+    ``extra_config`` sets more top-level options (e.g.
+    ``{"encryption_enabled_by_default_for_room_type": "all"}``), written on every start: change
+    it and ``restart`` to try another value.
     """
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, default_room_version: str | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        default_room_version: str | None = None,
+        extra_config: dict | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.default_room_version = default_room_version
+        self.extra_config = dict(extra_config or {})
         self.config_path = self.data_dir / "homeserver.yaml"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -89,6 +97,12 @@ class LocalHomeserver:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop and start again on the same port and data, with the configuration as it is now
+        (Synapse reads it only at start)."""
+        self.stop()
+        self.start(timeout)
 
     def __enter__(self) -> LocalHomeserver:
         self.start()
@@ -176,6 +190,7 @@ class LocalHomeserver:
         config.pop("default_room_version", None)
         if self.default_room_version is not None:
             config["default_room_version"] = self.default_room_version
+        config.update(self.extra_config)
         self.config_path.write_text(yaml.safe_dump(config))
 
     def _wait_ready(self, timeout: float) -> None:

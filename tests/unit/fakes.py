@@ -4,6 +4,7 @@ and ``Services`` over it with the real stores on the test's SQLite file."""
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from adapter.matrix.chain.access import Access
@@ -45,6 +46,9 @@ class FakeHomeserver:
         self.sent: list[Sent] = []
         self.fail: dict[str, Exception] = {}
         self._room_numbers = itertools.count(1)
+        self.encrypts = False  # rooms it creates come back encrypted (get_state shows it)
+        self.encrypted: set[str] = set()
+        self.made_at: dict[str, int] = {}  # room id -> its creation, ms
 
     def _call(self, name: str, *args: object) -> None:
         if name in self.fail:
@@ -107,9 +111,47 @@ class FakeHomeserver:
     async def set_chat_marker(self, room_id: str, owner: str, chat_id: str, status: str) -> None:
         self._call("set_chat_marker", room_id, owner, chat_id, status)
 
+    async def joined_rooms(self) -> list[str]:
+        return list(self.made_at)
+
+    async def create_space(self, owner: str) -> str:
+        self._call("create_space", owner)
+        return self._made(f"!space{next(self._room_numbers)}:x")
+
+    def _made(self, room_id: str) -> str:
+        self.made_at[room_id] = int(time.time() * 1000)
+        if self.encrypts:
+            self.encrypted.add(room_id)
+        return room_id
+
     async def create_chat_room(self, owner: str, space_id: str, chat_id: str, title: str) -> str:
         self._call("create_chat_room", owner, space_id, chat_id, title)
-        return f"!room{next(self._room_numbers)}:x"
+        return self._made(f"!room{next(self._room_numbers)}:x")
+
+    async def get_state(self, room_id: str) -> list[dict]:
+        """A room it made: its create event, and its encryption if it encrypts. Not recorded
+        in ``calls``: the bot only reads it."""
+        if "get_state" in self.fail:
+            raise self.fail["get_state"]
+        events = [
+            {
+                "type": "m.room.create",
+                "state_key": "",
+                "sender": self.bot_id,
+                "content": {"room_version": "12"},
+                "origin_server_ts": self.made_at.get(room_id, 1_700_000_000_000),
+            }
+        ]
+        if room_id in self.encrypted:
+            events.append(
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "sender": self.bot_id,
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            )
+        return events
 
     async def link_child(self, space_id: str, room_id: str) -> None:
         self._call("link_child", space_id, room_id)

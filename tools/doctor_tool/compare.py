@@ -7,9 +7,10 @@ that with what the DB holds, room by room.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from adapter.matrix.healing.encryption import REMEDY
 from adapter.matrix.healing.room_state import (
     HealCause,
     HealPlan,
@@ -18,12 +19,14 @@ from adapter.matrix.healing.room_state import (
     assess_room,
     heal_cause,
     parent_to_verify,
+    trusted_marker,
 )
 from adapter.matrix.store.records import RoomKind, RoomMeta
+from adapter.matrix.vocabulary.markers import ChatMarker
 from core.chat import Chat, InvalidTitle, validate_title
 from doctor_tool.local import LocalRecords
 
-RoomState = Literal["ok", "missing_locally", "stale_locally", "mismatch"]
+RoomState = Literal["ok", "missing_locally", "stale_locally", "mismatch", "encrypted"]
 Role = Literal["space", "lobby"]  # what a matrix_user record names a room as
 KIND_ORDER = {"space": 0, "lobby": 1, "chat": 2}
 SPACE_NEEDED = "when its owner next needs their Space (!new, !chats, a lobby message)"
@@ -86,14 +89,31 @@ def compare(
     refs = _user_refs(local)
     room_ids = set(local.rooms) | set(refs) | server.joined
     findings, carried = [], {(m.owner, m.chat_id) for m in local.rooms.values() if m.chat_id}
+    readers = owners_with_a_readable_chat(server, bot_id)
     for room_id in sorted(room_ids if only is None else room_ids & only):
-        finding, plan = _examine(room_id, local, server, bot_id, refs.get(room_id, []))
+        finding, plan = _examine(room_id, local, server, bot_id, refs.get(room_id, []), readers)
         findings.append(finding)
         if plan is not None and plan.chat is not None:
             carried.add((plan.chat.user_id, plan.chat.chat_id))
     if only is None:
         findings += [_orphan(chat) for key, chat in local.chats.items() if key not in carried]
     return in_report_order(findings)
+
+
+def owners_with_a_readable_chat(server: ServerRooms, bot_id: str) -> set[str]:
+    """The owners of an active chat room, made by the bot, that the homeserver did not encrypt."""
+    owners = set()
+    for room_id in server.joined:
+        snap = RoomSnapshot.from_events(room_id, server.states.get(room_id, []))
+        if snap.creator != bot_id or snap.is_space or snap.encrypted:
+            continue
+        try:
+            marker = trusted_marker(snap, ChatMarker, bot_id)
+        except HealRefused:
+            continue
+        if marker is not None and marker.status == "active":
+            owners.add(marker.owner)
+    return owners
 
 
 def in_report_order(findings: list[Finding]) -> list[Finding]:
@@ -125,6 +145,7 @@ def _examine(
     server: ServerRooms,
     bot_id: str,
     refs: list[tuple[str, Role]],
+    readers: set[str],
 ) -> tuple[Finding, HealPlan | None]:
     meta = local.rooms.get(room_id)
     if room_id not in server.joined:
@@ -140,7 +161,27 @@ def _examine(
         plan = assess_room(snap, bot_id, parent)
     except HealRefused as refusal:
         return _refused(room_id, meta, refs, snap.members(bot_id), refusal), None
-    return _against(plan, meta, refs, snap, local, server), plan
+    finding = _against(plan, meta, refs, snap, local, server)
+    return _encrypted(finding, plan, readers), plan
+
+
+def _encrypted(finding: Finding, plan: HealPlan, readers: set[str]) -> Finding:
+    """A room the bot made that the homeserver encrypted, and that its owner would need: an
+    active chat room (the bot cannot read it), or the Space of an owner left with no chat room
+    the bot can read (the bot makes no more rooms for them). It never heals by itself."""
+    if plan.unreadable is None:
+        return finding
+    if plan.chat is not None and plan.chat.status == "active":
+        why = "the homeserver encrypted this chat room, so the bot cannot read it"
+    elif plan.room.kind == "space" and plan.room.owner not in readers:
+        why = (
+            "the homeserver encrypted this Space, and its owner has no chat room the bot can "
+            "read: the homeserver encrypts the rooms the bot makes, so it makes no more for them"
+        )
+    else:
+        return finding  # archived, or a Space whose owner chats in a readable room: harmless
+    also = f" (also: {finding.detail})" if finding.detail else ""
+    return replace(finding, state="encrypted", detail=f"{why}. Remedy: {REMEDY}{also}", heals=False)
 
 
 def _stale(

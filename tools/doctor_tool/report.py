@@ -26,6 +26,9 @@ Legend:
                    or a chat no room carries
   mismatch         title, status, owner, kind, chat id or Space differ; a rename the bot has
                    not handled yet is said so, and follows by itself
+  encrypted        the homeserver encrypted a room the bot made (an active chat room, or the
+                   Space of an owner with no readable chat): the bot cannot read it. Not a bug:
+                   the homeserver's setting, named in the detail with its remedy
 Exit: 0 everything agrees or heals by itself; 1 a difference will not heal by itself
 (suspect a bug); 2 the doctor cannot run (bad environment, no DB or session, no homeserver)."""
 
@@ -101,7 +104,8 @@ def _inbox(diagnosis: Diagnosis) -> str:
 def _verdict(diagnosis: Diagnosis) -> str:
     if diagnosis.consistent:
         return "The DB and the homeserver agree (exit 0)."
-    stuck = sum(1 for f in diagnosis.findings if not f.heals)
+    stuck = sum(1 for f in diagnosis.findings if not f.heals and f.state != "encrypted")
+    encrypted = sum(1 for f in diagnosis.findings if f.state == "encrypted")
     odd = sum(1 for f in diagnosis.findings if f.cause == "inconsistent")
     warned = (
         (
@@ -111,11 +115,22 @@ def _verdict(diagnosis: Diagnosis) -> str:
         if odd
         else ""
     )
+    locked = (
+        (
+            f" {encrypted} room{'s' if encrypted > 1 else ''} the bot made "
+            f"{'are' if encrypted > 1 else 'is'} encrypted by the homeserver, which the bot "
+            "cannot read: change the homeserver's setting (see the detail)."
+        )
+        if encrypted
+        else ""
+    )
     if stuck:
         return (
             f"{stuck} difference{'s' if stuck > 1 else ''} will not heal by itself: "
-            f"suspect a bug (exit 1).{warned}"
+            f"suspect a bug (exit 1).{locked}{warned}"
         )
+    if encrypted:
+        return f"{locked.strip()} (exit 1){warned}"
     return "Every difference heals by itself (exit 0)." + (
         warned or " The causes say the DB was reset or lost after those rooms were made."
     )

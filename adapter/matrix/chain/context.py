@@ -19,7 +19,7 @@ from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store.records import MatrixStore, UserMeta
+from adapter.matrix.store.records import EncryptedRoom, MatrixStore, UserMeta
 from adapter.matrix.vocabulary.content import message_content, reply_txn_id
 from core.agent import Agent
 from core.chat import Chat, ChatManager
@@ -100,3 +100,4 @@ class EventData(TypedDict, total=False):
     command: Command | None
     chat: Chat | None  # the chat of a ChatRoute, after healing
     user: UserMeta | None  # the sender's Space, when the handler needs it
+    unreadable: EncryptedRoom | None  # for an encrypted event in a chat room: it is encrypted

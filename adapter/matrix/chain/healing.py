@@ -52,6 +52,8 @@ class HealingMiddleware:
             route = data["route"]
             if isinstance(route, ChatRoute):
                 data["chat"] = await self._chat_of(route, svc)
+                if update.kind == "encrypted":  # the room's encryption says what to answer
+                    data["unreadable"] = await self.healer.unreadable(room_id)
         owner = update.sender if update.kind == "invite" else getattr(data["route"], "owner", None)
         # Heal the Space only for its owner: a non-owner's event is dropped by the next link.
         if owner == update.sender and self._needs_space(update, data):
@@ -72,9 +74,10 @@ class HealingMiddleware:
 
     @staticmethod
     def _onboarding(update: Update, data: EventData) -> bool:
-        """An invite, or a message in the lobby (which completes an onboarding cut short)."""
+        """An invite, or a message in the lobby (which completes an onboarding cut short), an
+        encrypted one included (a lobby its owner's client encrypts)."""
         return update.kind == "invite" or (
-            update.kind == "message" and isinstance(data["route"], LobbyRoute)
+            update.kind in ("message", "encrypted") and isinstance(data["route"], LobbyRoute)
         )
 
     def _needs_space(self, update: Update, data: EventData) -> bool:

@@ -34,14 +34,16 @@ async def handle_update(update: Update, data: EventData) -> None:
             await handle_invite(update, data)
         elif update.kind == "room_name":
             await handle_room_name(update, data)
-        elif update.kind == "encrypted":
-            await handle_encrypted(update, data)
         elif update.kind == "missed":
             await handle_missed(update, data)
         elif isinstance(data["route"], LobbyRoute) and not await onboarded(update, data):
-            await complete_onboarding(update, data)  # its welcome answers a plain message
+            # Its welcome answers a plain message, and an encrypted one (a lobby that its
+            # owner's client encrypts): the bot does not need to read it to finish onboarding.
+            await complete_onboarding(update, data)
             if data.get("command") is not None:
                 await handle_command(update, data)
+        elif update.kind == "encrypted":
+            await handle_encrypted(update, data)
         elif data.get("command") is not None:
             await handle_command(update, data)
         else:

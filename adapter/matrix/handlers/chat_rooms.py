@@ -16,7 +16,13 @@ from urllib.parse import quote, unquote
 import structlog
 
 from adapter.matrix.chain.context import Services
-from adapter.matrix.healing.room_state import HealRefused, RoomSnapshot, trusted_marker
+from adapter.matrix.healing.encryption import announce
+from adapter.matrix.healing.room_state import (
+    HealRefused,
+    RoomSnapshot,
+    trusted_marker,
+    unreadable_room,
+)
 from adapter.matrix.store.records import Creation, RoomMeta
 from adapter.matrix.vocabulary.markers import ChatMarker
 from core.chat import Chat, new_chat_id
@@ -68,18 +74,28 @@ async def create_chat(
             await svc.store.set_created(source_event_id, creation)
         room_id = await svc.hs.create_chat_room(owner, space_id, creation.chat_id, creation.title)
     await svc.hs.link_child(space_id, room_id)
+    # Its state says whether the homeserver encrypted it (then the bot cannot read it).
+    snap = RoomSnapshot.from_events(room_id, await svc.hs.get_state(room_id))
+    unreadable = unreadable_room(snap, "chat", owner)
+    if unreadable is not None and await svc.store.get_encrypted(room_id) is not None:
+        unreadable = None  # an adopted room, recorded and told before
     chat = Chat(creation.chat_id, owner, creation.title, "active", time.time())
     async with svc.store.transaction() as tx:
         await svc.store.set_room(room_id, RoomMeta("chat", owner, chat.chat_id, space_id), tx)
         svc.chats.restore(chat, tx)
         await svc.store.set_created(source_event_id, replace(creation, room_id=room_id), tx)
+        if unreadable is not None:
+            await svc.store.set_encrypted(room_id, unreadable, tx)
     log.info(
         "chat.created",
         room_id=room_id,
         chat_id=chat.chat_id,
         owner=owner,
         resumed=orphan is not None,
+        encrypted=snap.encrypted,
     )
+    if unreadable is not None:
+        announce(room_id, unreadable, svc.metrics)
     return room_id, chat
 
 

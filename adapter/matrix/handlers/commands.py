@@ -14,6 +14,12 @@ from adapter.matrix.chain.command_table import COMMANDS, UNKNOWN, Command
 from adapter.matrix.chain.context import EventData, Services
 from adapter.matrix.chain.router import ChatRoute
 from adapter.matrix.handlers.chat_rooms import create_chat, matrix_to
+from adapter.matrix.healing.encryption import (
+    CHAT_ENCRYPTED,
+    NEW_HELD,
+    admin_can_fix,
+    holding_room,
+)
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import Pending
 from core.chat import Chat, InvalidTitle, validate_title
@@ -28,6 +34,10 @@ Run = Callable[[Command, Update, EventData], Awaitable[None]]
 
 async def _say(update: Update, data: EventData, body: str, html_body: str | None = None) -> None:
     await data["services"].reply(update, body, html=html_body)
+
+
+def _in_lobby(data: EventData) -> bool:
+    return not isinstance(data["route"], ChatRoute)
 
 
 def _chat_context(data: EventData) -> tuple[Services, ChatRoute, Chat]:
@@ -59,6 +69,12 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
+    if await holding_room(svc.store, svc.chats, owner) is not None:
+        # The last room made for them came back encrypted: the next would too, until the
+        # homeserver's admin changes it (then a lobby message or an invite tries again).
+        log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why="held")
+        await _say(update, data, f"{NEW_HELD}\n{admin_can_fix(_in_lobby(data))}")
+        return
     refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
     if refusal is not None:
         log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal)
@@ -67,6 +83,10 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
     svc.access.record_creation(owner)
     room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
     link = matrix_to(room_id, svc.hs.server_name)
+    if await svc.store.get_encrypted(room_id) is not None:  # made, but the bot cannot read it
+        told = CHAT_ENCRYPTED.format(title=chat.title, chat_link=link)
+        await _say(update, data, f"{told}\n{admin_can_fix(_in_lobby(data))}")
+        return
     await _say(
         update,
         data,

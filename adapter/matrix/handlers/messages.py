@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 
 import structlog
 
 from adapter.matrix.chain.context import EventData
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute
 from adapter.matrix.conversation.markdown import render
+from adapter.matrix.handlers.chat_rooms import matrix_to
+from adapter.matrix.healing.encryption import (
+    CANNOT_READ_MESSAGES,
+    ROOM_ENCRYPTED,
+    WITHOUT_ENCRYPTION,
+    WRITE_IN_CHAT,
+    admin_can_fix,
+    readable_active_chats,
+)
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.ingest.update import Update
 from core.agent import Turn, agent_timeout, wants_history
@@ -32,10 +42,6 @@ MISSED = (
     "If one of them still needs an answer, please send it again."
 )
 TYPING_MS = 30_000
-ENCRYPTED_HINT = (
-    "I can't read encrypted messages. Please write to me in the chat rooms of "
-    "your Lambda Space (they are not encrypted), or in an unencrypted room."
-)
 
 
 async def handle_text(update: Update, data: EventData) -> None:
@@ -142,8 +148,34 @@ async def handle_room_name(update: Update, data: EventData) -> None:
 
 
 async def handle_encrypted(update: Update, data: EventData) -> None:
+    """An encrypted message, which the bot cannot read. In a chat room the homeserver encrypted
+    (``data["unreadable"]``), its owner is told so once; elsewhere, where to write instead,
+    claiming no room is unencrypted unless its state said so."""
+    svc, route = data["services"], data["route"]
     log.info("message.encrypted", room_id=update.room_id, event_id=update.event_id)
-    await data["services"].reply(update, ENCRYPTED_HINT)
+    unreadable = data.get("unreadable")
+    if isinstance(route, ChatRoute) and unreadable is not None:
+        if unreadable.user_told:
+            log.info(
+                "event.ignored",
+                reason="encrypted_room",
+                room_id=update.room_id,
+                event_id=update.event_id,
+            )
+            return
+        await svc.reply(update, f"{ROOM_ENCRYPTED}\n{admin_can_fix(in_lobby=False)}")
+        await svc.store.set_encrypted(update.room_id, replace(unreadable, user_told=True))
+        return
+    hint = WITHOUT_ENCRYPTION
+    if isinstance(route, LobbyRoute):  # the owner's own room: point to a chat the bot can read
+        readable = await readable_active_chats(svc.store, svc.chats, route.owner)
+        if readable:
+            chat_id, room_id = list(readable.items())[-1]
+            chat = await svc.chats.get(route.owner, chat_id)
+            hint = WRITE_IN_CHAT.format(
+                title=chat.title, chat_link=matrix_to(room_id, svc.hs.server_name)
+            )
+    await svc.reply(update, CANNOT_READ_MESSAGES + hint)
 
 
 async def handle_missed(update: Update, data: EventData) -> None:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import structlog
 
+from adapter.matrix.healing.encryption import announce
 from adapter.matrix.healing.room_state import (
     HealCause,
     HealPlan,
@@ -19,10 +20,11 @@ from adapter.matrix.healing.room_state import (
     assess_room,
     heal_cause,
     parent_to_verify,
+    unreadable_room,
 )
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.observe.metrics import Metrics
-from adapter.matrix.store.records import MatrixStore, UserMeta
+from adapter.matrix.store.records import EncryptedRoom, MatrixStore, UserMeta
 from adapter.matrix.vocabulary.content import SPACE_TYPE
 from core.chat import ChatManager, ChatNotFound
 
@@ -157,6 +159,9 @@ class Healer:
             user = replace(plan.user, lobby_room_id=lobbies[0][0] if lobbies else None)
         if plan.room.kind == "lobby" and user is not None and user.lobby_room_id is None:
             user = replace(user, lobby_room_id=plan.room_id)
+        unreadable = plan.unreadable
+        if unreadable is not None and await store.get_encrypted(plan.room_id) is not None:
+            unreadable = None  # recorded, and the operator told, before
         restored = ["matrix_room"]
         async with store.transaction() as tx:
             await store.set_room(plan.room_id, plan.room, tx)
@@ -166,7 +171,35 @@ class Healer:
             if user is not None and user != current_user:
                 await store.set_user(owner, user, tx)
                 restored.append("matrix_user")
+            if unreadable is not None:
+                await store.set_encrypted(plan.room_id, unreadable, tx)
+                restored.append("encrypted_room")
+        if unreadable is not None:
+            announce(plan.room_id, unreadable, self.svc.metrics)
         return restored
+
+    async def unreadable(self, room_id: str) -> EncryptedRoom | None:
+        """Whether a room the bot made, and the DB knows, is encrypted: the DB's record, or
+        else (a room recorded before the bot looked, by an earlier version) its state, read
+        once and recorded. None: it is readable, or not the bot's."""
+        record = await self.svc.store.get_encrypted(room_id)
+        if record is not None:
+            return record
+        return await self._single_flight(
+            f"encryption:{room_id}", lambda: self._learn_encryption(room_id)
+        )
+
+    async def _learn_encryption(self, room_id: str) -> EncryptedRoom | None:
+        store = self.svc.store
+        meta = await store.get_room(room_id)
+        if meta is None or meta.kind == "lobby":
+            return None
+        snap = await self._snapshot(room_id, self.cause(held=True))
+        record = unreadable_room(snap, meta.kind, meta.owner)
+        if record is not None and await store.get_encrypted(room_id) is None:
+            await store.set_encrypted(room_id, record)
+            announce(room_id, record, self.svc.metrics)
+        return record
 
     async def user_space(self, user_id: str) -> UserMeta | None:
         """The user's Space record; healed from the server if missing. None: they have none."""

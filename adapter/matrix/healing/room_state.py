@@ -7,10 +7,11 @@ before markers existed) into the records they imply, or raises ``HealRefused``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from adapter.matrix.store.records import RoomMeta, UserMeta
+from adapter.matrix.store.records import EncryptedRoom, RoomKind, RoomMeta, UserMeta
 from adapter.matrix.vocabulary.content import SPACE_TYPE
 from adapter.matrix.vocabulary.markers import ChatMarker, MalformedMarker, Marker, SpaceMarker
 from core.chat import Chat
@@ -107,6 +108,13 @@ class RoomSnapshot:
         return bool(create and create.content.get("type") == SPACE_TYPE)
 
     @property
+    def encrypted(self) -> bool:
+        """Whether the room is end-to-end encrypted (``m.room.encryption`` names an algorithm):
+        the bot, which does not do end-to-end encryption, cannot read its messages."""
+        ev = self.get("m.room.encryption")
+        return bool(ev and ev.content.get("algorithm"))
+
+    @property
     def name(self) -> str | None:
         ev = self.get("m.room.name")
         name = ev.content.get("name") if ev else None
@@ -146,6 +154,27 @@ class HealPlan:
     source: HealSource
     chat: Chat | None = None
     user: UserMeta | None = None  # the owner's Space, when the state proves it
+    # A room the bot made (a Space or a chat) that the homeserver encrypted: the bot cannot
+    # read it. None for a readable room, and for a lobby (the user's room, not the bot's).
+    unreadable: EncryptedRoom | None = None
+
+
+def unreadable_room(snap: RoomSnapshot, kind: RoomKind, owner: str) -> EncryptedRoom | None:
+    """The record of a room the bot made for ``owner`` whose state has encryption on (a
+    homeserver's ``encryption_enabled_by_default_for_room_type``); None when it is readable."""
+    return EncryptedRoom(owner, kind, snap.created_at) if snap.encrypted else None
+
+
+def encryption_hold(
+    encrypted: Iterable[tuple[str, EncryptedRoom]], readable_chats_made_at: Iterable[float]
+) -> tuple[str, EncryptedRoom] | None:
+    """The room that holds back room creation for its owner: the latest room the bot made for
+    them, if the homeserver encrypted it and no readable chat room was made after it. The bot
+    makes no more rooms a homeserver encrypts, until one comes back readable. None: not held."""
+    latest = max(encrypted, key=lambda found: found[1].created_at, default=None)
+    if latest is None or any(at > latest[1].created_at for at in readable_chats_made_at):
+        return None
+    return latest
 
 
 def heal_cause(birth: Birth | None, created_at: float = 0.0, held: bool = False) -> HealCause:
@@ -216,7 +245,11 @@ def assess_room(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | None = N
     if snap.is_space:
         owner, source = space_owner(snap, bot_id)
         return HealPlan(
-            snap.room_id, RoomMeta("space", owner), source, user=UserMeta(space_id=snap.room_id)
+            snap.room_id,
+            RoomMeta("space", owner),
+            source,
+            user=UserMeta(space_id=snap.room_id),
+            unreadable=unreadable_room(snap, "space", owner),
         )
     marker = trusted_marker(snap, ChatMarker, bot_id)
     if marker is not None:
@@ -248,6 +281,7 @@ def _assess_marked_chat(snap: RoomSnapshot, bot_id: str, marker: ChatMarker) -> 
         "marker",
         chat,
         UserMeta(space_id=space_id) if space_id else None,
+        unreadable_room(snap, "chat", owner),
     )
 
 
@@ -273,4 +307,5 @@ def _assess_legacy_chat(snap: RoomSnapshot, bot_id: str, parent: RoomSnapshot | 
         "legacy",
         chat,
         UserMeta(space_id=parent.room_id),
+        unreadable_room(snap, "chat", owner),
     )

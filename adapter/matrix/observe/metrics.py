@@ -52,6 +52,12 @@ class Metrics:
         self.heal_refusals = counter(
             "lambda_heal_refusals", "Rooms the bot refused to heal (state.heal_refused).", "reason"
         )
+        self.encrypted_rooms = counter(
+            "lambda_encrypted_rooms",
+            "Rooms the bot made that the homeserver encrypted, so it cannot read them, by kind "
+            "(room.encrypted_by_server: each once, when the DB first records it).",
+            "kind",
+        )
         self.inbox_depth = Gauge(
             "lambda_inbox_depth",
             "Updates in the inbox, not yet fully handled.",

@@ -40,6 +40,19 @@ class Creation:
 
 
 @dataclass(frozen=True)
+class EncryptedRoom:
+    """A room the bot made for ``owner`` that the homeserver encrypted: the bot, which does not
+    do end-to-end encryption, cannot read it. Recorded when first seen (the operator's error
+    line is logged then, once); ``created_at`` is the room's creation (``m.room.create``), which
+    orders it among the owner's rooms; ``user_told``: the owner was told so in the room."""
+
+    owner: str
+    kind: RoomKind
+    created_at: float
+    user_told: bool = False
+
+
+@dataclass(frozen=True)
 class Pending:
     action: Literal["archive"]
     chat_id: str
@@ -55,7 +68,8 @@ def _strip_none(record: Any) -> dict:
 
 
 class MatrixStore:
-    """Typed accessors over ``matrix_user:*``, ``matrix_room:*``, ``pending:*`` and the sync token
+    """Typed accessors over ``matrix_user:*``, ``matrix_room:*``, ``pending:*``,
+    ``encrypted_room:*`` and the sync token
     (written only by the inbox, with the updates of its round).
 
     Writers take an optional transaction: with one they buffer, without one they write now.
@@ -130,6 +144,21 @@ class MatrixStore:
         self, source_event_id: str, creation: Creation, tx: Transaction | None = None
     ) -> None:
         await self._write(f"created_by:{source_event_id}", _strip_none(creation), tx)
+
+    async def get_encrypted(self, room_id: str) -> EncryptedRoom | None:
+        data = await self.db.get(f"encrypted_room:{room_id}")
+        return EncryptedRoom(**data) if data else None
+
+    async def set_encrypted(
+        self, room_id: str, record: EncryptedRoom, tx: Transaction | None = None
+    ) -> None:
+        await self._write(f"encrypted_room:{room_id}", asdict(record), tx)
+
+    async def encrypted_rooms_of(self, owner: str) -> list[tuple[str, EncryptedRoom]]:
+        """The owner's rooms that the homeserver encrypted (usually none: one short scan)."""
+        rows = await self.db.scan("encrypted_room:")
+        found = [(key.removeprefix("encrypted_room:"), EncryptedRoom(**v)) for key, v in rows]
+        return [(room_id, record) for room_id, record in found if record.owner == owner]
 
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
