@@ -33,7 +33,7 @@ from adapter.matrix.healing.room_state import (
     encryption_hold,
     unreadable_room,
 )
-from adapter.matrix.ingest.update import Update
+from adapter.matrix.ingest.update import Update, UpdateKind
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import EncryptedRoom, RoomMeta
 from adapter.matrix.vocabulary.markers import SpaceMarker
@@ -156,7 +156,7 @@ async def svc(store, hs):
     return svc
 
 
-async def answer(svc, room_id: str, body: str = "", kind: str = "message", **data) -> str:
+async def answer(svc, room_id: str, body: str = "", kind: UpdateKind = "message", **data) -> str:
     """Run an update through its handler, as the chain would; the one answer."""
     event = message(room_id, body, event_id=f"$ev{len(svc.hs.sent)}", kind=kind)
     before = len(svc.hs.sent)
