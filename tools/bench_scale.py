@@ -427,8 +427,9 @@ def report(
             f"{min(s[key] for s in met[n]):.2f}-{max(s[key] for s in met[n]):.2f}"
             for n in (small, large)
         )
-        verdict = ("ok" if b / a <= TARGET_ROOMS_RATIO else "MISSED") if target else ""
-        print(f"    {what:32}{a:9.2f} s {b:9.2f} s   {b / a:5.2f}x  {verdict:6} ({spread})")
+        ratio = b / a if a else float("nan")
+        verdict = ("ok" if ratio <= TARGET_ROOMS_RATIO else "MISSED") if target else ""
+        print(f"    {what:32}{a:9.2f} s {b:9.2f} s   {ratio:5.2f}x  {verdict:6} ({spread})")
     windows = [(s["windows"], s["largest"]) for s in met[large]]
     print(f"    sweep windows at {large} rooms (count, largest): {windows}")
     print("  bot RSS at the first reply (peak, VmHWM)")
