@@ -10,10 +10,10 @@ import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.ingest import events
+from adapter.matrix.ingest import events, sweep
 from adapter.matrix.ingest.catchup import CatchUpReader, catch_up, deferred
 from adapter.matrix.ingest.events import to_update
-from adapter.matrix.ingest.sweep import Glimpse, Window, parse_window
+from adapter.matrix.ingest.sweep import Glimpse, Window, next_window, parse_window
 from adapter.matrix.ingest.sync import Ingest, sync_token_refused
 
 BOT, ALICE = "@lambda:x", "@alice:x"
@@ -335,6 +335,17 @@ def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or
     ]
     assert found.rooms[0].events[0]["room_id"] == "!chat:x"
     assert found.invites == [("!inv:x", ALICE)]
+
+
+def test_a_sweeps_next_window_holds_as_many_rooms_as_its_cost_allows():
+    cost = sweep.WINDOW_COST_S
+    assert next_window(10, cost, users_waited=False) == 10  # as costly as allowed: the same
+    assert next_window(20, cost * 4, users_waited=False) == 5  # four times too slow: a quarter
+    assert next_window(10, cost / 10, users_waited=False) == 20  # cheap: at most twice as many
+    assert next_window(40, cost / 10, users_waited=False) == sweep.WINDOW  # never past the cap
+    assert next_window(10, cost * 100, users_waited=False) == sweep.LEAST_WINDOW  # still goes on
+    assert next_window(20, cost, users_waited=True) == 10  # users active: half of what fits
+    assert next_window(20, 0.0, users_waited=False) == 40  # too fast to measure: twice
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,13 @@ log = structlog.get_logger()
 LIST = "recent"
 CONNECTION = "lambda-start"  # the sliding sync connection a start's sweep walks on
 FIRST_WINDOW = 10  # rooms in the first window, where a user most likely waits: as cheap as 7
-WINDOW = 50  # rooms each later window adds (a homeserver's request of about 0.2 s)
+# A later window adds as many rooms as fit in WINDOW_COST_S of the homeserver's time, by what
+# the last one took (``next_window``): a user's request that comes while one is out waits
+# behind it. At most WINDOW rooms (a request of about 0.25 s), at least LEAST_WINDOW.
+WINDOW = 50
+LEAST_WINDOW = 5
+WINDOW_COST_S = 0.08
+GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
 TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
 # The types a fallback's first sync asks for: what the rule reads, and what the conversation
 # follows (redactions, stickers), so that reactions cannot hide a question. Sliding sync has
@@ -118,6 +124,17 @@ def first_sync_window(resp: SyncResponse, hs: Homeserver) -> Window:
     return Window(rooms, invites_of(resp, hs.bot_id))
 
 
+def next_window(rooms: int, took_s: float, users_waited: bool) -> int:
+    """How many rooms the next window adds, after one of ``rooms`` that took ``took_s``: as
+    many as fit in ``WINDOW_COST_S`` at that cost, at most twice as many (a cost measured on
+    a few rooms is rough); half that when users' updates were just handled (their next
+    requests may come while the window is out). Within ``LEAST_WINDOW`` and ``WINDOW``."""
+    fit = min(2 * rooms, int(rooms * WINDOW_COST_S / max(took_s, 1e-3)))
+    if users_waited:
+        fit //= 2
+    return min(WINDOW, max(LEAST_WINDOW, fit))
+
+
 def unsupported(err: HomeserverError) -> bool:
     """The homeserver has no sliding sync (an unknown endpoint: 404 or 405 M_UNRECOGNIZED)."""
     return err.http_status in (404, 405) or err.status == "M_UNRECOGNIZED"
@@ -157,11 +174,16 @@ class Sweep:
 
     async def _sliding(self, give_way: Callable[[], Awaitable[None]]) -> AsyncIterator[Window]:
         started, pos, end, windows, waited = time.monotonic(), None, FIRST_WINDOW - 1, 0, 0.0
+        size, took, slowest = FIRST_WINDOW, 0.0, 0.0
         while True:
             if windows:
                 paused = time.monotonic()
                 await give_way()
-                waited += time.monotonic() - paused
+                paused = time.monotonic() - paused
+                waited += paused
+                size = next_window(size, took, users_waited=paused > GAVE_WAY_S)
+                end += size
+            asked = time.monotonic()
             body = await self.hs.sliding_sync(
                 CONNECTION,
                 {
@@ -173,6 +195,8 @@ class Sweep:
                 },
                 pos,
             )
+            took = time.monotonic() - asked
+            slowest = max(slowest, took)
             window = parse_window(body, self.hs.bot_id)
             for glimpse in window.rooms:  # hints for finding a user's Space (the healer)
                 self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
@@ -181,7 +205,7 @@ class Sweep:
             count = ((body.get("lists") or {}).get(LIST) or {}).get("count")
             if not isinstance(count, int) or end + 1 >= count:
                 break
-            pos, end = body.get("pos"), end + WINDOW
+            pos = body.get("pos")
         log.info(
             "sync.swept",
             via="sliding_sync",
@@ -189,4 +213,5 @@ class Sweep:
             rooms=count,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             gave_way_ms=round(waited * 1000, 1),
+            slowest_ms=round(slowest * 1000, 1),
         )
