@@ -203,16 +203,19 @@ class Conversations:
         """Evict whole rooms, least recently used first, until the cache is within budget;
         never a room being read (its read would lose what sync adds meanwhile), nor the most
         recently used one (the room at hand), even alone over the budget."""
-        if self._size <= self.budget:
+        excess = self._size - self.budget
+        if excess <= 0:
             return
-        last = next(reversed(self._rooms))
-        for room_id in list(self._rooms):
-            if self._size <= self.budget:
+        last, out = next(reversed(self._rooms)), []
+        for room_id, room in self._rooms.items():  # from the least recently used
+            if excess <= 0:
                 break
-            if room_id == last or room_id in self._reads:
-                continue
+            if room_id != last and room_id not in self._reads:
+                out.append(room_id)
+                excess -= room.size
+        for room_id in out:
             self._size -= self._rooms.pop(room_id).size
-            log.debug("conversation.evicted", room_id=room_id)
+        log.debug("conversation.evicted", rooms=len(out), kept=len(self._rooms))
 
     async def answered(self, room_id: str, event_id: str) -> bool:
         """Whether the room holds the bot's answer to ``event_id`` (asked of the homeserver,
