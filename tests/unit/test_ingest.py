@@ -348,6 +348,50 @@ def test_a_sweeps_next_window_holds_as_many_rooms_as_its_cost_allows():
     assert next_window(20, 0.0, users_waited=False) == 40  # too fast to measure: twice
 
 
+class SlidingHomeserver:
+    """A sliding sync connection over ``rooms`` (most recent first): each answer holds the
+    rooms of the range not sent before on the connection, as Synapse's does."""
+
+    bot_id = BOT
+
+    def __init__(self, rooms: int) -> None:
+        self.rooms = [f"!r{i}:x" for i in range(rooms)]
+        self.sent: set[str] = set()
+        self.ranges: list[int] = []
+
+    async def sliding_sync(self, conn_id, lists, pos):
+        [[start, end]] = lists["recent"]["ranges"]
+        self.ranges.append(end)
+        new = [r for r in self.rooms[start : end + 1] if r not in self.sent]
+        self.sent.update(new)
+        body = {"initial": True, "timeline": [text("$1", "hi")], "required_state": []}
+        return {
+            "pos": f"p{len(self.ranges)}",
+            "lists": {"recent": {"count": len(self.rooms)}},
+            "rooms": {room_id: body for room_id in new},
+        }
+
+    def note_room(self, room_id, room_type, state):
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_sweep_walks_every_room_once_in_windows_sized_by_their_cost():
+    hs = SlidingHomeserver(300)
+    gave_way = 0
+
+    async def give_way():
+        nonlocal gave_way
+        gave_way += 1
+
+    walk = sweep.Sweep(hs, first_sync=None)  # type: ignore[arg-type]
+    seen = [g.room_id for w in [w async for w in walk.windows(give_way)] for g in w.rooms]
+    assert seen == hs.rooms  # each once, most recent first
+    steps = [b - a for a, b in zip([-1, *hs.ranges], hs.ranges, strict=False)]
+    assert steps[0] == sweep.FIRST_WINDOW and max(steps) <= sweep.WINDOW
+    assert gave_way == len(hs.ranges) - 1  # before every window but the first
+
+
 @pytest.mark.parametrize(
     "status,errcode,message,refused",
     [
