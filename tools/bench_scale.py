@@ -326,6 +326,7 @@ async def bench(
     bot_log: Path | None,
     starts_only: bool = False,
     user_case_only: bool = False,
+    debug: bool = False,
 ) -> None:
     small, large = sizes
     logs: list[dict] = []
@@ -333,7 +334,7 @@ async def bench(
     with throwaway_homeserver("lambda-bench-scale-") as (hs, work):
         try:
             config = bot_config(hs, work, "scalebot")
-            bot = ProcessBot(config)
+            bot = ProcessBot(config, **({"LOG_LEVEL": "debug"} if debug else {}))
             load = 0 if starts_only else max(ks)
             people = await accounts(hs, 1 + max(load, (large - small) // 3), config.user_id)
             owner = people[0]
@@ -537,6 +538,9 @@ def main() -> None:
     parser.add_argument("--typing-seconds", type=float, default=10.0)
     parser.add_argument("--bot-log", type=Path, help="write the bot's log lines there")
     parser.add_argument(
+        "--debug", action="store_true", help="the bot logs at debug level (--bot-log)"
+    )
+    parser.add_argument(
         "--user-case-only",
         action="store_true",
         help="of the starts, only the case a user meets (no start waiting for an idle Synapse)",
@@ -559,6 +563,7 @@ def main() -> None:
             args.bot_log,
             args.starts_only or args.user_case_only,
             args.user_case_only,
+            args.debug,
         )
     )
 

@@ -83,6 +83,7 @@ CATCHUP_SYNC_FILTER = {
 }
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
+SWEEP_SETTLE_S = 0.5  # and until they have been quiet this long: a user just answered may write
 
 
 def client_config() -> AsyncClientConfig:
@@ -264,12 +265,14 @@ class Bot:
 
     async def _give_way(self, delivery: Delivery) -> None:
         """Before a sweep's next window, what users wait for goes first: a live round in hand
-        (its updates not queued yet), then the lanes handling updates; for at most
-        SWEEP_YIELD_S, so that the sweep still goes on under a steady load."""
+        (its updates not queued yet), then the lanes handling updates, and a moment after them
+        (a user just answered often writes again at once); for at most SWEEP_YIELD_S, so that
+        the sweep still goes on under a steady load."""
         started = time.monotonic()
         with suppress(TimeoutError):
             await asyncio.wait_for(self._round_done.wait(), SWEEP_YIELD_S)
-        await delivery.quiet(max(0.0, SWEEP_YIELD_S - (time.monotonic() - started)))
+        left = max(0.0, SWEEP_YIELD_S - (time.monotonic() - started))
+        await delivery.quiet(left, settle=SWEEP_SETTLE_S)
 
     async def _sync_loop(
         self, stop: asyncio.Event, since: str | None, inbox: Inbox, delivery: Delivery

@@ -340,11 +340,11 @@ def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or
 def test_a_sweeps_next_window_holds_as_many_rooms_as_its_cost_allows():
     cost = sweep.WINDOW_COST_S
     assert next_window(10, cost, users_waited=False) == 10  # as costly as allowed: the same
-    assert next_window(20, cost * 4, users_waited=False) == 5  # four times too slow: a quarter
+    assert next_window(48, cost * 4, users_waited=False) == 12  # four times too slow: a quarter
     assert next_window(10, cost / 10, users_waited=False) == 20  # cheap: at most twice as many
     assert next_window(40, cost / 10, users_waited=False) == sweep.WINDOW  # never past the cap
     assert next_window(10, cost * 100, users_waited=False) == sweep.LEAST_WINDOW  # still goes on
-    assert next_window(20, cost, users_waited=True) == 10  # users active: half of what fits
+    assert next_window(40, cost, users_waited=True) == 20  # users active: half of what fits
     assert next_window(20, 0.0, users_waited=False) == 40  # too fast to measure: twice
 
 

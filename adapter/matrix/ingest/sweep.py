@@ -33,8 +33,8 @@ FIRST_WINDOW = 10  # rooms in the first window, where a user most likely waits: 
 # the last one took (``next_window``): a user's request that comes while one is out waits
 # behind it. At most WINDOW rooms (a request of about 0.25 s), at least LEAST_WINDOW.
 WINDOW = 50
-LEAST_WINDOW = 5
-WINDOW_COST_S = 0.08
+LEAST_WINDOW = 10  # below it, a request's own cost dominates (measured: 5 rooms cost as much)
+WINDOW_COST_S = 0.1
 GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
 TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
 # The types a fallback's first sync asks for: what the rule reads, and what the conversation
@@ -197,6 +197,7 @@ class Sweep:
             )
             took = time.monotonic() - asked
             slowest = max(slowest, took)
+            log.debug("sync.window", asked=size, took_ms=round(took * 1000, 1))
             window = parse_window(body, self.hs.bot_id)
             for glimpse in window.rooms:  # hints for finding a user's Space (the healer)
                 self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
