@@ -205,6 +205,7 @@ async def user_case(
         "ready": ready,
         "sweep": swept[0]["duration_ms"] / 1000,
         "gave_way": swept[0].get("gave_way_ms", 0) / 1000,
+        "rested": swept[0].get("rested_ms", 0) / 1000,
         "slowest": swept[0].get("slowest_ms", 0) / 1000,
         "windows": len(windows),
         "largest": max((w["rooms"] for w in windows), default=0),
@@ -467,6 +468,7 @@ def report(
         ("ready", "start -> bot.ready", False),
         ("sweep", "the sweep's total time", False),
         ("gave_way", "  of which it gave way", False),
+        ("rested", "  of which it rested", False),
         ("slowest", "  its slowest window", False),
     ):
         a, b = (statistics.median(s[key] for s in met[n]) for n in (small, large))
