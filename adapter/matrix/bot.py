@@ -83,7 +83,7 @@ CATCHUP_SYNC_FILTER = {
 }
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
-SWEEP_SETTLE_S = 0.5  # and until they have been quiet this long: a user just answered may write
+SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just answered may write
 
 
 def client_config() -> AsyncClientConfig:

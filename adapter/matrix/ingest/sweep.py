@@ -35,13 +35,13 @@ FIRST_WINDOW = 10  # rooms in the first window, where a user most likely waits: 
 # behind it. At most WINDOW rooms (a request of about 0.25 s), at least LEAST_WINDOW.
 WINDOW = 50
 LEAST_WINDOW = 10  # below it, a request's own cost dominates (measured: 5 rooms cost as much)
-WINDOW_COST_S = 0.1
+WINDOW_COST_S = 0.12
 GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
 # After a window, the sweep rests REST times as long as it took: the homeserver is a single
 # process, and a window out slows everything a user's message goes through (its send, the
 # live sync that carries it), before the bot can know to give way. Measured at 300 rooms, back
 # to back windows held that message's live round ~300 ms after bot.ready.
-REST = 1.0
+REST = 0.5
 TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
 # The types a fallback's first sync asks for: what the rule reads, and what the conversation
 # follows (redactions, stickers), so that reactions cannot hide a question. Sliding sync has
