@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_heal.py
 	$(PY) tools/bench_delivery.py
 	$(PY) tools/bench_conversation.py
+	$(PY) tools/bench_conversation_cache.py
 	$(PY) tools/bench_scale.py
 
 demo: $(VENV)/.installed

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from contextlib import aclosing
+import time
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -83,6 +84,7 @@ CATCHUP_SYNC_FILTER = {
 }
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
+SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just answered may write
 
 
 def client_config() -> AsyncClientConfig:
@@ -148,6 +150,8 @@ class Bot:
         self.catchup = CatchUpReader(hs, config.catchup_hours)
         self.sweep = Sweep(hs, lambda: self.fetch(None, False, every_room=True))
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
+        self._round_done = asyncio.Event()  # clear while a live round is in hand, not queued
+        self._round_done.set()
         self.dispatcher = Dispatcher(
             [
                 store_faults,
@@ -187,6 +191,8 @@ class Bot:
             self.client.next_batch = self.client.loaded_sync_token = None
         resp = await self.client.sync(timeout=timeout, since=since, sync_filter=sync_filter)
         if isinstance(resp, SyncResponse):
+            if since is not None and (resp.rooms.join or resp.rooms.invite):
+                self._round_done.clear()  # until its updates are queued (the loop goes round)
             self.services.hs.note_sync(resp)
             return resp
         transport = resp.transport_response
@@ -215,6 +221,7 @@ class Bot:
         try:
             await self._sync_loop(stop, since, inbox, delivery)
         finally:
+            self._round_done.set()
             if self._catching_up is not None:
                 self._catching_up.cancel()  # its round stays unrecorded: the next start redoes it
                 await asyncio.gather(self._catching_up, return_exceptions=True)
@@ -233,8 +240,7 @@ class Bot:
                 if unrecorded:  # decided, but the file refused them: never decided again
                     delivery.push(await inbox.add(unrecorded))
                     unrecorded = []
-                # What users wait for goes first: a window's catch-ups, live rounds.
-                give_way = partial(delivery.quiet, SWEEP_YIELD_S)
+                give_way = partial(self._give_way, delivery)
                 async with aclosing(self.sweep.windows(give_way)) as windows:
                     async for window in windows:
                         unrecorded = self.ingest.sweep(window)
@@ -259,12 +265,24 @@ class Bot:
             await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    async def _give_way(self, delivery: Delivery) -> None:
+        """Before a sweep's next window, what users wait for goes first: a live round in hand
+        (its updates not queued yet), then the lanes handling updates, and a moment after them
+        (a user just answered often writes again at once); for at most SWEEP_YIELD_S, so that
+        the sweep still goes on under a steady load."""
+        started = time.monotonic()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._round_done.wait(), SWEEP_YIELD_S)
+        left = max(0.0, SWEEP_YIELD_S - (time.monotonic() - started))
+        await delivery.quiet(left, settle=SWEEP_SETTLE_S)
+
     async def _sync_loop(
         self, stop: asyncio.Event, since: str | None, inbox: Inbox, delivery: Delivery
     ) -> None:
         ready, backoff = False, 1.0
         waiting: set[str] | None = None  # while the DB refuses writes: the messages held back
         while not stop.is_set():
+            self._round_done.set()  # the last round's updates are queued, or it failed
             fetch = asyncio.ensure_future(
                 self.fetch(since, ready, again=waiting is not None or backoff > 1)
             )

@@ -3,13 +3,14 @@ Markdown renderer, which agents get history, and the cache's one read per room."
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.conversation.markdown import render
-from adapter.matrix.conversation.turns import conversation_turns, history_before
+from adapter.matrix.conversation.turns import conversation_turns, history_before, slim
 from adapter.matrix.ingest.catchup import catch_up
 from adapter.matrix.ingest.events import to_update
 from adapter.matrix.vocabulary.content import message_content
@@ -215,3 +216,149 @@ def test_a_reply_from_an_older_client_is_read_without_its_quote():
     assert texts(conversation_turns([quoted], ALICE, BOT)) == [("user", "and two?")]
     update = to_update(said("$3", "> not a reply"), BOT)
     assert update is not None and update.body == "> not a reply"
+
+
+class RoomsHomeserver:
+    """``/messages`` of several rooms, each its own page of events (oldest first)."""
+
+    bot_id = BOT
+
+    def __init__(self) -> None:
+        self.pages: dict[str, list[dict]] = {}
+        self.reads: list[str] = []
+
+    def talk(self, room_id: str, turns: int, size: int = 200) -> None:
+        page = self.pages.setdefault(room_id, [])
+        for i in range(len(page), len(page) + turns):
+            page.append(said(f"$q{i}{room_id}", f"question {i} " + "x" * size, ts=i))
+            page.append(answer(f"$a{i}{room_id}", "A" * size, f"$q{i}{room_id}", notice=False))
+
+    async def messages(self, room_id, start, end, limit, types):
+        self.reads.append(room_id)
+        return list(reversed(self.pages.get(room_id, [])))[:limit], None
+
+
+async def ask(conversation: Conversations, room_id: str) -> list[Turn]:
+    return await conversation.history(room_id, ALICE, "$next", 10**13)
+
+
+def test_slim_events_give_the_same_turns_as_raw_ones():
+    reply_to: dict[str, Any] = {"m.relates_to": {"m.in_reply_to": {"event_id": "$2"}}}
+    quoted = said("$9", "> <@lambda:x> Hi!\n\nand you?", **reply_to)
+    events = [
+        said("$1", "hello"),
+        answer("$2", "Hi!", "$1", notice=False, html="<b>Hi!</b>"),
+        said("$3", "!chats"),
+        answer("$4", "Your chats: ...", "$3"),
+        said("$5", "I am Bob", BOB),
+        answer("$6", "I'll retry", "$7", provisional=True, notice=False),
+        said("$7", "whats 2+2"),
+        edit("$8", "$7", "what is 2+2?"),
+        edit("$8b", "$7", "forged", sender=BOB),
+        quoted,
+        said("$10", "oops"),
+        {"type": "m.room.redaction", "event_id": "$11", "sender": ALICE, "redacts": "$10"},
+        {"type": "m.room.message", "event_id": "$12", "sender": ALICE, "content": {}},
+    ]
+    slimmed = [slim(ev, BOT) for ev in events]
+    assert conversation_turns(slimmed, ALICE, BOT) == conversation_turns(events, ALICE, BOT)
+    assert [t.text for t in conversation_turns(slimmed, ALICE, BOT)] == [
+        "hello",
+        "Hi!",
+        "what is 2+2?",
+        "and you?",
+    ]
+    assert "formatted_body" not in slimmed[1]["content"] and "content" not in slimmed[3]
+
+
+@pytest.mark.asyncio
+async def test_the_cache_evicts_whole_rooms_least_recently_used_first():
+    hs = RoomsHomeserver()
+    for room_id in ("!a", "!b", "!c", "!d"):
+        hs.talk(room_id, 10)
+    probe = Conversations(hs, 20)  # type: ignore[arg-type]
+    await ask(probe, "!a")
+    conversation = Conversations(hs, 20, budget=int(probe.size * 3.5))  # type: ignore[arg-type]
+    hs.reads.clear()
+    for room_id in ("!a", "!b", "!c"):
+        await ask(conversation, room_id)
+    conversation.observe("!a", [said("$new", "still here")])  # !a is used again: !b is oldest
+    await ask(conversation, "!d")
+    assert ["!a" in conversation, "!b" in conversation, "!c" in conversation] == [
+        True,
+        False,
+        True,
+    ]
+    assert conversation.follows("!a", "$new")
+    await ask(conversation, "!c")
+    assert hs.reads == ["!a", "!b", "!c", "!d"]  # !c was kept: no second read
+
+
+@pytest.mark.asyncio
+async def test_a_room_read_again_after_eviction_gives_the_same_turns():
+    hs = RoomsHomeserver()
+    hs.talk("!a", 30)
+    hs.talk("!b", 30)
+    probe = Conversations(hs, 20)  # type: ignore[arg-type]
+    await ask(probe, "!a")
+    conversation = Conversations(hs, 20, budget=int(probe.size * 1.5))  # type: ignore[arg-type]
+    hs.reads.clear()
+    await ask(conversation, "!a")
+    later = [said("$late", "one more"), edit("$late-edit", "$q29!a", "edited")]
+    hs.pages["!a"] += later
+    conversation.observe("!a", later)  # kept in step from sync
+    kept = await ask(conversation, "!a")
+    await ask(conversation, "!b")  # !a is evicted, its latest message with it
+    assert "!a" not in conversation and not conversation.follows("!a", "$late-edit")
+    again = await ask(conversation, "!a")
+    assert again == kept and hs.reads == ["!a", "!b", "!a"]
+    assert kept[-1].text == "one more" and kept[-3].text == "edited"
+
+
+@pytest.mark.asyncio
+async def test_the_budget_holds_whatever_the_number_of_rooms():
+    hs = RoomsHomeserver()
+    budget = 400_000  # a few rooms (one alone may go over it: the room at hand is kept)
+    conversation = Conversations(hs, 20, budget=budget)  # type: ignore[arg-type]
+    for i in range(300):
+        room_id = f"!r{i}"
+        hs.talk(room_id, 1 + i % 40, size=100 + 20 * (i % 50))
+        conversation.observe(f"!seen{i}", [said(f"$s{i}", "a room never read")])
+        await ask(conversation, room_id)
+        conversation.sent(room_id, f"$b{i}", message_content("B" * 3000, source_event_id="$x"))
+        assert conversation.size <= budget
+    fresh = Conversations(hs, 20)  # type: ignore[arg-type]  # what is kept, counted afresh
+    for room_id in [r for r in conversation._rooms if r.startswith("!r")]:
+        await ask(fresh, room_id)
+        fresh.sent(room_id, f"$b{room_id[2:]}", message_content("B" * 3000, source_event_id="$x"))
+    for room_id in [r for r in conversation._rooms if r.startswith("!seen")]:
+        fresh.observe(room_id, [said(f"$s{room_id[5:]}", "a room never read")])
+    assert fresh.size == conversation.size
+    assert 0 < len(conversation._rooms) < 300
+
+
+@pytest.mark.asyncio
+async def test_a_room_being_read_is_never_evicted_and_keeps_what_sync_adds_meanwhile():
+    hs = RoomsHomeserver()
+    for room_id in ("!a", "!b", "!c"):
+        hs.talk(room_id, 10)
+    probe = Conversations(hs, 20)  # type: ignore[arg-type]
+    await ask(probe, "!a")
+    conversation = Conversations(hs, 20, budget=int(probe.size * 1.5))  # type: ignore[arg-type]
+    release, read = asyncio.Event(), hs.messages
+
+    async def slow_a(room_id, *args):
+        if room_id == "!a":
+            await release.wait()
+        return await read(room_id, *args)
+
+    hs.messages = slow_a  # type: ignore[method-assign]
+    reading = asyncio.create_task(ask(conversation, "!a"))
+    await asyncio.sleep(0)
+    conversation.observe("!a", [said("$during", "sent during the read")])
+    await ask(conversation, "!b")
+    await ask(conversation, "!c")  # over the budget: !b goes, not !a
+    assert "!a" in conversation and "!b" not in conversation
+    release.set()
+    await reading
+    assert (await ask(conversation, "!a"))[-1].text == "sent during the read"

@@ -160,6 +160,20 @@ async def test_quiet_waits_for_updates_due_now_but_not_for_a_retrys_wait(store):
     await workers.close()
 
 
+async def test_quiet_can_wait_for_the_lanes_to_stay_quiet_a_moment(store):
+    inbox, _ = await Inbox.open(store)
+    rec = Recorder()
+    workers = Delivery(inbox, rec.feed, rec.give_up)
+    await asyncio.wait_for(workers.quiet(5, settle=60), 1)  # no lane was ever busy: at once
+    workers.push(await inbox.ingest([msg("!room", 1)], "t"))
+    await asyncio.wait_for(workers.quiet(5), 1)  # the room is handled
+    started = time.monotonic()
+    await workers.quiet(0.3, settle=60)  # quiet, but not for long enough: up to the bound
+    assert time.monotonic() - started >= 0.3
+    await asyncio.wait_for(workers.quiet(5, settle=0.05), 1)  # quiet long enough
+    await workers.close()
+
+
 async def test_retry_later_keeps_the_update_first_in_its_room(store):
     inbox, _ = await Inbox.open(store)
     rec = Recorder()

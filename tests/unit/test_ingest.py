@@ -11,10 +11,10 @@ import pytest
 import structlog
 from nio import SyncResponse
 
-from adapter.matrix.ingest import events
+from adapter.matrix.ingest import events, sweep
 from adapter.matrix.ingest.catchup import CatchUpReader, catch_up, deferred
 from adapter.matrix.ingest.events import to_update
-from adapter.matrix.ingest.sweep import Glimpse, Window, parse_window
+from adapter.matrix.ingest.sweep import Glimpse, Window, next_window, parse_window
 from adapter.matrix.ingest.sync import Ingest, sync_token_refused
 from adapter.matrix.ingest.update import Update
 
@@ -347,6 +347,61 @@ def test_a_sliding_sync_window_gives_new_rooms_and_invites_but_not_rooms_sent_or
     ]
     assert found.rooms[0].events[0]["room_id"] == "!chat:x"
     assert found.invites == [("!inv:x", ALICE)]
+
+
+def test_a_sweeps_next_window_holds_as_many_rooms_as_its_cost_allows():
+    cost = sweep.WINDOW_COST_S
+    assert next_window(10, cost, users_waited=False) == 10  # as costly as allowed: the same
+    assert next_window(48, cost * 4, users_waited=False) == 12  # four times too slow: a quarter
+    assert next_window(10, cost / 10, users_waited=False) == 20  # cheap: at most twice as many
+    assert next_window(40, cost / 10, users_waited=False) == sweep.WINDOW  # never past the cap
+    assert next_window(10, cost * 100, users_waited=False) == sweep.LEAST_WINDOW  # still goes on
+    assert next_window(40, cost, users_waited=True) == 20  # users active: half of what fits
+    assert next_window(20, 0.0, users_waited=False) == 40  # too fast to measure: twice
+
+
+class SlidingHomeserver:
+    """A sliding sync connection over ``rooms`` (most recent first): each answer holds the
+    rooms of the range not sent before on the connection, as Synapse's does."""
+
+    bot_id = BOT
+
+    def __init__(self, rooms: int) -> None:
+        self.rooms = [f"!r{i}:x" for i in range(rooms)]
+        self.sent: set[str] = set()
+        self.ranges: list[int] = []
+
+    async def sliding_sync(self, conn_id, lists, pos):
+        [[start, end]] = lists["recent"]["ranges"]
+        self.ranges.append(end)
+        new = [r for r in self.rooms[start : end + 1] if r not in self.sent]
+        self.sent.update(new)
+        body = {"initial": True, "timeline": [text("$1", "hi")], "required_state": []}
+        return {
+            "pos": f"p{len(self.ranges)}",
+            "lists": {"recent": {"count": len(self.rooms)}},
+            "rooms": {room_id: body for room_id in new},
+        }
+
+    def note_room(self, room_id, room_type, state):
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_sweep_walks_every_room_once_in_windows_sized_by_their_cost():
+    hs = SlidingHomeserver(300)
+    gave_way = 0
+
+    async def give_way():
+        nonlocal gave_way
+        gave_way += 1
+
+    walk = sweep.Sweep(hs, first_sync=None)  # type: ignore[arg-type]
+    seen = [g.room_id for w in [w async for w in walk.windows(give_way)] for g in w.rooms]
+    assert seen == hs.rooms  # each once, most recent first
+    steps = [b - a for a, b in zip([-1, *hs.ranges], hs.ranges, strict=False)]
+    assert steps[0] == sweep.FIRST_WINDOW and max(steps) <= sweep.WINDOW
+    assert gave_way == len(hs.ranges) - 1  # before every window but the first
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,11 @@ own answers. Everything here is a cache: losing it changes nothing the agent see
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import structlog
 
@@ -14,7 +17,9 @@ from adapter.matrix.conversation.turns import (
     CONVERSATION_TYPES,
     MESSAGE_TYPES,
     conversation_turns,
+    footprint,
     history_before,
+    slim,
 )
 from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.vocabulary.content import answered_source
@@ -24,6 +29,12 @@ log = structlog.get_logger()
 
 MAX_READ = 1000  # the most events one read asks for, whatever LAMBDA_HISTORY_TURNS says
 ANSWER_PAGE = 50  # the bot's messages read at once when looking for its answer to an event
+BUDGET_BYTES = 64 * 2**20  # the cache's bound, whatever the number of rooms
+# Estimated bytes beside what ``turns.footprint`` counts: a room's record (its object, its
+# OrderedDict entry and id, its events' dict), and an event's slot in that dict. Measured with
+# tracemalloc (tools/bench_conversation_cache.py), rounded up.
+ROOM_BYTES = 600
+EVENT_BYTES = 100
 
 
 def read_size(turns: int) -> int:
@@ -32,33 +43,58 @@ def read_size(turns: int) -> int:
     return min(MAX_READ, 4 * turns + 20)
 
 
-class Conversations:
-    """The rooms' recent messages, read lazily, and what the latest message of each room is."""
+def _bytes(ev: dict) -> int:
+    """A slim event's estimated bytes in a room's events."""
+    return EVENT_BYTES + footprint(ev)
 
-    def __init__(self, hs: Homeserver, turns: int) -> None:
+
+@dataclass
+class _Room:
+    """What the cache holds of one room: its latest message, and its conversation's events
+    once read (slim, ``turns.slim``: event id -> event, in order)."""
+
+    latest: str | None = None
+    events: dict[str, dict] | None = None
+    size: int = ROOM_BYTES  # estimated bytes, this record and all it holds
+
+
+class Conversations:
+    """The rooms' recent messages, read lazily, and what the latest message of each room is:
+    kept within ``budget`` bytes (estimated), whole rooms least recently used out first."""
+
+    def __init__(self, hs: Homeserver, turns: int, budget: int = BUDGET_BYTES) -> None:
         self.hs = hs
         self.turns = turns
         self.window = read_size(turns)
-        self._events: dict[str, dict[str, dict]] = {}  # rooms read this run: id -> event, in order
+        self.budget = budget
+        self._rooms: OrderedDict[str, _Room] = OrderedDict()  # least recently used first
+        self._size = 0  # estimated bytes of every room kept
         self._reads: dict[str, asyncio.Future] = {}
-        self._latest: dict[str, str] = {}  # room -> the latest message event seen in it
+
+    @property
+    def size(self) -> int:
+        """The estimated bytes the cache holds now (at most ``budget``, but for a room being
+        read or one alone bigger than it)."""
+        return self._size
+
+    def __contains__(self, room_id: str) -> bool:
+        return room_id in self._rooms
 
     def observe(self, room_id: str, events: Iterable[dict], limited: bool = False) -> None:
         """New timeline events of a room, oldest first (a sync round's, the bot's own too). A
         ``limited`` timeline left a gap: a room read before is read again when next needed."""
+        room = self._use(room_id)
         if limited and room_id not in self._reads:
-            self._events.pop(room_id, None)
+            self._forget_events(room)
         for ev in events:
             event_id, kind = ev.get("event_id"), ev.get("type")
             if not isinstance(event_id, str):
                 continue
             if kind in MESSAGE_TYPES:
-                self._latest[room_id] = event_id
-            kept = self._events.get(room_id)
-            if kept is not None and kind in CONVERSATION_TYPES:
-                kept[event_id] = ev
-                while len(kept) > self.window:
-                    del kept[next(iter(kept))]
+                self._resize(room, latest=event_id)
+            if room.events is not None and kind in CONVERSATION_TYPES:
+                self._keep(room, room.events, slim(ev, self.hs.bot_id))
+        self._fit()
 
     def sent(self, room_id: str, event_id: str, content: dict) -> None:
         """The bot sent a message: it is the room's latest, and a turn if it is an answer."""
@@ -77,8 +113,9 @@ class Conversations:
 
     def follows(self, room_id: str, event_id: str) -> bool:
         """Whether ``event_id`` is the latest message the bot has seen in the room, so that an
-        answer sent now directly follows it."""
-        return self._latest.get(room_id) == event_id
+        answer sent now directly follows it (a room out of the cache: no, a rich reply)."""
+        room = self._rooms.get(room_id)
+        return room is not None and room.latest == event_id
 
     async def history(self, room_id: str, owner: str, event_id: str, ts: int) -> list[Turn]:
         """The turns before the message ``event_id``, at most ``turns`` of them."""
@@ -90,29 +127,38 @@ class Conversations:
         )
 
     async def _read(self, room_id: str) -> list[dict]:
-        if room_id in self._events and room_id not in self._reads:
-            return list(self._events[room_id].values())
+        room = self._use(room_id)
+        if room.events is not None and room_id not in self._reads:
+            return list(room.events.values())
         read = self._reads.get(room_id)
         if read is None:  # single-flight: concurrent askers share one request
-            read = self._reads[room_id] = asyncio.ensure_future(self._read_room(room_id))
+            self._forget_events(room)
+            room.events = {}  # from now on, sync keeps adding while the request is out
+            read = self._reads[room_id] = asyncio.ensure_future(self._read_room(room_id, room))
             read.add_done_callback(lambda _: self._reads.pop(room_id, None))
         return await asyncio.shield(read)
 
-    async def _read_room(self, room_id: str) -> list[dict]:
-        started = time.monotonic()
-        arriving = self._events[room_id] = {}  # sync keeps adding while the request is out
+    async def _read_room(self, room_id: str, room: _Room) -> list[dict]:
+        """Read a room (never evicted while its read is out, ``_fit``) and merge what sync
+        added meanwhile."""
+        started, arriving = time.monotonic(), room.events
+        assert arriving is not None, "set by _read, kept while the read is out"
         try:
             page, _ = await self.hs.messages(room_id, None, None, self.window, CONVERSATION_TYPES)
         except BaseException:
-            self._events.pop(room_id, None)
+            self._forget_events(room)
             raise
-        kept = {
-            ev["event_id"]: {**ev, "room_id": room_id}
-            for ev in reversed(page)
-            if isinstance(ev.get("event_id"), str)
-        }
-        kept.update((eid, ev) for eid, ev in arriving.items() if eid not in kept)
-        self._events[room_id] = kept
+        self._forget_events(room)
+        kept: dict[str, dict] = {}
+        for ev in reversed(page):
+            if isinstance(ev.get("event_id"), str):
+                self._keep(room, kept, slim(ev, self.hs.bot_id), trim=False)
+        for event_id, ev in arriving.items():
+            if event_id not in kept:
+                self._keep(room, kept, ev, trim=False)
+        room.events = kept
+        self._use(room_id)  # the room at hand: kept, whatever was used while it was read
+        self._fit()
         log.info(
             "conversation.read",
             room_id=room_id,
@@ -120,6 +166,56 @@ class Conversations:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
         return list(kept.values())
+
+    def _use(self, room_id: str) -> _Room:
+        """The room's record, made the most recently used."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            room = self._rooms[room_id] = _Room()
+            self._size += room.size
+        else:
+            self._rooms.move_to_end(room_id)
+        return room
+
+    def _keep(self, room: _Room, events: dict[str, dict], ev: dict, trim: bool = True) -> None:
+        """Add a slim event to a room's events (the last ``window`` of them, with ``trim``)."""
+        if (old := events.pop(ev["event_id"], None)) is not None:
+            self._grow(room, -_bytes(old))
+        events[ev["event_id"]] = ev
+        self._grow(room, _bytes(ev))
+        while trim and len(events) > self.window:
+            self._grow(room, -_bytes(events.pop(next(iter(events)))))
+
+    def _resize(self, room: _Room, latest: str) -> None:
+        self._grow(room, sys.getsizeof(latest) - (sys.getsizeof(room.latest) if room.latest else 0))
+        room.latest = latest
+
+    def _forget_events(self, room: _Room) -> None:
+        if room.events is not None:
+            self._grow(room, -sum(_bytes(ev) for ev in room.events.values()))
+            room.events = None
+
+    def _grow(self, room: _Room, delta: int) -> None:
+        room.size += delta
+        self._size += delta
+
+    def _fit(self) -> None:
+        """Evict whole rooms, least recently used first, until the cache is within budget;
+        never a room being read (its read would lose what sync adds meanwhile), nor the most
+        recently used one (the room at hand), even alone over the budget."""
+        excess = self._size - self.budget
+        if excess <= 0:
+            return
+        last, out = next(reversed(self._rooms)), []
+        for room_id, room in self._rooms.items():  # from the least recently used
+            if excess <= 0:
+                break
+            if room_id != last and room_id not in self._reads:
+                out.append(room_id)
+                excess -= room.size
+        for room_id in out:
+            self._size -= self._rooms.pop(room_id).size
+        log.debug("conversation.evicted", rooms=len(out), kept=len(self._rooms))
 
     async def answered(self, room_id: str, event_id: str) -> bool:
         """Whether the room holds the bot's answer to ``event_id`` (asked of the homeserver,

@@ -7,9 +7,11 @@ redacted messages and edits themselves are not turns. Nothing here does I/O.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from adapter.matrix.vocabulary.content import (
+    SOURCE_KEY,
     answered_source,
     content_of,
     redacted_event,
@@ -62,6 +64,50 @@ def conversation_turns(events: Iterable[dict], owner: str, bot_id: str) -> list[
             continue
         senders[event_id] = sender
     return list(turns.values())
+
+
+def slim(ev: dict, bot_id: str) -> dict:
+    """What ``conversation_turns`` reads of an event, and nothing else (no HTML, no unsigned,
+    no reply fallback): it gives the same turns over slim events as over the raw ones, in a
+    fraction of the memory. An event that can never be a turn keeps only its id."""
+    kept: dict = {"event_id": ev.get("event_id")}
+    sender = ev.get("sender")
+    if (target := redacted_event(ev)) is not None:
+        kept.update(type="m.room.redaction", redacts=target)
+    elif (target := replaced_event(ev)) is not None:
+        new = content_of(ev).get("m.new_content")
+        body = new.get("body") if isinstance(new, dict) else None
+        if isinstance(sender, str) and isinstance(body, str):
+            kept.update(
+                sender=sys.intern(sender),
+                content={
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+                    "m.new_content": {"body": body},
+                },
+            )
+    elif (text := _text(ev)) is not None and isinstance(sender, str):
+        content = {"msgtype": "m.text", "body": text}
+        if (source := answered_source(ev, bot_id)) is not None:
+            content[SOURCE_KEY] = source
+        kept.update(
+            type="m.room.message",
+            sender=sys.intern(sender),
+            origin_server_ts=ev.get("origin_server_ts"),
+            content=content,
+        )
+    return kept
+
+
+def footprint(ev: dict) -> int:
+    """The bytes a slim event holds, its dicts and its own strings (interned senders, and the
+    keys spelled in this module, are shared)."""
+    size = sys.getsizeof(ev)
+    for key, value in ev.items():
+        if isinstance(value, dict):
+            size += footprint(value)
+        elif key not in ("sender", "type", "msgtype", "rel_type") and value is not None:
+            size += sys.getsizeof(value)
+    return size
 
 
 def history_before(turns: list[Turn], event_id: str, ts: int, limit: int) -> list[Turn]:

@@ -54,6 +54,7 @@ class Delivery:
         self._due: set[str] = set()  # lanes with an update to handle now (not a retry's wait)
         self._quiet = asyncio.Event()
         self._quiet.set()
+        self._quiet_since = 0.0  # when the last lane stopped handling (monotonic)
 
     def push(self, entries: Iterable[Entry]) -> None:
         """Queue entries already written to the inbox, and wake their lanes' workers."""
@@ -68,13 +69,20 @@ class Delivery:
     def queued(self) -> int:
         return sum(len(queue) for queue in self._lanes.values())
 
-    async def quiet(self, at_most: float) -> None:
-        """Until no lane has an update to handle now, or ``at_most`` seconds: background work
-        (a start's sweep) gives way to the updates users wait for."""
-        try:
-            await asyncio.wait_for(self._quiet.wait(), at_most)
-        except TimeoutError:
-            pass
+    async def quiet(self, at_most: float, settle: float = 0.0) -> None:
+        """Until no lane has had an update to handle for ``settle`` seconds, or ``at_most``
+        seconds: background work (a start's sweep) gives way to the updates users wait for,
+        and to what a user just answered often sends next."""
+        deadline = time.monotonic() + at_most
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._quiet.wait(), left)
+            except TimeoutError:
+                return
+            calm = settle - (time.monotonic() - self._quiet_since)
+            if calm <= 0:
+                return
+            await asyncio.sleep(min(calm, max(0.0, deadline - time.monotonic())))
 
     def _mark(self, lane: str, due: bool) -> None:
         if due:
@@ -82,8 +90,9 @@ class Delivery:
             self._quiet.clear()
         else:
             self._due.discard(lane)
-            if not self._due:
+            if not self._due and not self._quiet.is_set():
                 self._quiet.set()
+                self._quiet_since = time.monotonic()
 
     async def close(self) -> None:
         """Finish the updates being handled, start no new one; the rest stays in the inbox."""

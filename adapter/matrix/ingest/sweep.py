@@ -12,6 +12,7 @@ fallback, a single window). ``parse_window`` is the pure rule over a sliding syn
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -29,7 +30,18 @@ log = structlog.get_logger()
 LIST = "recent"
 CONNECTION = "lambda-start"  # the sliding sync connection a start's sweep walks on
 FIRST_WINDOW = 10  # rooms in the first window, where a user most likely waits: as cheap as 7
-WINDOW = 50  # rooms each later window adds (a homeserver's request of about 0.2 s)
+# A later window adds as many rooms as fit in WINDOW_COST_S of the homeserver's time, by what
+# the last one took (``next_window``): a user's request that comes while one is out waits
+# behind it. At most WINDOW rooms (a request of about 0.25 s), at least LEAST_WINDOW.
+WINDOW = 50
+LEAST_WINDOW = 10  # below it, a request's own cost dominates (measured: 5 rooms cost as much)
+WINDOW_COST_S = 0.12
+GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
+# After a window, the sweep rests REST times as long as it took: the homeserver is a single
+# process, and a window out slows everything a user's message goes through (its send, the
+# live sync that carries it), before the bot can know to give way. Measured at 300 rooms, back
+# to back windows held that message's live round ~300 ms after bot.ready.
+REST = 0.5
 TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
 # The types a fallback's first sync asks for: what the rule reads, and what the conversation
 # follows (redactions, stickers), so that reactions cannot hide a question. Sliding sync has
@@ -118,6 +130,17 @@ def first_sync_window(resp: SyncResponse, hs: Homeserver) -> Window:
     return Window(rooms, invites_of(resp, hs.bot_id))
 
 
+def next_window(rooms: int, took_s: float, users_waited: bool) -> int:
+    """How many rooms the next window adds, after one of ``rooms`` that took ``took_s``: as
+    many as fit in ``WINDOW_COST_S`` at that cost, at most twice as many (a cost measured on
+    a few rooms is rough); half that when users' updates were just handled (their next
+    requests may come while the window is out). Within ``LEAST_WINDOW`` and ``WINDOW``."""
+    fit = min(2 * rooms, int(rooms * WINDOW_COST_S / max(took_s, 1e-3)))
+    if users_waited:
+        fit //= 2
+    return min(WINDOW, max(LEAST_WINDOW, fit))
+
+
 def unsupported(err: HomeserverError) -> bool:
     """The homeserver has no sliding sync (an unknown endpoint: 404 or 405 M_UNRECOGNIZED)."""
     return err.http_status in (404, 405) or err.status == "M_UNRECOGNIZED"
@@ -161,11 +184,18 @@ class Sweep:
         self, give_way: Callable[[], Awaitable[None]]
     ) -> AsyncGenerator[Window, None]:
         started, pos, end, windows, waited = time.monotonic(), None, FIRST_WINDOW - 1, 0, 0.0
+        size, took, slowest, rested = FIRST_WINDOW, 0.0, 0.0, 0.0
         while True:
             if windows:
+                await asyncio.sleep(took * REST)
+                rested += took * REST
                 paused = time.monotonic()
                 await give_way()
-                waited += time.monotonic() - paused
+                paused = time.monotonic() - paused
+                waited += paused
+                size = next_window(size, took, users_waited=paused > GAVE_WAY_S)
+                end += size
+            asked = time.monotonic()
             body = await self.hs.sliding_sync(
                 CONNECTION,
                 {
@@ -177,6 +207,9 @@ class Sweep:
                 },
                 pos,
             )
+            took = time.monotonic() - asked
+            slowest = max(slowest, took)
+            log.debug("sync.window", asked=size, took_ms=round(took * 1000, 1))
             window = parse_window(body, self.hs.bot_id)
             for glimpse in window.rooms:  # hints for finding a user's Space (the healer)
                 self.hs.note_room(glimpse.room_id, glimpse.room_type, glimpse.state)
@@ -185,7 +218,7 @@ class Sweep:
             count = ((body.get("lists") or {}).get(LIST) or {}).get("count")
             if not isinstance(count, int) or end + 1 >= count:
                 break
-            pos, end = body.get("pos"), end + WINDOW
+            pos = body.get("pos")
         log.info(
             "sync.swept",
             via="sliding_sync",
@@ -193,4 +226,6 @@ class Sweep:
             rooms=count,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             gave_way_ms=round(waited * 1000, 1),
+            rested_ms=round(rested * 1000, 1),
+            slowest_ms=round(slowest * 1000, 1),
         )
