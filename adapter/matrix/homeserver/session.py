@@ -1,10 +1,12 @@
-"""The bot's Matrix session (access token, device id), saved with mode 0600 and reused,
-so that restarts do not create new devices; renewed with the password when the homeserver
-revokes the token (SPEC §5, Chatting)."""
+"""The bot's Matrix session (access token, device id), saved with mode 0600 and reused;
+renewed with the password when the homeserver revokes the token (SPEC §5, Chatting). Every
+password login names the bot's device (``bot_device_id``), so the account keeps one device
+across restarts, revoked tokens and total losses of the local state."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -21,6 +23,7 @@ from adapter.matrix.config import Config
 
 log = structlog.get_logger()
 DEVICE_NAME = "Lambda bot"
+DEVICE_PREFIX = "LAMBDA"
 
 
 def connection_limit(concurrency: int) -> int:
@@ -91,10 +94,13 @@ def token_refused(resp: Any) -> bool:
     return isinstance(resp, ErrorResponse) and resp.status_code == "M_UNKNOWN_TOKEN"
 
 
-def relogin_device(soft_logout: bool, device_id: str | None) -> str | None:
-    """The device to log in on after a refused token: the same one after a soft logout (the
-    server keeps that device), else None, a new device (the old one was signed out)."""
-    return device_id if soft_logout else None
+def bot_device_id(user_id: str, known: str | None = None) -> str:
+    """The device every password login names: the one the bot knows (a saved session's), else
+    one derived from the user id alone, so a login after a total loss finds the same device.
+    Synapse reuses a device it knows on login, and re-creates one that was signed out."""
+    if known:
+        return known
+    return DEVICE_PREFIX + hashlib.sha256(user_id.encode()).hexdigest()[:10].upper()
 
 
 async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
@@ -112,8 +118,8 @@ async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
     raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
 
 
-async def password_login(client: AsyncClient, config: Config, device_id: str | None) -> Session:
-    """A password login on ``device_id`` (None: a new device), saved to ``MATRIX_STORE_PATH``."""
+async def password_login(client: AsyncClient, config: Config, device_id: str) -> Session:
+    """A password login on ``device_id``, saved to ``MATRIX_STORE_PATH``."""
     previous, client.device_id = client.device_id, device_id  # nio logs in on this device
     try:
         resp = await client.login(config.password, device_name=DEVICE_NAME)
@@ -133,7 +139,7 @@ async def password_login(client: AsyncClient, config: Config, device_id: str | N
 async def log_in(client: AsyncClient, config: Config) -> Session:
     """Reuse the saved session; else the configured token; else a password login (saved)."""
     saved = load_session(config)
-    device_id = None
+    device_id = bot_device_id(config.user_id)
     if saved is not None:
         client.restore_login(saved.user_id, saved.device_id, saved.access_token)
         who = await _whoami(client)
@@ -141,7 +147,7 @@ async def log_in(client: AsyncClient, config: Config) -> Session:
             log.info("session.restored", device_id=saved.device_id)
             return saved
         log.warning("session.expired", device_id=saved.device_id, soft_logout=who.soft_logout)
-        device_id = relogin_device(who.soft_logout, saved.device_id)
+        device_id = bot_device_id(config.user_id, saved.device_id)
     if config.access_token:
         client.access_token = config.access_token
         who = await _whoami(client)
@@ -238,7 +244,7 @@ class SessionClient(AsyncClient):
             old_device = self.device_id
             try:
                 session = await password_login(
-                    self, self.settings, relogin_device(soft_logout, old_device)
+                    self, self.settings, bot_device_id(self.settings.user_id, old_device)
                 )
             except LoginFailed as err:
                 self._lose(f"the access token was revoked and a new login failed: {err}")
