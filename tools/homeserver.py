@@ -48,14 +48,20 @@ class LocalHomeserver:
 
     ``default_room_version`` (e.g. ``"10"``) sets the version Synapse creates rooms at when
     a client does not name one; None keeps Synapse's own default (12 for Synapse 1.163).
+    ``extra_config`` is merged over the config on every start (e.g. ``app_service_config_files``).
     """
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, default_room_version: str | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        default_room_version: str | None = None,
+        extra_config: dict | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.default_room_version = default_room_version
+        self.extra_config = dict(extra_config or {})
         self.config_path = self.data_dir / "homeserver.yaml"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -176,6 +182,7 @@ class LocalHomeserver:
         config.pop("default_room_version", None)
         if self.default_room_version is not None:
             config["default_room_version"] = self.default_room_version
+        config.update(self.extra_config)
         self.config_path.write_text(yaml.safe_dump(config))
 
     def _wait_ready(self, timeout: float) -> None:

@@ -18,8 +18,10 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 from nio import AsyncClient, AsyncClientConfig, ErrorResponse, LoginResponse, WhoamiResponse
+from nio.api import Api
 
 from adapter.matrix.config import Config
+from adapter.matrix.homeserver.client import RawResponse
 
 log = structlog.get_logger()
 DEVICE_NAME = "Lambda bot"
@@ -236,6 +238,11 @@ class SessionClient(AsyncClient):
                 return  # another request renewed the session meanwhile
             if refused == self._untried:
                 self._lose("the homeserver refused the token it had just issued")
+            if self.settings.appservice is not None:
+                self._lose(
+                    "the homeserver refused the appservice's as_token (M_UNKNOWN_TOKEN): is "
+                    f"{self.settings.appservice.path} still in its app_service_config_files?"
+                )
             if not self.settings.password:
                 self._lose(
                     "the homeserver revoked the access token (M_UNKNOWN_TOKEN) and "
@@ -267,3 +274,42 @@ class SessionClient(AsyncClient):
         assert self._on_lost is not None
         self._on_lost()
         raise TokenRefused(reason)
+
+
+async def appservice_session(client: AsyncClient, config: Config) -> None:
+    """Appservice mode: act with the registration's ``as_token`` (no login, no device, no
+    session file), after checking that the homeserver knows it, and register the sender if
+    the homeserver has not (``M_USER_IN_USE``: it has). Raises ``LoginFailed`` when the
+    homeserver refuses the registration, ``HomeserverUnreachable`` when it does not answer."""
+    registration = config.appservice
+    assert registration is not None
+    client.restore_login(config.user_id, "", registration.as_token)
+    who = await _whoami(client)
+    if not isinstance(who, WhoamiResponse):
+        raise LoginFailed(
+            f"the homeserver refused the as_token of {registration.path} ({who.status_code}): "
+            "add that file to its app_service_config_files and restart it"
+        )
+    if who.user_id != config.user_id:
+        raise LoginFailed(
+            f"the as_token of {registration.path} acts as {who.user_id}, "
+            f"not MATRIX_USER_ID {config.user_id}"
+        )
+    body = json.dumps(
+        {
+            "type": "m.login.application_service",
+            "username": registration.sender_localpart,
+            "inhibit_login": True,  # a login would make a device
+        }
+    )
+    try:
+        resp = await client._send(RawResponse, "POST", Api._build_path(["register"]), data=body)
+    except (ClientError, OSError, TimeoutError) as err:
+        raise HomeserverUnreachable(str(err)) from err
+    if isinstance(resp, RawResponse):
+        log.info("appservice.sender_registered", user_id=config.user_id)
+    elif resp.status_code != "M_USER_IN_USE":
+        transport = resp.transport_response
+        if transport is not None and transport.status < 500:
+            raise LoginFailed(f"registering the sender failed: {resp.status_code} {resp.message}")
+        raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")

@@ -129,7 +129,7 @@ class Ingest:
                 continue  # nothing in a Space is answered
             found = catch_up(room.events, self.hs.bot_id, not_before_ms)
             if found.answer or (room.limited and not found.conclusive):
-                updates.append(deferred(room.room_id, self._start))
+                updates.append(deferred(room.room_id, room.position or self._start))
         log.info(
             "sync.catchup",
             rooms=len(window.rooms),
