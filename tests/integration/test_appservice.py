@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from homeserver import LocalHomeserver, free_port
 from adapter.matrix.config import Config, Registration
 from adapter.matrix.delivery.inbox import PUSHED_EVENT, PUSHED_TXN
 from core.store import SQLiteStore
-from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, unique
+from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, doctor_tool, unique
 from tests.integration.test_db_faults import fill_disk, free_disk
 
 ACCOUNTS = 12  # bot accounts (registrations) in the module's Synapse; one per test at most
@@ -143,6 +144,8 @@ async def test_onboarding_chat_new_and_chats_without_login_or_device(bot, make_u
     assert await bot_devices(bot.config) == []
     assert not bot.config.store_path.exists()  # no session file
     assert not bot.logs.named("sync.starting") and bot.logs.named("appservice.ping")
+    code, out, err = await doctor_tool(bot.config, "--json")  # it acts with the as_token too
+    assert code == 0 and json.loads(out)["consistent"] is True, (out, err)
 
 
 @pytest.mark.warnings_expected("refused requests are logged at warning level")

@@ -79,6 +79,14 @@ def load_session(config: Config) -> Session | None:
     return session
 
 
+def tool_session(config: Config) -> Session | None:
+    """The session the tools (doctor, reset --server) act with: the appservice's token in
+    appservice mode (no device), else the bot's saved session. They never log in."""
+    if config.appservice is not None:
+        return Session(config.homeserver, config.user_id, "", config.appservice.as_token)
+    return load_session(config)
+
+
 def save_session(config: Config, session: Session) -> None:
     config.store_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = session_file(config.store_path)
