@@ -324,7 +324,7 @@ class Bot:
     ) -> None:
         if not await self._catch_up(stop, inbox, delivery):
             return
-        pushed.caught_up(time.time() * 1000)
+        pushed.caught_up(time.time() * 1000, self.ingest.deferred)
         try:
             await self.store.mark_appservice_caught_up()
         except sqlite3.OperationalError as err:  # the next start catches up again: no harm

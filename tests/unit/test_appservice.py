@@ -4,7 +4,6 @@ listener runs."""
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from pathlib import Path
@@ -112,7 +111,7 @@ def test_pushed_events_become_the_updates_sync_would_give():
         {"type": "m.typing", "content": {}},  # no room id: not a room event
         "not an event",
     ]
-    updates = pushed_updates(events, BOT, replay_before_ms=0)
+    updates = pushed_updates(events, BOT)
     assert [(u.kind, u.sender, u.body, u.replayed) for u in updates] == [
         ("message", "@ann:x", "hi", False),
         ("invite", "@ann:x", "", False),
@@ -123,12 +122,14 @@ def test_pushed_events_become_the_updates_sync_would_give():
 def test_pushed_events_a_catch_up_may_have_read_are_replayed():
     ingest = PushedIngest(BOT)
     message = ev("m.room.message", sender="@ann:x", content={"msgtype": "m.text", "body": "hi"})
-    assert not ingest.updates([message])[0].replayed
+    elsewhere = {**message, "room_id": "!other:x"}
+    assert not ingest.updates([message])[0].replayed  # no catch-up in this run
     ingest.catching_up()
-    assert ingest.replay_before_ms == math.inf and ingest.updates([message])[0].replayed
-    ingest.caught_up(now_ms=0)
+    assert all(u.replayed for u in ingest.updates([message, elsewhere]))
+    ingest.caught_up(now_ms=0, rooms={"!r:x"})
     assert ingest.updates([{**message, "origin_server_ts": CATCHUP_MARGIN_MS - 1}])[0].replayed
     assert not ingest.updates([{**message, "origin_server_ts": CATCHUP_MARGIN_MS}])[0].replayed
+    assert not ingest.updates([elsewhere])[0].replayed  # no read back there
 
 
 async def test_a_transaction_or_an_event_pushed_again_is_recorded_once(tmp_path):

@@ -30,8 +30,8 @@ log = structlog.get_logger()
 
 API = "/_matrix/app/v1"
 MAX_BODY = 16 * 1024 * 1024  # a transaction holds at most 100 events of at most 64 KiB
-# Pushed after a start's catch-up began, an event this much younger than the catch-up's end
-# may still be one the catch-up read (clocks of the bot and the homeserver may differ a bit).
+# An event this much younger than the end of a start's sweep may still be one a read back of
+# the sweep reads (the clocks of the bot and the homeserver may differ a bit).
 CATCHUP_MARGIN_MS = 30_000
 
 # Records a transaction's updates (its id, and the updates), atomically; raises StoreError
@@ -55,10 +55,11 @@ def pushed_invite(ev: dict, bot_id: str) -> tuple[str, str] | None:
     return None
 
 
-def pushed_updates(events: Iterable[object], bot_id: str, replay_before_ms: float) -> list[Update]:
-    """A transaction's updates, in order. An event older than ``replay_before_ms`` may also be
-    found by a start's catch-up: it is marked ``replayed``, so the chain looks for an answer
-    before giving one."""
+def pushed_updates(
+    events: Iterable[object], bot_id: str, replayed: Callable[[Update], bool] = lambda u: False
+) -> list[Update]:
+    """A transaction's updates, in order. An update that a start's catch-up may also have
+    read (``replayed``) is marked so, and the chain looks for an answer before giving one."""
     updates = []
     for ev in events:
         if not isinstance(ev, dict) or not isinstance(ev.get("room_id"), str):
@@ -69,9 +70,7 @@ def pushed_updates(events: Iterable[object], bot_id: str, replay_before_ms: floa
                 Update("invite", room_id, inviter, f"invite|{room_id}|{ev.get('event_id')}")
             )
         elif (update := to_update(ev, bot_id)) is not None:
-            if update.ts < replay_before_ms:
-                update = replace(update, replayed=True)
-            updates.append(update)
+            updates.append(replace(update, replayed=True) if replayed(update) else update)
     return updates
 
 
@@ -85,25 +84,36 @@ def rooms_of(events: Iterable[object]) -> dict[str, list[dict]]:
 
 
 class PushedIngest:
-    """Turns pushed transactions into updates, and keeps the conversation in step with them."""
+    """Turns pushed transactions into updates, and keeps the conversation in step with them.
+
+    After a start's catch-up, the homeserver may push events that the catch-up also read (it
+    held them while the bot was down): while the sweep runs, every pushed message may be one;
+    after it, those of the rooms it gave a read back, up to its end (plus a margin for the
+    clocks of the bot and the homeserver)."""
 
     def __init__(self, bot_id: str, observe: Observer | None = None) -> None:
         self.bot_id = bot_id
         self.observe = observe or (lambda room_id, events, limited: None)
-        self.replay_before_ms = 0.0  # see pushed_updates
+        self._before_ms = 0.0
+        self._rooms: set[str] | None = set()  # None: every room
 
     def catching_up(self) -> None:
-        """A start's catch-up begins: whatever is pushed until it ends may be read by it too."""
-        self.replay_before_ms = math.inf
+        """A start's catch-up begins."""
+        self._before_ms, self._rooms = math.inf, None
 
-    def caught_up(self, now_ms: float) -> None:
-        """The catch-up's rooms were read up to now."""
-        self.replay_before_ms = now_ms + CATCHUP_MARGIN_MS
+    def caught_up(self, now_ms: float, rooms: set[str]) -> None:
+        """The catch-up's sweep is recorded; ``rooms`` read back from what it saw."""
+        self._before_ms, self._rooms = now_ms + CATCHUP_MARGIN_MS, set(rooms)
+
+    def replayed(self, update: Update) -> bool:
+        return update.ts < self._before_ms and (
+            self._rooms is None or update.room_id in self._rooms
+        )
 
     def updates(self, events: list[object]) -> list[Update]:
         for room_id, room_events in rooms_of(events).items():
             self.observe(room_id, room_events, False)
-        return pushed_updates(events, self.bot_id, self.replay_before_ms)
+        return pushed_updates(events, self.bot_id, self.replayed)
 
 
 def _error(status: int, errcode: str, error: str) -> web.Response:
