@@ -18,8 +18,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 import yaml
@@ -44,7 +46,7 @@ async def run_mode(
     mode: str,
     bot: BotProcess,
     hs: LocalHomeserver,
-    logs: list[dict],
+    logs: list[MutableMapping[str, Any]],
     sizes: list[int],
     down_s: float,
 ) -> dict:
