@@ -41,7 +41,7 @@ from adapter.matrix.config import Registration  # noqa: E402
 DOWN_TARGET_S = 5.0
 # Users logging in, or being onboarded, at once: 129 of either at once overwhelm a Synapse on
 # 2 shared cores (logins took 150 s; welcomes came after the users' 30 s wait).
-LOGINS_AT_ONCE = 16
+LOGINS_AT_ONCE = 8
 
 
 async def run_mode(
