@@ -131,11 +131,6 @@ class Config:
     appservice_listen: ListenAddr | None = None  # set whenever ``appservice`` is
 
     @property
-    def password_login(self) -> bool:
-        """Whether the bot logs in (sync mode) rather than acting with the appservice token."""
-        return self.appservice is None
-
-    @property
     def allowed_patterns(self) -> tuple[str, ...]:
         return self.allowed_users or (f"@*:{self.server_name}",)
 

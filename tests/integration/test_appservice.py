@@ -356,3 +356,16 @@ async def test_listener_port_in_use_exits_2(bot_config, logs):
         )
         await runner.start(wait_ready=False)
         assert await asyncio.wait_for(runner.exit_code(), TIMEOUT) == 2
+
+
+@pytest.mark.warnings_expected("login.failed is an error")
+async def test_a_registration_the_homeserver_does_not_know_exits_1(homeserver, tmp_path, logs):
+    path = tmp_path / "unknown.yaml"
+    path.write_text(
+        yaml.safe_dump(registration(f"http://127.0.0.1:{free_port()}", "@ghost:localhost", "g"))
+    )
+    runner = BotRunner(appservice_config(homeserver, Registration.load(path), tmp_path), logs)
+    await runner.start(wait_ready=False)
+    assert await runner.exit_code() == 1
+    [failed] = logs.named("login.failed")
+    assert "app_service_config_files" in failed["error"]
