@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_conversation.py
 	$(PY) tools/bench_conversation_cache.py
 	$(PY) tools/bench_scale.py
+	$(PY) tools/bench_appservice.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py

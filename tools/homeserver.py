@@ -48,9 +48,9 @@ class LocalHomeserver:
 
     ``default_room_version`` (e.g. ``"10"``) sets the version Synapse creates rooms at when
     a client does not name one; None keeps Synapse's own default (12 for Synapse 1.163).
-    ``extra_config`` sets more top-level options (e.g.
-    ``{"encryption_enabled_by_default_for_room_type": "all"}``), written on every start: change
-    it and ``restart`` to try another value.
+    ``extra_config`` is merged over the config on every start (e.g.
+    ``{"encryption_enabled_by_default_for_room_type": "all"}`` or ``app_service_config_files``):
+    change it and ``restart`` to try another value.
     """
 
     def __init__(

@@ -43,8 +43,9 @@ from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.homeserver.session import HomeserverUnreachable
+from adapter.matrix.ingest.appservice import AppserviceListener, PushedIngest
 from adapter.matrix.ingest.catchup import CatchUpReader
-from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES, Sweep
+from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES, JoinedRoomsSweep, Sweep
 from adapter.matrix.ingest.sync import Ingest, sync_token_refused
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import Health
@@ -148,7 +149,11 @@ class Bot:
         )
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
-        self.sweep = Sweep(hs, lambda: self.fetch(None, False, every_room=True))
+        self.sweep: Sweep | JoinedRoomsSweep = (
+            Sweep(hs, lambda: self.fetch(None, False, every_room=True))
+            if config.appservice is None
+            else JoinedRoomsSweep(hs)  # an appservice may not sync
+        )
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self._round_done = asyncio.Event()  # clear while a live round is in hand, not queued
         self._round_done.set()
@@ -216,10 +221,13 @@ class Bot:
         delivery.push(
             replace(entry, update=replace(entry.update, replayed=True)) for entry in pending
         )
-        since = await self.store.get_sync_token()
-        log.info("sync.starting", resume=since is not None, inbox=len(pending))
         try:
-            await self._sync_loop(stop, since, inbox, delivery)
+            if self.config.appservice is not None:
+                await self._serve_pushed(stop, inbox, delivery)
+            else:
+                since = await self.store.get_sync_token()
+                log.info("sync.starting", resume=since is not None, inbox=len(pending))
+                await self._sync_loop(stop, since, inbox, delivery)
         finally:
             self._round_done.set()
             if self._catching_up is not None:
@@ -227,12 +235,12 @@ class Bot:
                 await asyncio.gather(self._catching_up, return_exceptions=True)
             await delivery.close()
 
-    async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
+    async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> bool:
         """A start without a token, beside the sync loop: the sweep looks at every room's
         latest events, a window at a time, most recently active first, and decides which rooms
         read back (``Ingest.sweep``). Each window is recorded as it comes and handled at once,
         before the next is asked for (the homeserver's time goes to users first); once the
-        last one is recorded, the token is kept again."""
+        last one is recorded, the token is kept again. False: stopped before."""
         backoff = 1.0
         unrecorded: list[Update] = []
         while not stop.is_set():
@@ -248,7 +256,7 @@ class Bot:
                         unrecorded = []
                 await inbox.release()
                 self.ingest.swept()
-                return
+                return True
             except (
                 TimeoutError,
                 HomeserverUnreachable,
@@ -262,6 +270,89 @@ class Bot:
                 )
             except Exception:  # a bug: logged, retried like a fault, never silently gone
                 log.exception("sync.catchup_crashed", retry_in_s=backoff)
+            await sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        return False
+
+    async def _serve_pushed(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
+        """Appservice mode (SPEC §10): no sync loop. The listener records each pushed
+        transaction in the inbox and hands it to delivery; the homeserver is pinged so that it
+        pushes at once what it holds; a DB that has not caught up as an appservice yet (first
+        start, total loss, an account that synced before) runs the start's catch-up."""
+        registration, addr = self.config.appservice, self.config.appservice_listen
+        assert registration is not None and addr is not None
+        catch_up = not await self.store.appservice_caught_up()
+        log.info("appservice.starting", catch_up=catch_up, inbox=delivery.queued)
+        pushed = PushedIngest(self.services.hs.bot_id, self.services.conversation.observe)
+        waiting: set[str] = set()  # while the DB refuses writes: the messages held back
+
+        async def record(txn_id: str, updates: list[Update]) -> None:
+            try:
+                entries = await inbox.add_transaction(txn_id, updates)
+            except WriteFailed as fault:  # answered 500: the homeserver pushes it again
+                self.health.store_refused(str(fault))
+                log.error(
+                    "store.write_failed",
+                    during="transaction",
+                    txn_id=txn_id,
+                    error=str(fault),
+                    remedy=fault.remedy,
+                    updates=len(updates),
+                )
+                await self._tell_held_back(updates, waiting)
+                raise
+            if waiting or self.health.store_refusing:
+                log.info("store.recovered", waited=len(waiting))
+                waiting.clear()
+            self.health.synced()
+            delivery.push(entries)
+
+        if catch_up:
+            pushed.catching_up()
+            self.ingest.start_without_token("")  # each room reads back from its own read
+        listener = await AppserviceListener.start(addr, registration.hs_token, pushed, record)
+        self.health.listening()
+        log.info("bot.ready", mode="appservice", listen=str(listener.addr))
+        tasks = [asyncio.create_task(self._ping(stop, registration.id))]
+        if catch_up:
+            tasks.append(asyncio.create_task(self._pushed_catch_up(stop, inbox, delivery, pushed)))
+        try:
+            await stop.wait()
+        finally:
+            await listener.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pushed_catch_up(
+        self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery, pushed: PushedIngest
+    ) -> None:
+        if not await self._catch_up(stop, inbox, delivery):
+            return
+        pushed.caught_up(time.time() * 1000, self.ingest.deferred)
+        try:
+            await self.store.mark_appservice_caught_up()
+        except sqlite3.OperationalError as err:  # the next start catches up again: no harm
+            log.warning("store.write_failed", during="catchup", error=str(err))
+
+    async def _ping(self, stop: asyncio.Event, appservice_id: str) -> None:
+        """Have the homeserver ping the listener, and so retry at once what it holds."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                ms = await self.services.hs.appservice_ping(
+                    appservice_id, f"lambda-start-{secrets.token_hex(6)}"
+                )
+                log.info("appservice.ping", duration_ms=ms)
+                return
+            except HomeserverError as err:
+                log.warning(
+                    "appservice.ping_failed",
+                    error=str(err),
+                    retry_in_s=backoff,
+                    remedy="check that the homeserver reaches the registration's url "
+                    "(LAMBDA_APPSERVICE_LISTEN is where the bot listens)",
+                )
             await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 

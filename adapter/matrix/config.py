@@ -8,7 +8,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
 
 from core.log_setup import LEVELS
 
@@ -50,6 +53,62 @@ class ListenAddr:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """An appservice registration (``LAMBDA_APPSERVICE``): the YAML the homeserver is given in
+    ``app_service_config_files``. Only what the bot uses is kept."""
+
+    path: Path
+    id: str
+    url: str | None  # where the homeserver pushes; None: it pushes nowhere
+    as_token: str  # the bot's token towards the homeserver
+    hs_token: str  # the homeserver's token towards the bot
+    sender_localpart: str
+
+    @classmethod
+    def load(cls, path: Path) -> Registration:
+        """Read and check ``path``; raises ValueError saying what is wrong, never a token."""
+        try:
+            data: Any = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {os.strerror(err.errno or 0) or err}") from err
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping (id, url, as_token, hs_token, ...)")
+        missing = [
+            key
+            for key in ("id", "as_token", "hs_token", "sender_localpart")
+            if not isinstance(data.get(key), str) or not data[key].strip()
+        ]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)} (each a non-empty string)")
+        url = data.get("url")
+        if url is not None and (
+            not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https")
+        ):
+            raise ValueError(f"{path}: url must be an http(s) URL or null, got {url!r}")
+        if data["as_token"] == data["hs_token"]:
+            raise ValueError(f"{path}: as_token and hs_token must differ")
+        return cls(
+            path,
+            data["id"],
+            url or None,
+            data["as_token"],
+            data["hs_token"],
+            data["sender_localpart"],
+        )
+
+    def listen_addr(self) -> ListenAddr | None:
+        """The host and port of ``url`` (the scheme's port when it names none)."""
+        if self.url is None:
+            return None
+        parts = urlsplit(self.url)
+        if parts.hostname is None:
+            return None
+        return ListenAddr(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+
+@dataclass(frozen=True)
 class Config:
     homeserver: str
     user_id: str
@@ -68,6 +127,8 @@ class Config:
     creations_per_minute: int = 5  # not an environment variable: benchmarks raise it
     metrics_addr: ListenAddr | None = None  # None: no /metrics and /health listener at all
     outage_after_s: float = 30.0  # not an environment variable: tests lower it
+    appservice: Registration | None = None  # None: the bot syncs
+    appservice_listen: ListenAddr | None = None  # set whenever ``appservice`` is
 
     @property
     def allowed_patterns(self) -> tuple[str, ...]:
@@ -98,8 +159,11 @@ class Config:
             problems.append("MATRIX_USER_ID is required (for example @lambda:localhost)")
         elif not _USER_ID.match(user_id):
             problems.append(f"MATRIX_USER_ID must look like @name:server, got {user_id!r}")
+        appservice, appservice_listen = _appservice(
+            value("LAMBDA_APPSERVICE"), value("LAMBDA_APPSERVICE_LISTEN"), user_id, problems
+        )
         password, token = value("MATRIX_PASSWORD"), value("MATRIX_ACCESS_TOKEN")
-        if need_credentials and password is None and token is None:
+        if need_credentials and appservice is None and password is None and token is None:
             problems.append("set MATRIX_PASSWORD or MATRIX_ACCESS_TOKEN")
         log_format = (value("LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")).lower()
         if log_format not in ("json", "console"):
@@ -157,6 +221,8 @@ class Config:
             max_chats=max_chats,
             history_turns=history_turns,
             metrics_addr=metrics_addr,
+            appservice=appservice,
+            appservice_listen=appservice_listen,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -182,7 +248,51 @@ class Config:
             env["MATRIX_PASSWORD"] = self.password
         if self.access_token:
             env["MATRIX_ACCESS_TOKEN"] = self.access_token
+        if self.appservice is not None:
+            env["LAMBDA_APPSERVICE"] = str(self.appservice.path)
+        if self.appservice_listen is not None:
+            env["LAMBDA_APPSERVICE_LISTEN"] = str(self.appservice_listen)
         return env
+
+
+def _appservice(
+    path: str | None, listen: str | None, user_id: str | None, problems: list[str]
+) -> tuple[Registration | None, ListenAddr | None]:
+    """``LAMBDA_APPSERVICE`` and ``LAMBDA_APPSERVICE_LISTEN``, checked against
+    ``MATRIX_USER_ID``; what is wrong goes to ``problems``."""
+    if path is None:
+        if listen is not None:
+            problems.append("LAMBDA_APPSERVICE_LISTEN is set but LAMBDA_APPSERVICE is not")
+        return None, None
+    try:
+        registration = Registration.load(Path(path))
+    except ValueError as err:
+        problems.append(f"LAMBDA_APPSERVICE: {err}")
+        return None, None
+    if user_id is not None and _USER_ID.match(user_id):
+        localpart = user_id[1:].split(":", 1)[0]
+        if localpart != registration.sender_localpart:
+            server = user_id.split(":", 1)[1]
+            problems.append(
+                f"MATRIX_USER_ID must be the registration's sender, "
+                f"@{registration.sender_localpart}:{server}, got {user_id!r}"
+            )
+    if listen is not None:
+        try:
+            return registration, ListenAddr.parse(listen)
+        except ValueError:
+            problems.append(
+                f"LAMBDA_APPSERVICE_LISTEN must be host:port (for example 127.0.0.1:29333), "
+                f"got {listen!r}"
+            )
+            return registration, None
+    addr = registration.listen_addr()
+    if addr is None:
+        problems.append(
+            f"{path} has no url the homeserver pushes to: set url in the registration "
+            "(and LAMBDA_APPSERVICE_LISTEN if the bot listens elsewhere)"
+        )
+    return registration, addr
 
 
 _Number = TypeVar("_Number", int, float)

@@ -15,8 +15,10 @@ from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
     LoginFailed,
     SessionClient,
+    appservice_session,
     log_in,
 )
+from adapter.matrix.ingest.appservice import ListenerUnavailable as AppserviceUnavailable
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics
@@ -39,8 +41,12 @@ async def _log_in_with_backoff(
     backoff = 1.0
     while not stop.is_set():
         try:
-            session = await log_in(client, config)
-            log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
+            if config.appservice is not None:  # no login, no device: the as_token
+                await appservice_session(client, config)
+                log.info("bot.appservice", user_id=config.user_id, id=config.appservice.id)
+            else:
+                session = await log_in(client, config)
+                log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
             health.homeserver_answered()
             return True
         except HomeserverUnreachable as err:
@@ -136,9 +142,16 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             return 0
         except LoginFailed as err:
             log.error(
-                "login.failed", error=str(err), remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN"
+                "login.failed",
+                error=str(err),
+                remedy="check MATRIX_PASSWORD / MATRIX_ACCESS_TOKEN"
+                if config.appservice is None
+                else f"check {config.appservice.path} and app_service_config_files",
             )
             return 1
+        except AppserviceUnavailable as err:
+            log.error("config.invalid", error=str(err))
+            return 2
         finally:
             if listener is not None:
                 await listener.stop()

@@ -1,5 +1,5 @@
 """Session loss (issue #9.2, SPEC §5): a revoked access token is renewed with the password on
-one new device, or stops a token-only bot with exit 1; a sync token the server no longer
+the bot's one device, or stops a token-only bot with exit 1; a sync token the server no longer
 accepts is a start without a token. All against the real Synapse."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def new_token(config: Config, password: str) -> str:
     return resp.access_token
 
 
-async def test_revoked_token_logs_in_again_on_one_new_device_and_answers(bot, make_user):
+async def test_revoked_token_logs_in_again_on_the_same_device_and_answers(bot, make_user):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)
     await keep_only_the_bots_device(bot.config)
@@ -101,7 +101,7 @@ async def test_revoked_token_logs_in_again_on_one_new_device_and_answers(bot, ma
     await alice.ask(chat, bot.user_id, "after the revocation", "Echo: after the revocation")
     [relogin] = bot.logs.named("session.relogin")
     new = saved_session(bot.config)
-    assert relogin["old_device_id"] == old["device_id"] != new["device_id"]
+    assert relogin["old_device_id"] == old["device_id"] == new["device_id"]
     assert relogin["device_id"] == new["device_id"] and relogin["soft_logout"] is False
     assert await devices(bot.config) == [new["device_id"]]
     assert new["access_token"] != old["access_token"]
@@ -112,6 +112,17 @@ async def test_revoked_token_logs_in_again_on_one_new_device_and_answers(bot, ma
     assert bot.logs.named("session.restored", device_id=new["device_id"])
     await alice.ask(chat, bot.user_id, "after a restart", "Echo: after a restart")
     assert not [e for e in bot.logs.named("sync.failed") if "M_UNKNOWN_TOKEN" in e["error"]]
+
+
+async def test_the_bot_keeps_one_device_across_three_total_losses(bot, make_user):
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot.user_id)
+    await keep_only_the_bots_device(bot.config)
+    [device] = await devices(bot.config)
+    for n in range(3):
+        await bot.restart_losing("everything")
+        assert await devices(bot.config) == [device]
+        await alice.ask(chat, bot.user_id, f"after loss {n}", f"Echo: after loss {n}")
 
 
 async def test_message_in_hand_when_the_token_is_revoked_is_answered_once(

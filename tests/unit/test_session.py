@@ -21,8 +21,8 @@ from adapter.matrix.homeserver.session import (
     LoginFailed,
     SessionClient,
     TokenRefused,
+    bot_device_id,
     log_in,
-    relogin_device,
     session_file,
     token_refused,
 )
@@ -43,9 +43,16 @@ def test_only_m_unknown_token_is_a_refused_token():
     assert not token_refused(JoinedRoomsResponse([]))
 
 
-def test_relogin_keeps_the_device_only_after_a_soft_logout():
-    assert relogin_device(soft_logout=True, device_id="OLD") == "OLD"
-    assert relogin_device(soft_logout=False, device_id="OLD") is None
+def test_the_bots_device_is_the_known_one_else_derived_from_its_user_id_alone():
+    assert bot_device_id("@lambda:example.org", "OLD") == "OLD"
+    derived = bot_device_id("@lambda:example.org")
+    assert (
+        derived
+        == bot_device_id("@lambda:example.org", None)
+        == bot_device_id("@lambda:example.org", "")
+    )
+    assert derived.startswith("LAMBDA") and derived.isalnum() and len(derived) == 16
+    assert bot_device_id("@other:example.org") != derived
 
 
 def test_only_synapses_invalid_stream_token_answer_means_the_sync_token_is_refused():
@@ -186,7 +193,9 @@ async def logged_in(config: Config) -> tuple[SessionClient, list[str]]:
     return client, lost
 
 
-async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(fake_hs, tmp_path):
+async def test_concurrent_requests_meeting_a_revoked_token_share_one_login_on_the_same_device(
+    fake_hs, tmp_path
+):
     config = config_for(fake_hs, tmp_path)
     client, lost = await logged_in(config)
     old_device = client.device_id
@@ -196,7 +205,7 @@ async def test_concurrent_requests_meeting_a_revoked_token_share_one_new_device(
     assert all(isinstance(a, JoinedRoomsResponse) for a in answers)
     [relogin] = [e for e in entries if e["event"] == "session.relogin"]
     assert relogin["old_device_id"] == old_device and relogin["soft_logout"] is False
-    assert fake_hs.devices == {relogin["device_id"]} != {old_device}
+    assert fake_hs.devices == {relogin["device_id"]} == {old_device}
     saved = json.loads(session_file(config.store_path).read_text())
     assert saved["access_token"] == client.access_token in fake_hs.tokens
     assert lost == []
@@ -275,7 +284,7 @@ async def test_a_wrong_password_at_renewal_loses_the_session(fake_hs, tmp_path):
 
 
 @pytest.mark.parametrize("soft", [False, True])
-async def test_a_saved_session_refused_at_start_logs_in_on_a_new_device_unless_soft(
+async def test_a_saved_session_refused_at_start_logs_in_again_on_the_same_device(
     fake_hs, tmp_path, soft
 ):
     config = config_for(fake_hs, tmp_path)
@@ -284,7 +293,19 @@ async def test_a_saved_session_refused_at_start_logs_in_on_a_new_device_unless_s
     await first.close()
     client = SessionClient(config, client_config())
     session = await log_in(client, config)
-    assert (session.device_id == first.device_id) is soft
+    assert session.device_id == first.device_id
     assert fake_hs.devices == {session.device_id}
     assert json.loads(session_file(config.store_path).read_text())["device_id"] == session.device_id
     await client.close()
+
+
+async def test_a_login_after_the_session_is_lost_finds_the_same_device(fake_hs, tmp_path):
+    config = config_for(fake_hs, tmp_path)
+    devices = []
+    for _ in range(3):  # each time, the session folder is gone
+        client = SessionClient(config, client_config())
+        devices.append((await log_in(client, config)).device_id)
+        await client.close()
+        session_file(config.store_path).unlink()
+    assert devices == [bot_device_id(BOT)] * 3
+    assert fake_hs.devices == {bot_device_id(BOT)}

@@ -14,7 +14,7 @@ from nio.api import MessageDirection
 from adapter.matrix.bot import client_config
 from adapter.matrix.config import Config
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
-from adapter.matrix.homeserver.session import load_session
+from adapter.matrix.homeserver.session import tool_session
 
 CONCURRENCY = 8  # state requests at once, as the healer's Space heal
 PROGRESS_OVER = 20  # rooms: more than this, and a progress line goes to stderr
@@ -40,7 +40,7 @@ class ServerReader(Homeserver):
 
     @classmethod
     def on_saved_session(cls, config: Config) -> ServerReader:
-        session = load_session(config)
+        session = tool_session(config)
         if session is None:
             raise CannotAsk(
                 f"no saved bot session in MATRIX_STORE_PATH ({config.store_path}): "

@@ -11,7 +11,7 @@ from nio import AsyncClient, ErrorResponse, JoinedRoomsResponse, RoomGetStateRes
 
 from adapter.matrix.config import Config
 from adapter.matrix.healing.room_state import RoomSnapshot
-from adapter.matrix.homeserver.session import load_session
+from adapter.matrix.homeserver.session import tool_session
 
 KICK_REASON = "Lambda dev reset"
 
@@ -20,7 +20,7 @@ async def server_cleanup(config: Config) -> bool:
     """Kick the users from, leave and forget every room the bot created (by the sender of
     ``m.room.create``, markers or not), then log out the bot's device. False if a step
     failed; the device then stays logged in, so that running the tool again finishes."""
-    session = load_session(config)
+    session = tool_session(config)
     if session is None:
         print(f"No saved bot session in {config.store_path}: --server needs it.", file=sys.stderr)
         return False
@@ -43,7 +43,9 @@ async def server_cleanup(config: Config) -> bool:
                 print(f"  {room_id}: not created by the bot; left alone")
                 continue
             ok &= await _clean_room(client, room_id, snap.members(client.user_id))
-        if ok:
+        if ok and not session.device_id:
+            print("  no device to log out (appservice mode)")
+        elif ok:
             await client.logout()
             print(f"  logged out device {session.device_id}")
         else:

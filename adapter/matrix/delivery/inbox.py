@@ -14,6 +14,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -26,6 +27,13 @@ from core.store import SQLiteStore, StoreError
 log = structlog.get_logger()
 
 PREFIX = "inbox:"
+# Appservice mode: the transactions and the events already recorded, so that a transaction
+# or an event pushed again is recorded once (kept PUSHED_KEEP_S; the homeserver retries an
+# unacknowledged transaction within minutes, or at the bot's next start).
+PUSHED_TXN = "inbox_txn:"
+PUSHED_EVENT = "inbox_event:"
+PUSHED_KEEP_S = 2 * 86_400
+PUSHED_PRUNE_EVERY_S = 3600
 
 
 class WriteFailed(StoreError):
@@ -96,6 +104,7 @@ class Inbox:
         self._metrics = metrics or Metrics()
         self._metrics.inbox_depth.set_function(lambda: self.depth)
         self._health = health or Health()
+        self._pruned_at = 0.0  # when the pushed marks were last pruned (see add_transaction)
 
     @classmethod
     async def open(
@@ -131,14 +140,56 @@ class Inbox:
             await self._record([], self._latest)
             self._held = False
 
-    async def _record(self, updates: list[Update], sync_token: str | None) -> list[Entry]:
+    async def add_transaction(self, txn_id: str, updates: list[Update]) -> list[Entry]:
+        """Record a transaction the homeserver pushed (appservice mode), in one write: its
+        updates but those of events already recorded, and its id, so that the same
+        transaction again records nothing. Raises ``WriteFailed`` when the file refuses it:
+        then nothing is recorded, and the homeserver pushes it again."""
+        async with self._lock:
+            try:
+                if await self._db.get(PUSHED_TXN + txn_id) is not None:
+                    return []
+                fresh: dict[str, Update] = {}
+                for update in updates:
+                    if update.event_id not in fresh and (
+                        await self._db.get(PUSHED_EVENT + update.event_id) is None
+                    ):
+                        fresh[update.event_id] = update
+                now = time.time()
+                marks = {PUSHED_TXN + txn_id: now, **{PUSHED_EVENT + e: now for e in fresh}}
+                drop = await self._stale_marks(now)
+            except sqlite3.OperationalError as err:
+                raise WriteFailed(self._db.path, err) from err
+            return await self._record(list(fresh.values()), None, marks, drop)
+
+    async def _stale_marks(self, now: float) -> list[str]:
+        """At most once an hour, the pushed marks older than ``PUSHED_KEEP_S``."""
+        if now - self._pruned_at < PUSHED_PRUNE_EVERY_S:
+            return []
+        self._pruned_at = now
+        return [
+            key
+            for prefix in (PUSHED_TXN, PUSHED_EVENT)
+            for key, at in await self._db.scan(prefix)
+            if not isinstance(at, int | float) or now - at > PUSHED_KEEP_S
+        ]
+
+    async def _record(
+        self,
+        updates: list[Update],
+        sync_token: str | None,
+        marks: dict[str, Any] | None = None,
+        drop: list[str] | None = None,
+    ) -> list[Entry]:
         entries = [Entry(self._next_seq + i, update) for i, update in enumerate(updates)]
         try:
             async with self._db.transaction() as tx:
-                for key in self._finished:
+                for key in [*self._finished, *(drop or ())]:
                     tx.delete(key)
                 for entry in entries:
                     tx.set(entry.key, entry.to_json())
+                for key, value in (marks or {}).items():
+                    tx.set(key, value)
                 if sync_token is not None:
                     tx.set(SYNC_TOKEN_KEY, sync_token)
         except sqlite3.OperationalError as err:

@@ -381,6 +381,21 @@ class Homeserver:
         )
         return [ev.source for ev in resp.chunk], resp.end if resp.chunk else None
 
+    async def latest(
+        self, room_id: str, limit: int, types: list[str]
+    ) -> tuple[list[dict], str, bool]:
+        """A room's latest ``limit`` events of ``types`` (``/messages`` backwards from the end):
+        the raw events, newest first; the position they were read from (a token for
+        ``/messages`` in this room); and whether older ones exist."""
+        resp = await self._call(
+            "read latest messages",
+            lambda: self.client.room_messages(
+                room_id, None, None, MessageDirection.back, limit, {"types": types}
+            ),
+            RoomMessagesResponse,
+        )
+        return [ev.source for ev in resp.chunk], resp.start, bool(resp.end and resp.chunk)
+
     async def messages_after(
         self, room_id: str, event_id: str, limit: int, senders: list[str]
     ) -> tuple[list[dict], str | None]:
@@ -428,3 +443,17 @@ class Homeserver:
             RoomSendResponse,
         )
         return resp.event_id
+
+    async def appservice_ping(self, appservice_id: str, txn_id: str) -> int:
+        """Ask the homeserver to ping the appservice's listener (and so to retry at once the
+        transactions it holds for it); returns the round trip it measured, in ms."""
+        path = Api._build_path(
+            ["appservice", appservice_id, "ping"], base_path="/_matrix/client/v1"
+        )
+        body = json.dumps({"transaction_id": txn_id})
+        resp = await self._call(
+            "ping the appservice",
+            lambda: self.client._send(RawResponse, "POST", path, data=body),
+            RawResponse,
+        )
+        return int(resp.body.get("duration_ms") or 0)

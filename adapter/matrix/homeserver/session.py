@@ -1,10 +1,12 @@
-"""The bot's Matrix session (access token, device id), saved with mode 0600 and reused,
-so that restarts do not create new devices; renewed with the password when the homeserver
-revokes the token (SPEC §5, Chatting)."""
+"""The bot's Matrix session (access token, device id), saved with mode 0600 and reused;
+renewed with the password when the homeserver revokes the token (SPEC §5, Chatting). Every
+password login names the bot's device (``bot_device_id``), so the account keeps one device
+across restarts, revoked tokens and total losses of the local state."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -16,11 +18,14 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 from nio import AsyncClient, AsyncClientConfig, ErrorResponse, LoginResponse, WhoamiResponse
+from nio.api import Api
 
 from adapter.matrix.config import Config
+from adapter.matrix.homeserver.client import RawResponse
 
 log = structlog.get_logger()
 DEVICE_NAME = "Lambda bot"
+DEVICE_PREFIX = "LAMBDA"
 
 
 def connection_limit(concurrency: int) -> int:
@@ -74,6 +79,14 @@ def load_session(config: Config) -> Session | None:
     return session
 
 
+def tool_session(config: Config) -> Session | None:
+    """The session the tools (doctor, reset --server) act with: the appservice's token in
+    appservice mode (no device), else the bot's saved session. They never log in."""
+    if config.appservice is not None:
+        return Session(config.homeserver, config.user_id, "", config.appservice.as_token)
+    return load_session(config)
+
+
 def save_session(config: Config, session: Session) -> None:
     config.store_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = session_file(config.store_path)
@@ -91,10 +104,13 @@ def token_refused(resp: Any) -> bool:
     return isinstance(resp, ErrorResponse) and resp.status_code == "M_UNKNOWN_TOKEN"
 
 
-def relogin_device(soft_logout: bool, device_id: str | None) -> str | None:
-    """The device to log in on after a refused token: the same one after a soft logout (the
-    server keeps that device), else None, a new device (the old one was signed out)."""
-    return device_id if soft_logout else None
+def bot_device_id(user_id: str, known: str | None = None) -> str:
+    """The device every password login names: the one the bot knows (a saved session's), else
+    one derived from the user id alone, so a login after a total loss finds the same device.
+    Synapse reuses a device it knows on login, and re-creates one that was signed out."""
+    if known:
+        return known
+    return DEVICE_PREFIX + hashlib.sha256(user_id.encode()).hexdigest()[:10].upper()
 
 
 async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
@@ -112,8 +128,8 @@ async def _whoami(client: AsyncClient) -> WhoamiResponse | ErrorResponse:
     raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")
 
 
-async def password_login(client: AsyncClient, config: Config, device_id: str | None) -> Session:
-    """A password login on ``device_id`` (None: a new device), saved to ``MATRIX_STORE_PATH``."""
+async def password_login(client: AsyncClient, config: Config, device_id: str) -> Session:
+    """A password login on ``device_id``, saved to ``MATRIX_STORE_PATH``."""
     previous, client.device_id = client.device_id, device_id  # nio logs in on this device
     try:
         resp = await client.login(config.password, device_name=DEVICE_NAME)
@@ -133,7 +149,7 @@ async def password_login(client: AsyncClient, config: Config, device_id: str | N
 async def log_in(client: AsyncClient, config: Config) -> Session:
     """Reuse the saved session; else the configured token; else a password login (saved)."""
     saved = load_session(config)
-    device_id = None
+    device_id = bot_device_id(config.user_id)
     if saved is not None:
         client.restore_login(saved.user_id, saved.device_id, saved.access_token)
         who = await _whoami(client)
@@ -141,7 +157,7 @@ async def log_in(client: AsyncClient, config: Config) -> Session:
             log.info("session.restored", device_id=saved.device_id)
             return saved
         log.warning("session.expired", device_id=saved.device_id, soft_logout=who.soft_logout)
-        device_id = relogin_device(who.soft_logout, saved.device_id)
+        device_id = bot_device_id(config.user_id, saved.device_id)
     if config.access_token:
         client.access_token = config.access_token
         who = await _whoami(client)
@@ -230,6 +246,11 @@ class SessionClient(AsyncClient):
                 return  # another request renewed the session meanwhile
             if refused == self._untried:
                 self._lose("the homeserver refused the token it had just issued")
+            if self.settings.appservice is not None:
+                self._lose(
+                    "the homeserver refused the appservice's as_token (M_UNKNOWN_TOKEN): is "
+                    f"{self.settings.appservice.path} still in its app_service_config_files?"
+                )
             if not self.settings.password:
                 self._lose(
                     "the homeserver revoked the access token (M_UNKNOWN_TOKEN) and "
@@ -238,7 +259,7 @@ class SessionClient(AsyncClient):
             old_device = self.device_id
             try:
                 session = await password_login(
-                    self, self.settings, relogin_device(soft_logout, old_device)
+                    self, self.settings, bot_device_id(self.settings.user_id, old_device)
                 )
             except LoginFailed as err:
                 self._lose(f"the access token was revoked and a new login failed: {err}")
@@ -261,3 +282,42 @@ class SessionClient(AsyncClient):
         assert self._on_lost is not None
         self._on_lost()
         raise TokenRefused(reason)
+
+
+async def appservice_session(client: AsyncClient, config: Config) -> None:
+    """Appservice mode: act with the registration's ``as_token`` (no login, no device, no
+    session file), after checking that the homeserver knows it, and register the sender if
+    the homeserver has not (``M_USER_IN_USE``: it has). Raises ``LoginFailed`` when the
+    homeserver refuses the registration, ``HomeserverUnreachable`` when it does not answer."""
+    registration = config.appservice
+    assert registration is not None
+    client.restore_login(config.user_id, "", registration.as_token)
+    who = await _whoami(client)
+    if not isinstance(who, WhoamiResponse):
+        raise LoginFailed(
+            f"the homeserver refused the as_token of {registration.path} ({who.status_code}): "
+            "add that file to its app_service_config_files and restart it"
+        )
+    if who.user_id != config.user_id:
+        raise LoginFailed(
+            f"the as_token of {registration.path} acts as {who.user_id}, "
+            f"not MATRIX_USER_ID {config.user_id}"
+        )
+    body = json.dumps(
+        {
+            "type": "m.login.application_service",
+            "username": registration.sender_localpart,
+            "inhibit_login": True,  # a login would make a device
+        }
+    )
+    try:
+        resp = await client._send(RawResponse, "POST", Api._build_path(["register"]), data=body)
+    except (ClientError, OSError, TimeoutError) as err:
+        raise HomeserverUnreachable(str(err)) from err
+    if isinstance(resp, RawResponse):
+        log.info("appservice.sender_registered", user_id=config.user_id)
+    elif resp.status_code != "M_USER_IN_USE":
+        transport = resp.transport_response
+        if transport is not None and transport.status < 500:
+            raise LoginFailed(f"registering the sender failed: {resp.status_code} {resp.message}")
+        raise HomeserverUnreachable(f"{resp.status_code} {resp.message}")

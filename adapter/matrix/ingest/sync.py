@@ -73,6 +73,7 @@ class Ingest:
         self._start: str | None = None  # a start without a token: its first position
         self._caught_up: set[str] = set()  # rooms whose catch-up is decided, in this start
         self._invited: set[str] = set()  # invites handed on since that start
+        self.deferred: set[str] = set()  # rooms a start's sweep gave a read back, this run
 
     def start_without_token(self, position: str) -> None:
         """The first sync had no token and carried no room, to answer at once: until
@@ -129,7 +130,8 @@ class Ingest:
                 continue  # nothing in a Space is answered
             found = catch_up(room.events, self.hs.bot_id, not_before_ms)
             if found.answer or (room.limited and not found.conclusive):
-                updates.append(deferred(room.room_id, self._start))
+                updates.append(deferred(room.room_id, room.position or self._start))
+                self.deferred.add(room.room_id)
         log.info(
             "sync.catchup",
             rooms=len(window.rooms),

@@ -51,6 +51,7 @@ class Health:
         self._failing_since: float | None = None
         self._homeserver_error = ""
         self._store_error: str | None = None
+        self._pushed = False  # appservice mode: events are pushed, no sync round is awaited
 
     @property
     def store_refusing(self) -> bool:
@@ -68,6 +69,12 @@ class Health:
     def store_refused(self, error: str) -> None:
         """The DB refused a write (``store.write_failed``)."""
         self._store_error = error
+
+    def listening(self) -> None:
+        """Appservice mode: the listener is up. The bot is ready, and an idle homeserver pushing
+        nothing is no outage."""
+        self._pushed = True
+        self.synced()
 
     def synced(self) -> None:
         """A sync round was recorded: the homeserver answers and the DB takes writes again."""
@@ -89,6 +96,7 @@ class Health:
             )
         elif (
             self._synced_at is not None
+            and not self._pushed
             and now - self._synced_at > self.outage_after_s + LONG_POLL_S
         ):
             # A homeserver that hangs fails no request for minutes (nio's own timeouts).

@@ -13,6 +13,9 @@ from core.store import Birth, SQLiteStore, Transaction
 
 RoomKind = Literal["space", "chat", "lobby"]
 SYNC_TOKEN_KEY = "sync_token"
+# Appservice mode: when this DB's catch-up was recorded (a start without it catches up, like a
+# start without a sync token: first start, total loss, or an account that synced before).
+APPSERVICE_KEY = "appservice_caught_up"
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,16 @@ class MatrixStore:
 
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
+
+    async def appservice_caught_up(self) -> bool:
+        return await self.db.get(APPSERVICE_KEY) is not None
+
+    async def mark_appservice_caught_up(self) -> None:
+        """The appservice's catch-up is recorded. The sync token goes: the events pushed since
+        are not in it, so a move back to syncing starts without one (and catches up)."""
+        async with self.db.transaction() as tx:
+            tx.set(APPSERVICE_KEY, {"at": time.time()})
+            tx.delete(SYNC_TOKEN_KEY)
 
 
 async def active_chat_rooms(store: MatrixStore, chats: ChatManager, owner: str) -> dict[str, str]:
