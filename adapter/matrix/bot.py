@@ -73,7 +73,7 @@ SYNC_FILTER: dict[str, Any] = {
     },
 }
 # A start without a token answers from a first sync that carries no room (a few ms at any
-# size), and catches up in the background (transport.sweep): on a homeserver without sliding
+# size), and catches up in the background (ingest.sweep): on a homeserver without sliding
 # sync, with one first sync of every room's latest events, short.
 QUICK_SYNC_FILTER = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "rooms": []}}
 CATCHUP_SYNC_FILTER = {

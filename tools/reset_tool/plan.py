@@ -23,7 +23,7 @@ DAMAGED_HINT = (
 
 
 def bot_session_files(store_path: Path) -> tuple[Path, Path]:
-    """What the bot writes in MATRIX_STORE_PATH (adapter/matrix/transport/session.py): the session,
+    """What the bot writes in MATRIX_STORE_PATH (adapter/matrix/homeserver/session.py): the session,
     and its temporary copy, left behind by a crash between the write and the rename."""
     path = session_file(store_path)
     return path, path.with_suffix(".tmp")

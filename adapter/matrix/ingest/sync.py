@@ -4,7 +4,7 @@
   events it missed, fetched with ``/messages`` back to the previous sync token.
 - A start without a sync token: a first sync that carries no room gives the position the bot
   answers from at once; ``sweep`` then looks at every room's latest events, a window at a
-  time in the background (``transport.sweep``), and a room with an unanswered message reads
+  time in the background (``ingest.sweep``), and a room with an unanswered message reads
   back from that position in its own lane (``catchup``). A sync token the server no longer
   accepts (``sync_token_refused``) leads to the same start.
 
