@@ -147,10 +147,15 @@ async def bench(sizes: list[int], down_s: float) -> None:
         f"Lambda appservice benchmark: Synapse on {hs.url}, agent delay {AGENT_DELAY_S:.1f} s, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    print("  latency / agent delay (median / max); message stamped -> agent called, ms")
-    print("  (median / max)")
+    print(
+        "  each figure median / max: reply latency / agent delay; message stamped -> agent "
+        "called (ms)"
+    )
     for mode, result in results.items():
-        print(f"  {mode}: onboarding {max(sizes) + 1} users at once {result['onboarding']:.1f} s")
+        print(
+            f"  {mode}: onboarding {max(sizes) + 1} users, {LOGINS_AT_ONCE} at a time, "
+            f"{result['onboarding']:.1f} s"
+        )
     for i, k in enumerate(sizes):
         row = []
         for mode, result in results.items():
