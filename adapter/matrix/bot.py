@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import sqlite3
 from contextlib import aclosing
 from dataclasses import replace
 from functools import partial
@@ -32,7 +31,7 @@ from adapter.matrix.chain.middlewares import (
     store_faults,
 )
 from adapter.matrix.chain.notices import tell_store_down
-from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.chain.router import RoomRouter, Route
 from adapter.matrix.config import Config
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
@@ -50,7 +49,7 @@ from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import MatrixStore
 from core.agent import Agent
 from core.chat import ChatManager
-from core.store import SQLiteStore
+from core.store import Store, StoreRefused
 
 log = structlog.get_logger()
 
@@ -118,7 +117,7 @@ class Bot:
     def __init__(
         self,
         client: AsyncClient,
-        store: SQLiteStore,
+        store: Store,
         agent: Agent,
         config: Config,
         metrics: Metrics,
@@ -342,10 +341,11 @@ class Bot:
         for update in updates:
             if update.kind == "message" and update.event_id not in waiting:
                 waiting.add(update.event_id)
+                route: Route | None
                 try:
                     route = await self.services.router.resolve(update.room_id)
-                except sqlite3.OperationalError:
-                    continue  # the DB cannot even be read: the log line is all there is
+                except StoreRefused:  # the DB cannot even be read (PostgreSQL down)
+                    route = self.services.router.last_known(update.room_id)
                 await tell_store_down(self.services, update, route)
 
 

@@ -8,8 +8,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from core.log_setup import LEVELS
+from core.store.location import is_postgres_url, redact_url
 
 _USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
 _IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
@@ -67,6 +69,18 @@ class Config:
     creations_per_minute: int = 5  # not an environment variable: benchmarks raise it
     metrics_addr: ListenAddr | None = None  # None: no /metrics and /health listener at all
     outage_after_s: float = 30.0  # not an environment variable: tests lower it
+    # LAMBDA_MATRIX_DB as a postgresql:// URL (then ``db_path`` is not used); None: SQLite.
+    db_url: str | None = None
+
+    @property
+    def db(self) -> str:
+        """What ``open_store`` opens: the PostgreSQL URL, or the SQLite file's path."""
+        return self.db_url or str(self.db_path)
+
+    @property
+    def db_shown(self) -> str:
+        """The store as logs and reports name it: the URL never shows its password."""
+        return redact_url(self.db_url) if self.db_url else str(self.db_path)
 
     @property
     def allowed_patterns(self) -> tuple[str, ...]:
@@ -136,6 +150,10 @@ class Config:
                     "LAMBDA_METRICS_ADDR must be host:port (for example "
                     f"127.0.0.1:9464 or [::1]:9464), got {raw_addr!r}"
                 )
+        location = db_location(env)
+        db_url = location if is_postgres_url(location) else None
+        if db_url is not None and (problem := url_problem(db_url)):
+            problems.append(f"LAMBDA_MATRIX_DB {problem}, got {redact_url(db_url)!r}")
         if problems:
             raise ConfigError("; ".join(problems))
         db_path, store_path = local_paths(env)
@@ -155,6 +173,7 @@ class Config:
             max_chats=max_chats,
             history_turns=history_turns,
             metrics_addr=metrics_addr,
+            db_url=db_url,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -162,7 +181,7 @@ class Config:
         env = {
             "MATRIX_HOMESERVER": self.homeserver,
             "MATRIX_USER_ID": self.user_id,
-            "LAMBDA_MATRIX_DB": str(self.db_path),
+            "LAMBDA_MATRIX_DB": self.db,
             "MATRIX_STORE_PATH": str(self.store_path),
             "LOG_FORMAT": self.log_format,
             "LOG_LEVEL": self.log_level,
@@ -203,6 +222,25 @@ def _number(
         what = "non-negative" if zero_ok else "positive"
         problems.append(f"{name} must be a {what} {kind.__name__}, got {raw!r}")
     return number
+
+
+def db_location(env: Mapping[str, str] | None = None) -> str:
+    """LAMBDA_MATRIX_DB as given: a SQLite file path or a ``postgresql://`` URL."""
+    env = os.environ if env is None else env
+    return env.get("LAMBDA_MATRIX_DB", "").strip() or "lambda_matrix.db"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with the shape of a ``postgresql://`` URL (None: nothing we can see
+    before connecting)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as err:
+        return f"is not a valid URL ({err})"
+    if not parts.hostname and "host=" not in parts.query:
+        return "must name a host: postgresql://user:password@host:port/dbname"
+    return None
 
 
 def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
