@@ -62,7 +62,14 @@ class LocalPostgres:
     def url(self, database: str = "postgres", password: str = PASSWORD) -> str:
         return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{database}"
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def start(self, timeout: float = 60.0) -> None:
+        """Start the server (and make its cluster, the first time); nothing if it runs."""
+        if self.running:
+            return
         if not self.data.exists():
             self._initdb()
         log = open(self.dir / "postgres.log", "ab")

@@ -122,6 +122,20 @@ async def connect_pool(
     )
 
 
+async def connect_tool(url: str, application: str, **settings: str) -> asyncpg.Connection:
+    """One connection for a tool (the doctor, the reset tool), named ``application`` so that
+    it is not taken for a bot; raises what ``open_failure`` explains."""
+    try:
+        return await asyncpg.connect(
+            url,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": application, **settings},
+        )
+    except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as err:
+        raise open_failure(err, url) from err
+
+
 def open_failure(err: BaseException, url: str) -> StoreError:
     """What a failed connection at start means: the URL cannot work (``StoreMisconfigured``)
     or the database is down for now (``StoreUnreachable``)."""
@@ -328,3 +342,35 @@ async def schema_version(conn: asyncpg.Connection) -> int | None:
     if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", SCHEMA_TABLE):
         return None
     return await conn.fetchval(f"SELECT max(version) FROM {SCHEMA_TABLE}")
+
+
+async def drop_bot_tables(conn: asyncpg.Connection) -> None:
+    """Remove the bot's tables, and nothing else (the reset tool's, and a test's total loss)."""
+    await conn.execute(f"DROP TABLE IF EXISTS {', '.join(BOT_TABLES)}")
+
+
+async def bot_connections(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """The bots connected to this connection's database now: pid, client address and host,
+    and since when (pg_stat_activity, by ``BOT_APPLICATION``)."""
+    return await conn.fetch(
+        "SELECT pid, client_addr, client_hostname, backend_start FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = $1 "
+        "AND pid <> pg_backend_pid() ORDER BY backend_start",
+        BOT_APPLICATION,
+    )
+
+
+async def all_rows(conn: asyncpg.Connection) -> dict[str, str]:
+    """Every record of the bot's table, raw (key -> JSON text): what the tools read."""
+    return {
+        row["key"]: row["value"] for row in await conn.fetch(f"SELECT key, value FROM {KV_TABLE}")
+    }
+
+
+async def reset_tables(conn: asyncpg.Connection, url: str) -> None:
+    """Drop the bot's tables and make them anew with a birth record that says ``local_reset``,
+    in one transaction, under the lock a starting bot takes to upgrade them."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", UPGRADE_LOCK)
+        await drop_bot_tables(conn)
+        await _upgrade(conn, url, "local_reset")
