@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_delivery.py
 	$(PY) tools/bench_conversation.py
 	$(PY) tools/bench_scale.py
+	$(PY) tools/bench_store.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py

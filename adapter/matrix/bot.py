@@ -202,13 +202,30 @@ class Bot:
             )
 
     async def run(self, stop: asyncio.Event) -> None:
-        inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
+        backoff = 1.0
+        while True:  # PostgreSQL may go away between the open and here: wait, like the loop
+            try:
+                inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
+                since = await self.store.get_sync_token()
+                break
+            except StoreRefused as fault:
+                self.health.store_refused(str(fault))
+                log.error(
+                    "store.read_failed",
+                    during="start",
+                    error=str(fault),
+                    remedy=fault.remedy,
+                    retry_in_s=backoff,
+                )
+                await sleep_or_stop(stop, backoff)
+                if stop.is_set():
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
         delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
         delivery.push(
             replace(entry, update=replace(entry.update, replayed=True)) for entry in pending
         )
-        since = await self.store.get_sync_token()
         log.info("sync.starting", resume=since is not None, inbox=len(pending))
         try:
             await self._sync_loop(stop, since, inbox, delivery)

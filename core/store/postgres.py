@@ -54,6 +54,8 @@ UPGRADE_LOCK = 0x6C616D62  # pg_advisory_xact_lock key ("lamb"): one upgrade at 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 POOL_SIZE = 16
+NOTHING_AFTER = chr(0x10FFFF) * 2  # a key above every key the bot writes
+POOL_WARM = 4  # connections opened (and their statements prepared) before the first update
 RETRIES = "the bot keeps its place and retries by itself"
 
 _GET = f"SELECT value FROM {KV_TABLE} WHERE key = $1"
@@ -114,8 +116,9 @@ async def connect_pool(
     more server ``settings``), opened now; raises what ``open_failure`` explains."""
     return await asyncpg.create_pool(
         url,
-        min_size=1,
+        min_size=POOL_WARM,
         max_size=POOL_SIZE,
+        init=_prepare if application == BOT_APPLICATION else None,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,
         server_settings={"application_name": application, **settings},
@@ -134,6 +137,18 @@ async def connect_tool(url: str, application: str, **settings: str) -> asyncpg.C
         )
     except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as err:
         raise open_failure(err, url) from err
+
+
+async def _prepare(conn: asyncpg.Connection) -> None:
+    """A new pooled connection prepares the bot's statements now, not in a user's reply: a
+    statement's first use on a connection costs one more round trip. Skipped while the
+    tables do not exist yet (the open checks and creates them on the first connection)."""
+    if await schema_version(conn) == SCHEMA_VERSION:
+        # Run, not just prepared: what is run is what asyncpg keeps in its statement cache.
+        await conn.fetchval(_GET, "")
+        await conn.fetch(_SCAN_FROM, NOTHING_AFTER)
+        await conn.fetch(_SCAN_RANGE, NOTHING_AFTER, NOTHING_AFTER)
+        await conn.execute(_WRITE, [], [], [])  # no key: it writes nothing
 
 
 def open_failure(err: BaseException, url: str) -> StoreError:
