@@ -85,9 +85,7 @@ def run(argv: list[str]) -> int:
             print(f"--server needs the bot's environment: {err}", file=sys.stderr)
             return USAGE
     if is_postgres_url(location := db_location()):
-        return asyncio.run(
-            reset_remote(args, location, store_path, config, server_cleanup, confirm)
-        )
+        return asyncio.run(reset_remote(args, location, store_path, config, confirm))
     if not db_path.parent.is_dir():
         print(
             f"Refused: the folder of LAMBDA_MATRIX_DB ({db_path.parent}) does not exist; "

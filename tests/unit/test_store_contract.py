@@ -216,3 +216,19 @@ async def test_chats_of_the_core(db):
     assert [c.chat_id for c in await chats.list_active("@a:x")] == ["c1"]
     assert (await chats.rename("@a:x", "c1", "Renamed")).title == "Renamed"
     assert (await chats.get("@a:x", "c1")).created_at == made.created_at
+
+
+async def test_an_update_the_store_holds_twice_is_handled_once_after_a_restart(reopen):
+    """A round whose write succeeded unheard (the connection broke after the commit) and
+    was then recorded again: the next start keeps its first entry only."""
+    store = await reopen()
+    inbox, _ = await Inbox.open(store)
+    [first] = await inbox.ingest([update(1)], "token-1")
+    await store.set(f"{INBOX_PREFIX}{first.seq + 1:012d}", first.to_json())  # the same again
+    await store.close()
+
+    store = await reopen()
+    _, pending = await Inbox.open(store)
+    assert [(e.seq, e.update.event_id) for e in pending] == [(first.seq, "$e1")]
+    assert [key for key, _ in await store.scan(INBOX_PREFIX)] == [first.key]
+    await store.close()

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -32,6 +33,7 @@ from reset_tool.facts import DbFacts, LocalFacts, inspect_store, known_rooms
 from reset_tool.local import backup_folder, carry_out
 from reset_tool.plan import plan_reset
 from reset_tool.report import print_plan, print_server_steps
+from reset_tool.server import server_cleanup
 
 DONE, REFUSED = 0, 1
 FIND_THE_BOT = (
@@ -47,9 +49,10 @@ async def reset_remote(
     url: str,
     store_path: Path,
     config: Config | None,
-    server_cleanup,
-    confirm,
+    confirm: Callable[[str], bool],
 ) -> int:
+    """The reset of ``url`` (and of the session files in ``store_path``); ``config`` is set
+    for --server. Returns the exit code."""
     shown = redact_url(url)
     try:
         conn = await connect_tool(url, "lambda-matrix-reset")
@@ -57,7 +60,7 @@ async def reset_remote(
         print(f"Refused: {err}", file=sys.stderr)
         return REFUSED
     try:
-        return await _reset(args, url, shown, conn, store_path, config, server_cleanup, confirm)
+        return await _reset(args, url, shown, conn, store_path, config, confirm)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as err:
         print(f"Failed, nothing changed in {shown}: {scrub(str(err), url)}", file=sys.stderr)
         return REFUSED
@@ -85,8 +88,7 @@ async def _reset(
     conn: asyncpg.Connection,
     store_path: Path,
     config: Config | None,
-    server_cleanup,
-    confirm,
+    confirm: Callable[[str], bool],
 ) -> int:
     if await _refused_for_bots(conn, shown):
         return REFUSED

@@ -73,8 +73,8 @@ class Inbox:
         self._db = db
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the store refused to drop
-        # (room id, event id) -> key of each entry not finished yet: what is not recorded twice
-        self._waiting = {_identity(e.update): e.key for e in pending or ()}
+        # (room id, event id) of each entry not finished yet: what is not recorded twice
+        self._waiting = {_identity(e.update) for e in pending or ()}
         self.depth = len(pending or ())  # entries not finished yet (read when scraped)
         self._lock = asyncio.Lock()
         self._held = False  # see hold_token
@@ -87,9 +87,24 @@ class Inbox:
     async def open(
         cls, db: Store, metrics: Metrics | None = None, health: Health | None = None
     ) -> tuple[Inbox, list[Entry]]:
-        """The inbox, and what it still holds from an earlier run, in order."""
-        pending = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
-        return cls(db, pending[-1].seq + 1 if pending else 0, pending, metrics, health), pending
+        """The inbox, and what it still holds from an earlier run, in order. An update held
+        twice (its round recorded by a write whose success went unheard, then recorded again)
+        is kept once, its first entry."""
+        stored = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
+        pending, seen, twice = [], set(), []
+        for entry in stored:
+            if (identity := _identity(entry.update)) in seen:
+                twice.append(entry.key)
+            else:
+                seen.add(identity)
+                pending.append(entry)
+        if twice:
+            async with db.transaction() as tx:
+                for key in twice:
+                    tx.delete(key)
+            log.info("inbox.duplicates_dropped", entries=len(twice))
+        next_seq = stored[-1].seq + 1 if stored else 0
+        return cls(db, next_seq, pending, metrics, health), pending
 
     def hold_token(self) -> None:
         """A start without a token: record rounds but not their token until ``release``, so a
@@ -134,7 +149,7 @@ class Inbox:
             log.debug("inbox.already_recorded", updates=len(updates) - len(entries))
         self._finished.clear()
         self._next_seq += len(entries)
-        self._waiting.update((_identity(e.update), e.key) for e in entries)
+        self._waiting.update(_identity(e.update) for e in entries)
         self.depth += len(entries)
         return entries
 
@@ -142,7 +157,7 @@ class Inbox:
         """The entry is finished. If the file refuses to drop it now, the next round drops it
         (a restart before then handles it again; its reply's transaction id dedups that)."""
         self.depth -= 1
-        self._waiting.pop(_identity(entry.update), None)
+        self._waiting.discard(_identity(entry.update))
         try:
             await self._db.delete(entry.key)
         except StoreRefused as err:
