@@ -55,7 +55,7 @@ CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 POOL_SIZE = 16
 NOTHING_AFTER = chr(0x10FFFF) * 2  # a key above every key the bot writes
-POOL_WARM = 4  # connections opened (and their statements prepared) before the first update
+POOL_WARM = 4  # connections opened (and their statements prepared) at start
 RETRIES = "the bot keeps its place and retries by itself"
 
 _GET = f"SELECT value FROM {KV_TABLE} WHERE key = $1"
@@ -77,14 +77,21 @@ _PASSING = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    pg.InternalClientError,
     pg.PostgresConnectionError,
     pg.OperatorInterventionError,
     pg.InsufficientResourcesError,
     pg.TransactionRollbackError,
     pg.ReadOnlySQLTransactionError,
 )
-# A connection that broke under the pool (the server restarted): worth one more try at once.
-_BROKEN = (pg.ConnectionDoesNotExistError, pg.AdminShutdownError, asyncpg.InterfaceError)
+# A connection that broke under the pool (the server restarted), or that asyncpg itself no
+# longer trusts: worth one more try at once, on another connection.
+_BROKEN = (
+    pg.ConnectionDoesNotExistError,
+    pg.AdminShutdownError,
+    asyncpg.InterfaceError,
+    pg.InternalClientError,
+)
 
 T = TypeVar("T")
 
@@ -109,20 +116,27 @@ class StoreUnreachable(StoreError):
         self.where = where
 
 
-async def connect_pool(
-    url: str, application: str = BOT_APPLICATION, **settings: str
-) -> asyncpg.Pool:
-    """A pool of connections to ``url`` named ``application`` in pg_stat_activity (with
-    more server ``settings``), opened now; raises what ``open_failure`` explains."""
+async def connect_pool(url: str) -> asyncpg.Pool:
+    """The bot's pool of connections to ``url``, named ``BOT_APPLICATION``. It keeps no
+    floor of connections (asyncpg would retry one, with a traceback a second, while the
+    server is down) and keeps idle ones open, so the ones ``warm`` opens stay."""
     return await asyncpg.create_pool(
         url,
-        min_size=POOL_WARM,
+        min_size=0,
         max_size=POOL_SIZE,
-        init=_prepare if application == BOT_APPLICATION else None,
+        max_inactive_connection_lifetime=0,
+        init=_prepare,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,
-        server_settings={"application_name": application, **settings},
+        server_settings={"application_name": BOT_APPLICATION},
     )
+
+
+async def _warm(pool: asyncpg.Pool) -> None:
+    """Open ``POOL_WARM`` connections now (each prepares the statements), not in a reply."""
+    held = [await pool.acquire() for _ in range(POOL_WARM)]
+    for conn in held:
+        await pool.release(conn)
 
 
 async def connect_tool(url: str, application: str, **settings: str) -> asyncpg.Connection:
@@ -217,6 +231,7 @@ class PostgresStore:
                     [BIRTH_KEY, LEGACY_RESET_MARKER_KEY],
                 )
             birth = birth_from({row["key"]: row["value"] for row in rows})
+            await _warm(pool)
         except ValueError as err:
             await pool.close()
             raise StoreUnreadable(redact_url(url), f"unreadable birth record: {err}") from err
@@ -278,7 +293,11 @@ class PostgresStore:
         for attempt in (1, 2):
             try:
                 async with self._pool.acquire() as conn:
-                    return await call(conn)
+                    try:
+                        return await call(conn)
+                    except _BROKEN:
+                        conn.terminate()  # never back into the pool in whatever state it is
+                        raise
             except _BROKEN:
                 if attempt == 1:
                     continue

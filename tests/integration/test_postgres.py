@@ -163,6 +163,7 @@ async def test_kill_9_under_traffic_loses_nothing_and_answers_nothing_twice(bot,
     for i in range(6):
         for room, bodies in sent.items():
             await alice.send(room, bodies[i])
+        await alice.sync(timeout_ms=0)  # a sync's timeline holds 10 events a room: keep up
     await proc.wait_log("message.answered")
     await proc.kill()
     await bot.start()
