@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from postgres import LocalPostgres  # noqa: E402
 from sandbox import bot_config, throwaway_homeserver  # noqa: E402
 from scripted_user import ScriptedUser  # noqa: E402
 
+from adapter.matrix import run as run_module  # noqa: E402
 from adapter.matrix.config import Config  # noqa: E402
 from adapter.matrix.delivery.inbox import Inbox  # noqa: E402
 from adapter.matrix.ingest.update import Update  # noqa: E402
@@ -46,6 +48,68 @@ from core.store.postgres import drop_bot_tables  # noqa: E402
 
 BACKENDS = ("sqlite", "postgresql")
 TARGET = 1.2
+
+
+class StoreClock:
+    """Seconds and calls spent in each backend's store, by the bots of this run (their
+    ``open_store`` is wrapped): how much of a reply is the store's."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {b: 0.0 for b in BACKENDS}
+        self.calls: dict[str, int] = {b: 0 for b in BACKENDS}
+
+    def wrap(self, store: Store) -> Store:
+        return TimedStore(store, self)
+
+    def read(self, backend: str) -> tuple[float, int]:
+        return self.seconds[backend], self.calls[backend]
+
+
+class TimedStore:
+    """A store that adds the time of each call to a ``StoreClock``; otherwise the store."""
+
+    def __init__(self, store: Store, clock: StoreClock) -> None:
+        self._store, self._clock = store, clock
+        self.engine, self.where = store.engine, store.where
+        self.created, self.birth = store.created, store.birth
+
+    def _add(self, started: float) -> None:
+        self._clock.seconds[self.engine] += time.perf_counter() - started
+        self._clock.calls[self.engine] += 1
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    async def get(self, key: str):
+        started = time.perf_counter()
+        try:
+            return await self._store.get(key)
+        finally:
+            self._add(started)
+
+    async def scan(self, prefix: str):
+        started = time.perf_counter()
+        try:
+            return await self._store.scan(prefix)
+        finally:
+            self._add(started)
+
+    async def set(self, key: str, value) -> None:
+        async with self.transaction() as tx:
+            tx.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        async with self.transaction() as tx:
+            tx.delete(key)
+
+    @asynccontextmanager
+    async def transaction(self):
+        started = time.perf_counter()
+        try:
+            async with self._store.transaction() as tx:
+                yield tx
+        finally:
+            self._add(started)
 
 
 class InProcessBot:
@@ -84,10 +148,31 @@ class InProcessBot:
 async def through_synapse(
     configs: dict[str, Config], hs_url: str, register, samples: int, heals: int
 ) -> dict[str, dict[str, list[float]]]:
-    """Warm replies and first replies after a total loss, per backend, asked in turn."""
-    found: dict[str, dict[str, list[float]]] = {b: {"warm": [], "heal": []} for b in configs}
+    """Warm replies and first replies after a total loss, per backend, asked in turn; and
+    the seconds and calls each of those replies spent in the store."""
+    found: dict[str, dict[str, list[float]]] = {
+        b: {k: [] for k in ("warm", "heal", "warm_store", "heal_store", "warm_calls", "heal_calls")}
+        for b in configs
+    }
+    clock = StoreClock()
+    opener = run_module.open_store
+
+    async def timed_open(location, birth_cause="store_missing"):
+        return clock.wrap(await opener(location, birth_cause))
+
+    run_module.open_store = timed_open
+
+    async def ask(backend: str, phase: str, text: str) -> None:
+        spent, calls = clock.read(backend)
+        seconds, _ = await people[backend].ask(rooms[backend], text, f"Echo: {text}")
+        found[backend][phase].append(seconds)
+        found[backend][f"{phase}_store"].append(clock.read(backend)[0] - spent)
+        found[backend][f"{phase}_calls"].append(clock.read(backend)[1] - calls)
+
+    bots: dict[str, InProcessBot] = {}
+    people: dict[str, ScriptedUser] = {}
+    rooms: dict[str, str] = {}
     with structlog.testing.capture_logs() as logs:
-        bots, people, rooms = {}, {}, {}
         for backend, config in configs.items():
             account = register(f"user{backend}", "user-pw")
             bots[backend] = InProcessBot(config)
@@ -100,20 +185,17 @@ async def through_synapse(
             await people[backend].ask(chat, "warm-up", "Echo: warm-up")
         for i in range(samples):
             for backend in _in_turn(configs, i):
-                text = f"warm {i}"
-                seconds, _ = await people[backend].ask(rooms[backend], text, f"Echo: {text}")
-                found[backend]["warm"].append(seconds)
+                await ask(backend, "warm", f"warm {i}")
         for i in range(heals):
             for backend in _in_turn(configs, i):
                 await bots[backend].stop()
                 await bots[backend].lose_everything()
                 await bots[backend].start(logs)
-                text = f"after loss {i}"
-                seconds, _ = await people[backend].ask(rooms[backend], text, f"Echo: {text}")
-                found[backend]["heal"].append(seconds)
+                await ask(backend, "heal", f"after loss {i}")
         for backend in configs:
             await bots[backend].stop()
             await people[backend].close()
+    run_module.open_store = opener
     return found
 
 
@@ -240,6 +322,20 @@ async def bench(samples: int, heals: int, rounds: int) -> None:
         for backend in BACKENDS:
             print(f"    {backend:10} {ms(values(backend))}")
         print(f"    PostgreSQL / SQLite {ratio(values('postgresql'), values('sqlite'))}")
+    print("  of which in the store, per reply (the bots' own store calls, timed)")
+    for phase, what in (("warm", "warm reply"), ("heal", "after a total loss")):
+        for backend in BACKENDS:
+            spent, calls = replies[backend][f"{phase}_store"], replies[backend][f"{phase}_calls"]
+            share = statistics.median(spent) / statistics.median(replies[backend][phase])
+            print(
+                f"    {what:18} {backend:10} {ms(spent)}  "
+                f"{statistics.median(calls):4.0f} calls  {share:5.1%} of the reply"
+            )
+        pg_store, lite_store = (
+            replies["postgresql"][f"{phase}_store"],
+            replies["sqlite"][f"{phase}_store"],
+        )
+        print(f"    {what:18} PostgreSQL / SQLite {ratio(pg_store, lite_store, None)}")
     print("  the inbox under 64 lanes at once (get + set + done, each lane 20 times)")
     for backend in BACKENDS:
         figures = alone[backend]

@@ -55,7 +55,7 @@ CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 POOL_SIZE = 16
 NOTHING_AFTER = chr(0x10FFFF) * 2  # a key above every key the bot writes
-POOL_WARM = 4  # connections opened (and their statements prepared) at start
+POOL_WARM = 8  # connections opened (and their statements prepared) at start
 RETRIES = "the bot keeps its place and retries by itself"
 
 _GET = f"SELECT value FROM {KV_TABLE} WHERE key = $1"
@@ -133,10 +133,15 @@ async def connect_pool(url: str) -> asyncpg.Pool:
 
 
 async def _warm(pool: asyncpg.Pool) -> None:
-    """Open ``POOL_WARM`` connections now (each prepares the statements), not in a reply."""
+    """Open ``POOL_WARM`` connections now, each with the statements prepared (also the one
+    that made the tables, before which there was nothing to prepare), not in a reply."""
     held = [await pool.acquire() for _ in range(POOL_WARM)]
-    for conn in held:
-        await pool.release(conn)
+    try:
+        for conn in held:
+            await _prepare(conn)
+    finally:
+        for conn in held:
+            await pool.release(conn)
 
 
 async def connect_tool(url: str, application: str, **settings: str) -> asyncpg.Connection:
