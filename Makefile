@@ -29,6 +29,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_conversation_cache.py
 	$(PY) tools/bench_scale.py
 	$(PY) tools/bench_appservice.py
+	$(PY) tools/bench_store.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py

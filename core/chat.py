@@ -8,7 +8,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-from core.store import SQLiteStore, Transaction
+from core.store import Store, Transaction
 
 ChatStatus = Literal["active", "archived"]
 MAX_TITLE_LENGTH = 255
@@ -98,7 +98,7 @@ def chat_key(user_id: str, chat_id: str) -> str:
 class ChatManager:
     """Owns ``chat:{user_id}:{chat_id}`` records."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def get(self, user_id: str, chat_id: str) -> Chat:

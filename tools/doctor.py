@@ -59,7 +59,7 @@ def run(argv: list[str]) -> int:
     print(
         as_json(diagnosis)
         if args.json
-        else as_text(diagnosis, config.user_id, config.homeserver, str(config.db_path))
+        else as_text(diagnosis, config.user_id, config.homeserver, config.db_shown)
     )
     return AGREES if diagnosis.heals_by_itself else WILL_NOT_HEAL
 

@@ -4,8 +4,8 @@
 
 Reads the bot's environment (LAMBDA_MATRIX_DB, MATRIX_STORE_PATH; MATRIX_HOMESERVER and
 MATRIX_USER_ID for --server). Deletes only what is the bot's: its SQLite file (judged by
-schema) and the files it writes in MATRIX_STORE_PATH. Exit codes: 0 done, 1 refused or
-failed, 2 bad usage.
+schema), or on a postgresql:// URL its own tables, and the files it writes in
+MATRIX_STORE_PATH. Exit codes: 0 done, 1 refused or failed, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reset_tool.facts import LocalFacts, inspect_local
 from reset_tool.local import ResetLock, carry_out, create_fresh_db
 from reset_tool.plan import plan_reset
+from reset_tool.remote import reset_remote
 from reset_tool.report import print_plan, print_server_steps, print_state
 from reset_tool.server import server_cleanup
 
-from adapter.matrix.config import Config, ConfigError, local_paths
-from core.store import StoreLocked
+from adapter.matrix.config import Config, ConfigError, db_location, local_paths
+from core.store import StoreLocked, is_postgres_url
 
 DONE, REFUSED, USAGE = 0, 1, 2
 
@@ -41,7 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--backup",
         type=Path,
         metavar="DIR",
-        help="move the files into a timestamped folder in DIR instead of deleting",
+        help="move the files into a timestamped folder in DIR instead of deleting "
+        "(on PostgreSQL: write the bot's rows there as JSON lines first)",
     )
     parser.add_argument(
         "--server",
@@ -82,6 +84,8 @@ def run(argv: list[str]) -> int:
         except ConfigError as err:
             print(f"--server needs the bot's environment: {err}", file=sys.stderr)
             return USAGE
+    if is_postgres_url(location := db_location()):
+        return asyncio.run(reset_remote(args, location, store_path, config, confirm))
     if not db_path.parent.is_dir():
         print(
             f"Refused: the folder of LAMBDA_MATRIX_DB ({db_path.parent}) does not exist; "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import sqlite3
 import time
 from contextlib import aclosing, suppress
 from dataclasses import replace
@@ -34,7 +33,7 @@ from adapter.matrix.chain.middlewares import (
     store_faults,
 )
 from adapter.matrix.chain.notices import tell_store_down
-from adapter.matrix.chain.router import RoomRouter
+from adapter.matrix.chain.router import RoomRouter, Route
 from adapter.matrix.config import Config
 from adapter.matrix.conversation.history import Conversations
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
@@ -53,7 +52,7 @@ from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import MatrixStore
 from core.agent import Agent
 from core.chat import ChatManager
-from core.store import SQLiteStore
+from core.store import Store, StoreRefused
 
 log = structlog.get_logger()
 
@@ -122,7 +121,7 @@ class Bot:
     def __init__(
         self,
         client: AsyncClient,
-        store: SQLiteStore,
+        store: Store,
         agent: Agent,
         config: Config,
         metrics: Metrics,
@@ -215,7 +214,25 @@ class Bot:
             )
 
     async def run(self, stop: asyncio.Event) -> None:
-        inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
+        backoff = 1.0
+        while True:  # PostgreSQL may go away between the open and here: wait, like the loop
+            try:
+                inbox, pending = await Inbox.open(self.db, self.metrics, self.health)
+                since = await self.store.get_sync_token()
+                break
+            except StoreRefused as fault:
+                self.health.store_refused(str(fault))
+                log.error(
+                    "store.read_failed",
+                    during="start",
+                    error=str(fault),
+                    remedy=fault.remedy,
+                    retry_in_s=backoff,
+                )
+                await sleep_or_stop(stop, backoff)
+                if stop.is_set():
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
         delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, expand=self.catchup.expand)
         # What an earlier run left unfinished goes first; it may have answered some of it.
         delivery.push(
@@ -225,7 +242,6 @@ class Bot:
             if self.config.appservice is not None:
                 await self._serve_pushed(stop, inbox, delivery)
             else:
-                since = await self.store.get_sync_token()
                 log.info("sync.starting", resume=since is not None, inbox=len(pending))
                 await self._sync_loop(stop, since, inbox, delivery)
         finally:
@@ -332,7 +348,7 @@ class Bot:
         pushed.caught_up(time.time() * 1000, self.ingest.deferred)
         try:
             await self.store.mark_appservice_caught_up()
-        except sqlite3.OperationalError as err:  # the next start catches up again: no harm
+        except StoreRefused as err:  # the next start catches up again: no harm
             log.warning("store.write_failed", during="catchup", error=str(err))
 
     async def _ping(self, stop: asyncio.Event, appservice_id: str) -> None:
@@ -453,10 +469,11 @@ class Bot:
         for update in updates:
             if update.kind == "message" and update.event_id not in waiting:
                 waiting.add(update.event_id)
+                route: Route | None
                 try:
                     route = await self.services.router.resolve(update.room_id)
-                except sqlite3.OperationalError:
-                    continue  # the DB cannot even be read: the log line is all there is
+                except StoreRefused:  # the DB cannot even be read (PostgreSQL down)
+                    route = self.services.router.last_known(update.room_id)
                 await tell_store_down(self.services, update, route)
 
 

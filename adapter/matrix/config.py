@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from core.log_setup import LEVELS
+from core.store.location import is_postgres_url, redact_url
 
 _USER_ID = re.compile(r"^@[^:\s]+:[^\s]+$")
 _IMPORT_STRING = re.compile(r"^[\w.]+:[\w.]+$")
@@ -129,6 +130,18 @@ class Config:
     outage_after_s: float = 30.0  # not an environment variable: tests lower it
     appservice: Registration | None = None  # None: the bot syncs
     appservice_listen: ListenAddr | None = None  # set whenever ``appservice`` is
+    # LAMBDA_MATRIX_DB as a postgresql:// URL (then ``db_path`` is not used); None: SQLite.
+    db_url: str | None = None
+
+    @property
+    def db(self) -> str:
+        """What ``open_store`` opens: the PostgreSQL URL, or the SQLite file's path."""
+        return self.db_url or str(self.db_path)
+
+    @property
+    def db_shown(self) -> str:
+        """The store as logs and reports name it: the URL never shows its password."""
+        return redact_url(self.db_url) if self.db_url else str(self.db_path)
 
     @property
     def allowed_patterns(self) -> tuple[str, ...]:
@@ -201,6 +214,10 @@ class Config:
                     "LAMBDA_METRICS_ADDR must be host:port (for example "
                     f"127.0.0.1:9464 or [::1]:9464), got {raw_addr!r}"
                 )
+        location = db_location(env)
+        db_url = location if is_postgres_url(location) else None
+        if db_url is not None and (problem := url_problem(db_url)):
+            problems.append(f"LAMBDA_MATRIX_DB {problem}, got {redact_url(db_url)!r}")
         if problems:
             raise ConfigError("; ".join(problems))
         assert homeserver is not None and user_id is not None  # else a problem above
@@ -223,6 +240,7 @@ class Config:
             metrics_addr=metrics_addr,
             appservice=appservice,
             appservice_listen=appservice_listen,
+            db_url=db_url,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -230,7 +248,7 @@ class Config:
         env = {
             "MATRIX_HOMESERVER": self.homeserver,
             "MATRIX_USER_ID": self.user_id,
-            "LAMBDA_MATRIX_DB": str(self.db_path),
+            "LAMBDA_MATRIX_DB": self.db,
             "MATRIX_STORE_PATH": str(self.store_path),
             "LOG_FORMAT": self.log_format,
             "LOG_LEVEL": self.log_level,
@@ -318,6 +336,25 @@ def _number(
         what = "non-negative" if zero_ok else "positive"
         problems.append(f"{name} must be a {what} {kind.__name__}, got {raw!r}")
     return number
+
+
+def db_location(env: Mapping[str, str] | None = None) -> str:
+    """LAMBDA_MATRIX_DB as given: a SQLite file path or a ``postgresql://`` URL."""
+    env = os.environ if env is None else env
+    return env.get("LAMBDA_MATRIX_DB", "").strip() or "lambda_matrix.db"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with the shape of a ``postgresql://`` URL (None: nothing we can see
+    before connecting)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as err:
+        return f"is not a valid URL ({err})"
+    if not parts.hostname and "host=" not in parts.query:
+        return "must name a host: postgresql://user:password@host:port/dbname"
+    return None
 
 
 def local_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:

@@ -25,10 +25,13 @@ from adapter.matrix.observe.metrics import Metrics
 from core.agent import Agent, AgentLoadError, load_agent
 from core.store import (
     ProcessLock,
-    SQLiteStore,
+    Store,
     StoreLocked,
+    StoreMisconfigured,
+    StoreUnreachable,
     StoreUnreadable,
     StoreUnwritable,
+    open_store,
     unwritable,
 )
 
@@ -71,49 +74,35 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
         except AgentLoadError as err:
             log.error("config.invalid", error=str(err))
             return 2
-    if (read_only := unwritable(config.db_path)) is not None:
-        log.error(
-            "store.read_only",
-            db=str(config.db_path),
-            path=str(read_only),
-            error=f"{read_only} is not writable by this user",
-            remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
-            "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
-            "DB is intact: do not reset it",
-        )
-        return 1
-    lock = ProcessLock(config.db_path)
-    try:
-        lock.acquire()
-    except StoreLocked:
-        log.error(
-            "store.locked",
-            db=str(config.db_path),
-            pid=lock.holder_pid(),
-            remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first",
-        )
-        return 1
-    try:
+    lock = None
+    if config.db_url is None:  # SQLite: a file for one process
+        if (read_only := unwritable(config.db_path)) is not None:
+            log.error(
+                "store.read_only",
+                db=str(config.db_path),
+                path=str(read_only),
+                error=f"{read_only} is not writable by this user",
+                remedy=f"make {read_only} writable by the bot's user (chmod u+w, or chattr -i "
+                "if it is immutable), or set LAMBDA_MATRIX_DB to a writable place; the "
+                "DB is intact: do not reset it",
+            )
+            return 1
+        lock = ProcessLock(config.db_path)
         try:
-            store = await SQLiteStore.open(config.db_path)
-        except StoreUnreadable as err:
+            lock.acquire()
+        except StoreLocked:
             log.error(
-                "store.unreadable",
+                "store.locked",
                 db=str(config.db_path),
-                error=str(err),
-                remedy="python tools/reset_local.py",
+                pid=lock.holder_pid(),
+                remedy="another bot is running with this LAMBDA_MATRIX_DB; stop it first",
             )
             return 1
-        except StoreUnwritable as err:
-            log.error(
-                "store.write_failed",
-                during="start",
-                db=str(config.db_path),
-                error=str(err),
-                remedy="free disk space or make the folder writable; "
-                "there is no DB yet, nothing to reset",
-            )
-            return 1
+    try:
+        opened = await _open_store(config, stop)
+        if isinstance(opened, int):
+            return opened
+        store = opened
         metrics, health = Metrics(), Health(config.outage_after_s)
         listener = None
         if config.metrics_addr is not None:
@@ -129,7 +118,7 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 "bot.starting",
                 homeserver=config.homeserver,
                 user_id=config.user_id,
-                db=str(config.db_path),
+                db=config.db_shown,
                 db_created=store.created,
             )
             if not await _log_in_with_backoff(client, config, stop, health):
@@ -158,7 +147,52 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             await client.close()
             await store.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+async def _open_store(config: Config, stop: asyncio.Event) -> Store | int:
+    """The store, or the exit code when it cannot be opened. A file that cannot be used and a
+    URL that cannot work stop the bot (exit 1); a PostgreSQL that does not answer yet is
+    waited for, with backoff (a supervisor often starts the bot and its database together)."""
+    backoff = 1.0
+    while True:
+        try:
+            return await open_store(config.db)
+        except StoreUnreadable as err:
+            log.error(
+                "store.unreadable",
+                db=config.db_shown,
+                error=str(err),
+                remedy="python tools/reset_local.py",
+            )
+            return 1
+        except StoreUnwritable as err:
+            log.error(
+                "store.write_failed",
+                during="start",
+                db=str(config.db_path),
+                error=str(err),
+                remedy="free disk space or make the folder writable; "
+                "there is no DB yet, nothing to reset",
+            )
+            return 1
+        except StoreMisconfigured as err:
+            log.error("store.misconfigured", db=config.db_shown, error=str(err), remedy=err.remedy)
+            return 1
+        except StoreUnreachable as err:
+            log.warning(
+                "store.unreachable",
+                db=config.db_shown,
+                error=str(err),
+                remedy="start PostgreSQL, or check the host and port in LAMBDA_MATRIX_DB; "
+                "the bot waits for it",
+                retry_in_s=backoff,
+            )
+        await sleep_or_stop(stop, backoff)
+        if stop.is_set():
+            return 0
+        backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
 def main(config: Config) -> int:

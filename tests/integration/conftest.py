@@ -16,6 +16,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import structlog
 from nio import (
@@ -30,7 +31,8 @@ from nio import (
 from adapter.matrix.config import Config
 from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.run import run_bot
-from core.store import SQLiteStore
+from core.store import is_postgres_url, open_store
+from core.store.postgres import drop_bot_tables
 from tests.integration.fault_proxy import FaultProxy
 
 _names = itertools.count()
@@ -119,12 +121,18 @@ class BotRunner:
         db, session = self.config.db_path, self.config.store_path
         if kind in ("everything", "matrix_store"):
             shutil.rmtree(session)
-        if kind == "everything":
+        if kind == "everything" and is_postgres_url(self.config.db):
+            conn = await asyncpg.connect(self.config.db)
+            try:
+                await drop_bot_tables(conn)
+            finally:
+                await conn.close()
+        elif kind == "everything":
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
         elif kind != "matrix_store":
             prefix = "sync_token" if kind == "sync_token" else f"{kind}:"
-            store = await SQLiteStore.open(db)
+            store = await open_store(self.config.db)
             async with store.transaction() as tx:
                 for key, _ in await store.scan(prefix):
                     tx.delete(key)
@@ -336,10 +344,21 @@ def logs(request: pytest.FixtureRequest):
         assert not loud, f"a healthy run logged {len(loud)} warnings: {loud[:3]}"
 
 
+BACKENDS = ["sqlite", "postgresql"]
+
+
 @pytest.fixture
-def bot_config(homeserver, tmp_path: Path) -> Config:
+def backend() -> str:
+    """Where the bot keeps its records: a SQLite file. A test that matters for storage runs
+    on both with ``@pytest.mark.parametrize("backend", BACKENDS)``."""
+    return "sqlite"
+
+
+@pytest.fixture
+def bot_config(homeserver, tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Config:
     account = homeserver.register(unique("bot"), "bot-password")
     return Config(
+        db_url=request.getfixturevalue("pg_url") if backend == "postgresql" else None,
         homeserver=homeserver.url,
         user_id=account.user_id,
         password=account.password,

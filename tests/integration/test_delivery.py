@@ -11,7 +11,7 @@ import pytest
 
 from adapter.matrix.ingest import events
 from tests.integration.agents import FaultyAgent, GatedAgent
-from tests.integration.conftest import BotProcess, BotRunner, reset_tool
+from tests.integration.conftest import BACKENDS, BotProcess, BotRunner, reset_tool
 
 
 def echoes(user, room_id: str, bot_id: str, prefix: str) -> list[str]:
@@ -130,6 +130,7 @@ async def test_agent_failure_and_timeout_are_told_once_and_not_retried(bot_confi
     ],
     ids=["while_the_agent_thinks", "right_after_the_reply"],
 )
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_kill_9_mid_message_answers_it_exactly_once(bot, make_user, agent, kill_on):
     alice = await make_user("alice")
     _, _, chat = await alice.onboard(bot.user_id)

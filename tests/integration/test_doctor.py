@@ -17,7 +17,7 @@ from adapter.matrix.homeserver.session import Session, load_session, save_sessio
 from adapter.matrix.store.records import MatrixStore
 from core.chat import ChatManager
 from core.store import SQLiteStore
-from tests.integration.conftest import doctor_tool, reset_tool
+from tests.integration.conftest import BACKENDS, doctor_tool, reset_tool
 
 
 async def diagnose(config: Config) -> tuple[int, dict, dict[str | None, dict]]:
@@ -39,6 +39,7 @@ async def ask_and_heal(bot, user, room_id: str, text: str) -> str:
 
 
 @pytest.mark.warnings_expected("the heal after a partial loss logs cause=inconsistent")
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_the_doctor_foretells_each_heal_and_the_cause_it_logs(bot, make_user):
     alice = await make_user("alice")
     lobby, space, chat = await alice.onboard(bot.user_id)

@@ -9,6 +9,7 @@ from nio import RoomCreateResponse
 
 from adapter.matrix.handlers.chat_rooms import linked_rooms, matrix_to
 from adapter.matrix.vocabulary.markers import ChatMarker
+from tests.integration.conftest import BACKENDS
 
 LOSSES = [
     "everything",
@@ -165,6 +166,7 @@ async def test_forged_lobby_only_shows_the_senders_own_space(bot, make_user):
     assert bot.logs.named("state.healed", room_id=m_lobby)[0]["source"] == "legacy"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_heal_in_a_later_run_after_a_total_loss_still_says_store_missing(bot, make_user):
     """The cause is the DB's birth, not "this run created the file" (SPEC §6)."""
     alice = await make_user("alice")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import structlog
@@ -23,6 +24,7 @@ from adapter.matrix.chain.router import ChatRoute, LobbyRoute, Route, SpaceRoute
 from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.ingest.update import RetryLater, Update
 from adapter.matrix.store.records import RoomMeta
+from core.store.sqlite import refusals
 from tests.unit.fakes import (
     ALICE,
     CHAT,
@@ -154,7 +156,8 @@ async def test_catchup_is_answered_in_chat_rooms_only(svc, route, catchup, passe
 
 async def test_a_write_the_db_refuses_is_retried_and_makes_the_bot_unhealthy(svc):
     async def refused(update: Update, data: EventData) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+        with refusals(Path("t.db")):
+            raise sqlite3.OperationalError("database or disk is full")
 
     await onboard(svc)
     svc.health.synced()

@@ -10,7 +10,7 @@ from dataclasses import replace
 from adapter.matrix.config import Config
 from doctor_tool.compare import Finding, ServerRooms, compare, in_report_order, parents_to_read
 from doctor_tool.diagnosis import Diagnosis, inbox_summary
-from doctor_tool.local import LocalRecords, read_local
+from doctor_tool.local import LocalRecords, read_local, read_remote
 from doctor_tool.server import ServerReader
 
 # The bot writes the homeserver first and its DB after: a room made, renamed or archived
@@ -22,18 +22,18 @@ SECOND_LOOK_AFTER_S = 1.0
 async def examine(config: Config) -> Diagnosis:
     """Compare the DB at ``LAMBDA_MATRIX_DB`` with the homeserver. Raises ``DbUnusable`` or
     ``CannotAsk`` when it cannot."""
-    read_local(config.db_path)  # an unusable DB is told before any request
+    await read_store(config)  # an unusable DB is told before any request
     reader = ServerReader.on_saved_session(config)
     try:
         server = await _read_server(reader, config.user_id, None)
         # Read after the server: what the bot did there before is in the DB by now, mostly.
-        local = read_local(config.db_path)
+        local = await read_store(config)
         findings = await _compare(reader, local, server, config.user_id)
         doubtful = {f.room_id for f in findings if f.doubtful and f.room_id}
         if doubtful:
             await asyncio.sleep(SECOND_LOOK_AFTER_S)
             server = await _read_server(reader, config.user_id, doubtful, server)
-            local = read_local(config.db_path)
+            local = await read_store(config)
             again = await _compare(reader, local, server, config.user_id, doubtful)
             findings = [f for f in findings if f.room_id not in doubtful] + again
         return Diagnosis(
@@ -44,6 +44,13 @@ async def examine(config: Config) -> Diagnosis:
         )
     finally:
         await reader.close()
+
+
+async def read_store(config: Config) -> LocalRecords:
+    """The bot's records, from its SQLite file or its PostgreSQL database, read-only."""
+    if config.db_url is not None:
+        return await read_remote(config.db_url)
+    return read_local(config.db_path)
 
 
 async def _read_server(

@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 from reset_tool.facts import db_files, read_only_copy, schema_problem
 
 from adapter.matrix.delivery.inbox import PREFIX as INBOX_PREFIX
 from adapter.matrix.delivery.inbox import Entry
 from adapter.matrix.store.records import SYNC_TOKEN_KEY, RoomMeta, UserMeta
 from core.chat import Chat
-from core.store import Birth, birth_from
+from core.store import Birth, StoreError, birth_from, redact_url, scrub
+from core.store.postgres import all_rows, connect_tool, schema_version
 
 
 class DbUnusable(Exception):
@@ -56,6 +58,35 @@ def read_local(db_path: Path) -> LocalRecords:
     except (ValueError, TypeError, KeyError) as err:
         raise DbUnusable(
             f"LAMBDA_MATRIX_DB ({db_path}) holds a record the bot does not write: {err}"
+        ) from err
+
+
+async def read_remote(url: str) -> LocalRecords:
+    """Every record of the bot's tables in a PostgreSQL database, read in one read-only
+    transaction (the connection cannot write at all); ``DbUnusable`` if there is none."""
+    shown = redact_url(url)
+    try:
+        conn = await connect_tool(url, "lambda-matrix-doctor", default_transaction_read_only="on")
+    except StoreError as err:
+        raise DbUnusable(f"cannot read LAMBDA_MATRIX_DB: {err}") from err
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            if await schema_version(conn) is None:
+                raise DbUnusable(
+                    f"the database at LAMBDA_MATRIX_DB ({shown}) holds no tables of the bot: "
+                    "check the variable (the bot creates them on its next start, and heals "
+                    "every room with cause=store_missing)"
+                )
+            rows = await all_rows(conn)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as err:
+        raise DbUnusable(f"cannot read LAMBDA_MATRIX_DB ({shown}): {scrub(str(err), url)}") from err
+    finally:
+        await conn.close()
+    try:
+        return records_from(rows)
+    except (ValueError, TypeError, KeyError) as err:
+        raise DbUnusable(
+            f"LAMBDA_MATRIX_DB ({shown}) holds a record the bot does not write: {err}"
         ) from err
 
 

@@ -34,15 +34,20 @@ class ResetLock:
         self._lock.release()
 
 
-def carry_out(plan: ResetPlan, backup: Path | None) -> Path | None:
-    """Delete the plan's files (or move them to a timestamped folder in ``backup``, which is
-    returned), then remove the emptied session folder."""
+def backup_folder(backup: Path) -> Path:
+    """A new timestamped folder in ``backup`` for what a reset moves away."""
+    target = backup / time.strftime("reset-%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=False)
+    return target
+
+
+def carry_out(plan: ResetPlan, backup: Path | None, target: Path | None = None) -> Path | None:
+    """Delete the plan's files (or move them to a timestamped folder in ``backup``, or to
+    ``target`` when given, which is returned), then remove the emptied session folder."""
     if plan.refusal:
         raise ValueError(f"a refused plan cannot be carried out: {plan.refusal}")
-    target = None
-    if backup is not None and plan.removals:
-        target = backup / time.strftime("reset-%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=False)
+    if target is None and backup is not None and plan.removals:
+        target = backup_folder(backup)
     for removal in plan.removals:
         if target is None:
             removal.path.unlink()

@@ -4,8 +4,6 @@ reach the chain: ``ingest`` drops them.)"""
 
 from __future__ import annotations
 
-import sqlite3
-
 import structlog
 
 from adapter.matrix.chain.command_table import parse_command
@@ -13,22 +11,21 @@ from adapter.matrix.chain.context import EventData
 from adapter.matrix.chain.dispatcher import Handler
 from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.chain.router import ChatRoute, LobbyRoute, SpaceRoute
-from adapter.matrix.delivery.inbox import WriteFailed
 from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.ingest.update import RetryLater, Update
+from core.store import StoreRefused
 
 log = structlog.get_logger()
 
 
 async def store_faults(handler: Handler, update: Update, data: EventData) -> None:
-    """The outermost link: a write the DB refuses (disk full, read-only) is a fault of the
-    machine, not of the update. The update stays in the inbox and is retried with backoff,
-    so it is answered once the DB takes writes again."""
+    """The outermost link: a read or write the DB refuses (disk full, read-only, PostgreSQL
+    down) is a fault of the machine, not of the update. The update stays in the inbox and is
+    retried with backoff, so it is answered once the DB takes writes again."""
     try:
         await handler(update, data)
-    except sqlite3.OperationalError as err:
+    except StoreRefused as fault:
         svc = data["services"]
-        fault = WriteFailed(svc.store.path, err)
         svc.health.store_refused(str(fault))
         log.error(
             "store.write_failed",
@@ -38,8 +35,9 @@ async def store_faults(handler: Handler, update: Update, data: EventData) -> Non
             error=str(fault),
             remedy=fault.remedy,
         )
-        await tell_store_down(svc, update, data.get("route"))
-        raise RetryLater(f"store: {fault}") from err
+        route = data.get("route") or svc.router.last_known(update.room_id)
+        await tell_store_down(svc, update, route)
+        raise RetryLater(f"store: {fault}") from fault
 
 
 async def allowed_users_only(handler: Handler, update: Update, data: EventData) -> None:

@@ -25,6 +25,10 @@ STORE_DOWN = (
     "I can't save anything just now: my local storage is full or read-only. Your "
     "message is not lost; I'll answer it as soon as that is fixed."
 )
+DATABASE_DOWN = (
+    "I can't reach my database just now. Your message is not lost; I'll answer it as "
+    "soon as the database is back."
+)
 
 
 class RefusalNotices:
@@ -79,4 +83,5 @@ async def tell_store_down(svc: Services, update: Update, route: Route | None) ->
         and isinstance(route, ChatRoute | LobbyRoute)
         and update.sender == route.owner
     ):
-        await svc.try_reply(update, STORE_DOWN, part="store-down", provisional=True)
+        notice = DATABASE_DOWN if svc.store.db.engine == "postgresql" else STORE_DOWN
+        await svc.try_reply(update, notice, part="store-down", provisional=True)

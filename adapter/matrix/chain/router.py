@@ -43,9 +43,21 @@ Route = ChatRoute | LobbyRoute | SpaceRoute | Unregistered
 class RoomRouter:
     def __init__(self, store: MatrixStore) -> None:
         self._store = store
+        # The route each room resolved to last in this run: whom to tell while the DB
+        # cannot be read (PostgreSQL down), and nothing else.
+        self._last: dict[str, Route] = {}
 
     async def resolve(self, room_id: str) -> Route:
-        meta = await self._store.get_room(room_id)
+        route = self._route(room_id, await self._store.get_room(room_id))
+        self._last[room_id] = route
+        return route
+
+    def last_known(self, room_id: str) -> Route | None:
+        """The room's route as last resolved in this run (None: never), for a notice only."""
+        return self._last.get(room_id)
+
+    @staticmethod
+    def _route(room_id: str, meta: RoomMeta | None) -> Route:
         if meta is None:
             return Unregistered(room_id)
         if meta.kind == "chat" and meta.chat_id:

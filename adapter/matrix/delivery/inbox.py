@@ -2,18 +2,20 @@
 the round's sync token, in one transaction, before any of them is handled. An update leaves
 the inbox only when its handling is finished, so a crash at any point loses nothing.
 
-A write the file refuses (disk full, read-only, locked) loses nothing either: a round that
-cannot be recorded raises ``WriteFailed`` and its token is not kept, so the homeserver hands
-the same events again; a finished entry that cannot be removed is removed with the next round.
+A write the store refuses (a full or read-only disk, a locked file, PostgreSQL down) loses
+nothing either: a round that cannot be recorded raises ``WriteFailed`` and its token is not
+kept, so the homeserver hands the same events again; a finished entry that cannot be removed
+is removed with the next round.
+
+Recording is idempotent: an update already waiting in the inbox (the same room and event id,
+from a sync round fetched again, say) is not recorded a second time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,7 +24,7 @@ from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import SYNC_TOKEN_KEY
-from core.store import SQLiteStore, StoreError
+from core.store import Store, StoreRefused, write_remedy
 
 log = structlog.get_logger()
 
@@ -36,25 +38,9 @@ PUSHED_KEEP_S = 2 * 86_400
 PUSHED_PRUNE_EVERY_S = 3600
 
 
-class WriteFailed(StoreError):
-    """The SQLite file refused a write: a fault of the machine, not of the data. Nothing of
-    that write was kept, and the same write may succeed later. ``remedy`` says what to fix."""
-
-    def __init__(self, path: Path, err: sqlite3.OperationalError) -> None:
-        super().__init__(str(err))
-        self.remedy = write_remedy(str(err), path)
-
-
-def write_remedy(error: str, db: Path) -> str:
-    """What the operator should do about a refused write, from SQLite's message."""
-    retries = "the bot keeps its place and retries by itself"
-    if "full" in error:
-        return f"free disk space on the filesystem holding {db}; {retries}"
-    if "readonly" in error or "read-only" in error:
-        return f"make {db} and its folder writable by the bot's user; {retries}"
-    if "locked" in error:
-        return f"another process holds {db} (an open sqlite3 shell?): close it; {retries}"
-    return f"check the disk holding {db} (full, read-only or failing); {retries}"
+# The store refused a write: a fault of the machine, not of the data (``core.store``).
+WriteFailed = StoreRefused
+__all__ = ["PREFIX", "Entry", "Inbox", "WriteFailed", "write_remedy"]
 
 
 @dataclass(frozen=True)
@@ -83,21 +69,23 @@ class Entry:
 
 
 class Inbox:
-    """The updates not yet fully handled, in the SQLite file. Open it with ``Inbox.open``.
+    """The updates not yet fully handled, in the store. Open it with ``Inbox.open``.
     It counts its depth and the retries in ``metrics``, and tells ``health`` of refused writes."""
 
     def __init__(
         self,
-        db: SQLiteStore,
+        db: Store,
         next_seq: int,
-        depth: int = 0,
+        pending: list[Entry] | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
     ) -> None:
         self._db = db
         self._next_seq = next_seq
-        self._finished: set[str] = set()  # keys of finished entries the file refused to drop
-        self.depth = depth  # entries not finished yet (read when metrics are scraped)
+        self._finished: set[str] = set()  # keys of finished entries the store refused to drop
+        # (room id, event id) of each entry not finished yet: what is not recorded twice
+        self._waiting = {_identity(e.update) for e in pending or ()}
+        self.depth = len(pending or ())  # entries not finished yet (read when scraped)
         self._lock = asyncio.Lock()
         self._held = False  # see hold_token
         self._latest: str | None = None  # the token of the latest round recorded
@@ -108,13 +96,26 @@ class Inbox:
 
     @classmethod
     async def open(
-        cls, db: SQLiteStore, metrics: Metrics | None = None, health: Health | None = None
+        cls, db: Store, metrics: Metrics | None = None, health: Health | None = None
     ) -> tuple[Inbox, list[Entry]]:
-        """The inbox, and what it still holds from an earlier run, in order."""
-        pending = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
-        return cls(
-            db, pending[-1].seq + 1 if pending else 0, len(pending), metrics, health
-        ), pending
+        """The inbox, and what it still holds from an earlier run, in order. An update held
+        twice (its round recorded by a write whose success went unheard, then recorded again)
+        is kept once, its first entry."""
+        stored = [Entry.from_json(key, data) for key, data in await db.scan(PREFIX)]
+        pending, seen, twice = [], set(), []
+        for entry in stored:
+            if (identity := _identity(entry.update)) in seen:
+                twice.append(entry.key)
+            else:
+                seen.add(identity)
+                pending.append(entry)
+        if twice:
+            async with db.transaction() as tx:
+                for key in twice:
+                    tx.delete(key)
+            log.info("inbox.duplicates_dropped", entries=len(twice))
+        next_seq = stored[-1].seq + 1 if stored else 0
+        return cls(db, next_seq, pending, metrics, health), pending
 
     def hold_token(self) -> None:
         """A start without a token: record rounds but not their token until ``release``, so a
@@ -146,20 +147,17 @@ class Inbox:
         transaction again records nothing. Raises ``WriteFailed`` when the file refuses it:
         then nothing is recorded, and the homeserver pushes it again."""
         async with self._lock:
-            try:
-                if await self._db.get(PUSHED_TXN + txn_id) is not None:
-                    return []
-                fresh: dict[str, Update] = {}
-                for update in updates:
-                    if update.event_id not in fresh and (
-                        await self._db.get(PUSHED_EVENT + update.event_id) is None
-                    ):
-                        fresh[update.event_id] = update
-                now = time.time()
-                marks = {PUSHED_TXN + txn_id: now, **{PUSHED_EVENT + e: now for e in fresh}}
-                drop = await self._stale_marks(now)
-            except sqlite3.OperationalError as err:
-                raise WriteFailed(self._db.path, err) from err
+            if await self._db.get(PUSHED_TXN + txn_id) is not None:
+                return []
+            fresh: dict[str, Update] = {}
+            for update in updates:
+                if update.event_id not in fresh and (
+                    await self._db.get(PUSHED_EVENT + update.event_id) is None
+                ):
+                    fresh[update.event_id] = update
+            now = time.time()
+            marks = {PUSHED_TXN + txn_id: now, **{PUSHED_EVENT + e: now for e in fresh}}
+            drop = await self._stale_marks(now)
             return await self._record(list(fresh.values()), None, marks, drop)
 
     async def _stale_marks(self, now: float) -> list[str]:
@@ -181,21 +179,27 @@ class Inbox:
         marks: dict[str, Any] | None = None,
         drop: list[str] | None = None,
     ) -> list[Entry]:
-        entries = [Entry(self._next_seq + i, update) for i, update in enumerate(updates)]
-        try:
-            async with self._db.transaction() as tx:
-                for key in [*self._finished, *(drop or ())]:
-                    tx.delete(key)
-                for entry in entries:
-                    tx.set(entry.key, entry.to_json())
-                for key, value in (marks or {}).items():
-                    tx.set(key, value)
-                if sync_token is not None:
-                    tx.set(SYNC_TOKEN_KEY, sync_token)
-        except sqlite3.OperationalError as err:
-            raise WriteFailed(self._db.path, err) from err
+        """Record what is not waiting already; returns the new entries. Raises
+        ``WriteFailed`` (nothing recorded)."""
+        new: dict[tuple[str, str], Update] = {}
+        for update in updates:
+            if (identity := _identity(update)) not in self._waiting:
+                new.setdefault(identity, update)
+        entries = [Entry(self._next_seq + i, update) for i, update in enumerate(new.values())]
+        async with self._db.transaction() as tx:
+            for key in [*self._finished, *(drop or ())]:
+                tx.delete(key)
+            for entry in entries:
+                tx.set(entry.key, entry.to_json())
+            for key, value in (marks or {}).items():
+                tx.set(key, value)
+            if sync_token is not None:
+                tx.set(SYNC_TOKEN_KEY, sync_token)
+        if len(entries) < len(updates):
+            log.debug("inbox.already_recorded", updates=len(updates) - len(entries))
         self._finished.clear()
         self._next_seq += len(entries)
+        self._waiting.update(_identity(e.update) for e in entries)
         self.depth += len(entries)
         return entries
 
@@ -203,9 +207,10 @@ class Inbox:
         """The entry is finished. If the file refuses to drop it now, the next round drops it
         (a restart before then handles it again; its reply's transaction id dedups that)."""
         self.depth -= 1
+        self._waiting.discard(_identity(entry.update))
         try:
             await self._db.delete(entry.key)
-        except sqlite3.OperationalError as err:
+        except StoreRefused as err:
             self._finished.add(entry.key)
             self._refused("done", entry, err)
 
@@ -220,12 +225,11 @@ class Inbox:
         )
         try:
             await self._db.set(later.key, later.to_json())
-        except sqlite3.OperationalError as err:
+        except StoreRefused as err:
             self._refused("postpone", entry, err)
         return later
 
-    def _refused(self, during: str, entry: Entry, err: sqlite3.OperationalError) -> None:
-        fault = WriteFailed(self._db.path, err)
+    def _refused(self, during: str, entry: Entry, fault: StoreRefused) -> None:
         self._health.store_refused(str(fault))
         log.error(
             "store.write_failed",
@@ -235,3 +239,9 @@ class Inbox:
             error=str(fault),
             remedy=fault.remedy,
         )
+
+
+def _identity(update: Update) -> tuple[str, str]:
+    """What makes two updates the same: a room's event (an invite, a catch-up or a count of
+    missed messages has an id of its own, made from its room and sync position)."""
+    return update.room_id, update.event_id

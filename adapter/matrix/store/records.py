@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from core.chat import ChatManager
-from core.store import Birth, SQLiteStore, Transaction
+from core.store import Birth, Store, Transaction
 
 RoomKind = Literal["space", "chat", "lobby"]
 SYNC_TOKEN_KEY = "sync_token"
@@ -78,7 +77,7 @@ class MatrixStore:
     Writers take an optional transaction: with one they buffer, without one they write now.
     """
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.db = store
 
     async def _write(self, key: str, value: Any | None, tx: Transaction | None) -> None:
@@ -94,8 +93,9 @@ class MatrixStore:
         return self.db.transaction()
 
     @property
-    def path(self) -> Path:
-        return self.db.path
+    def where(self) -> str:
+        """The store as messages name it (the file, or the URL without its password)."""
+        return self.db.where
 
     @property
     def birth(self) -> Birth | None:

@@ -1,50 +1,35 @@
-"""The local key/value cache: one SQLite file, JSON values, on aiosqlite."""
+"""The embedded default (SPEC §4): one SQLite file, a key/value table with JSON values, on
+aiosqlite, held by one process (its lock file). Keeps the contract of ``core.store.contract``."""
 
 from __future__ import annotations
 
 import asyncio
-import calendar
 import fcntl
 import json
 import os
 import sqlite3
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import aiosqlite
 
-RESET_HINT = "run `python tools/reset_local.py` to start from a clean local state"
-BIRTH_KEY = "birth"
-LEGACY_RESET_MARKER_KEY = "reset_marker"  # what the reset tool wrote before birth records
-
-BirthCause = Literal["store_missing", "local_reset"]
-_SURROGATES = range(0xD800, 0xE000)  # code points that UTF-8 (and so SQLite text) cannot hold
-
-
-@dataclass(frozen=True)
-class Birth:
-    """When and why the DB file was created (SPEC §4): by the bot because it was missing
-    (``store_missing``), or by the reset tool (``local_reset``). ``at`` is Unix seconds."""
-
-    at: float
-    cause: BirthCause
-
-
-class StoreError(Exception):
-    """Base class of local-store errors."""
-
-
-class StoreUnreadable(StoreError):
-    """The SQLite file exists but cannot be used; the bot never deletes it itself."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        super().__init__(f"the local database {path} is unreadable ({detail}); {RESET_HINT}")
-        self.path = path
+from core.store.contract import (
+    BIRTH_KEY,
+    LEGACY_RESET_MARKER_KEY,
+    Birth,
+    BirthCause,
+    Engine,
+    StoreError,
+    StoreRefused,
+    StoreUnreadable,
+    Transaction,
+    birth_from,
+    prefix_end,
+)
 
 
 class StoreUnwritable(StoreError):
@@ -115,27 +100,38 @@ def unwritable(db_path: Path) -> Path | None:
     return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
-class Transaction:
-    """Buffered multi-key writes, applied atomically when the block exits."""
+def write_remedy(error: str, db: Path) -> str:
+    """What the operator should do about a refused write, from SQLite's message."""
+    retries = "the bot keeps its place and retries by itself"
+    if "full" in error:
+        return f"free disk space on the filesystem holding {db}; {retries}"
+    if "readonly" in error or "read-only" in error:
+        return f"make {db} and its folder writable by the bot's user; {retries}"
+    if "locked" in error:
+        return f"another process holds {db} (an open sqlite3 shell?): close it; {retries}"
+    return f"check the disk holding {db} (full, read-only or failing); {retries}"
 
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, str | None]] = []
 
-    def set(self, key: str, value: Any) -> None:
-        self.writes.append((key, json.dumps(value, sort_keys=True)))
-
-    def delete(self, key: str) -> None:
-        self.writes.append((key, None))
+@contextmanager
+def refusals(path: Path) -> Iterator[None]:
+    """SQLite's operational errors (disk full, read-only, locked) as ``StoreRefused``."""
+    try:
+        yield
+    except sqlite3.OperationalError as err:
+        raise StoreRefused(str(err), write_remedy(str(err), path)) from err
 
 
 class SQLiteStore:
-    """Key/value store with JSON values. ``created`` tells if the file was new at open;
-    ``birth`` when and why it was created (None for a file older than birth records)."""
+    """Key/value store with JSON values in one file. ``created`` tells if the file was new at
+    open; ``birth`` when and why it was created (None for a file older than birth records)."""
+
+    engine: Engine = "sqlite"
 
     def __init__(
         self, path: Path, conn: aiosqlite.Connection, created: bool, birth: Birth | None
     ) -> None:
         self.path = path
+        self.where = str(path)
         self.created = created
         self.birth = birth
         self._conn = conn
@@ -185,8 +181,9 @@ class SQLiteStore:
         await self._conn.close()
 
     async def get(self, key: str) -> Any | None:
-        async with self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        with refusals(self.path):
+            async with self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cur:
+                row = await cur.fetchone()
         return None if row is None else self._decode(key, row[0])
 
     async def scan(self, prefix: str) -> list[tuple[str, Any]]:
@@ -194,11 +191,12 @@ class SQLiteStore:
         order."""
         # A key range, not LIKE: LIKE folds ASCII case and cannot use the key's index.
         query, args = "SELECT key, value FROM kv WHERE key >= ?", [prefix]
-        if (end := _prefix_end(prefix)) is not None:
+        if (end := prefix_end(prefix)) is not None:
             query += " AND key < ?"
             args.append(end)
-        async with self._conn.execute(query + " ORDER BY key", args) as cur:
-            rows = await cur.fetchall()
+        with refusals(self.path):
+            async with self._conn.execute(query + " ORDER BY key", args) as cur:
+                rows = await cur.fetchall()
         return [(k, self._decode(k, v)) for k, v in rows]
 
     async def set(self, key: str, value: Any) -> None:
@@ -216,22 +214,23 @@ class SQLiteStore:
         if not tx.writes:
             return
         async with self._write_lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                for key, value in tx.writes:
-                    if value is None:
-                        await self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-                    else:
-                        await self._conn.execute(
-                            "INSERT INTO kv (key, value) VALUES (?, ?) "
-                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (key, value),
-                        )
-            except BaseException:
-                if self._conn.in_transaction:  # SQLite may have rolled back by itself
-                    await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
+            with refusals(self.path):
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for key, value in tx.writes:
+                        if value is None:
+                            await self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+                        else:
+                            await self._conn.execute(
+                                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                (key, value),
+                            )
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # SQLite may have rolled back by itself
+                        await self._conn.execute("ROLLBACK")
+                    raise
 
     def _decode(self, key: str, raw: str) -> Any:
         try:
@@ -240,41 +239,12 @@ class SQLiteStore:
             raise StoreUnreadable(self.path, f"record {key!r} is not JSON") from err
 
 
-def _prefix_end(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix`` (None: there is none,
-    the prefix being empty or all U+10FFFF). SQLite compares keys as UTF-8 bytes, which
-    orders them by code point, like Python."""
-    stem = prefix.rstrip(chr(sys.maxunicode))
-    if not stem:
-        return None
-    following = ord(stem[-1]) + 1
-    if _SURROGATES.start <= following < _SURROGATES.stop:  # not encodable: skip past them
-        following = _SURROGATES.stop
-    return stem[:-1] + chr(following)
-
-
 async def _read_birth(conn: aiosqlite.Connection) -> Birth | None:
     async with conn.execute(
         "SELECT key, value FROM kv WHERE key IN (?, ?)", (BIRTH_KEY, LEGACY_RESET_MARKER_KEY)
     ) as cur:
-        # no row_factory on this connection: the rows are (key, value) tuples
-        rows = dict(cast("Iterable[tuple[str, str]]", await cur.fetchall()))
+        rows = {key: value for key, value in await cur.fetchall()}
     try:
         return birth_from(rows)
     except ValueError as err:
         raise sqlite3.DatabaseError(f"unreadable birth record: {err}") from err
-
-
-def birth_from(rows: Mapping[str, str]) -> Birth | None:
-    """The birth record among raw ``kv`` rows (key -> JSON text), also from a file older than
-    birth records that the reset tool marked; None if neither is there. ``ValueError`` if
-    the record is damaged."""
-    try:
-        if BIRTH_KEY in rows:
-            return Birth(**json.loads(rows[BIRTH_KEY]))
-        if LEGACY_RESET_MARKER_KEY in rows:  # {"at": "2026-…Z", "by": "reset_local"}
-            at = json.loads(rows[LEGACY_RESET_MARKER_KEY])["at"]
-            return Birth(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")), "local_reset")
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(str(err)) from err
-    return None

@@ -1,0 +1,129 @@
+"""The store contract (SPEC §4): what the rest of the tree may ask of the local cache, whatever
+engine keeps it. A key/value map with JSON values: get, prefix scan, set, delete, and a
+transaction for writes that go together; a birth record; typed errors. The backends beside
+this module (``sqlite``, ``postgres``) keep it, and ``tests/unit/test_store_contract.py``
+runs one suite over both."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+RESET_HINT = "run `python tools/reset_local.py` to start from a clean local state"
+BIRTH_KEY = "birth"
+LEGACY_RESET_MARKER_KEY = "reset_marker"  # what the reset tool wrote before birth records
+
+BirthCause = Literal["store_missing", "local_reset"]
+Engine = Literal["sqlite", "postgresql"]
+_SURROGATES = range(0xD800, 0xE000)  # code points that UTF-8 (so neither engine's text) holds
+
+
+@dataclass(frozen=True)
+class Birth:
+    """When and why the DB was created (SPEC §4): by the bot because it was missing
+    (``store_missing``), or by the reset tool (``local_reset``). ``at`` is Unix seconds."""
+
+    at: float
+    cause: BirthCause
+
+
+class StoreError(Exception):
+    """Base class of local-store errors."""
+
+
+class StoreUnreadable(StoreError):
+    """The store exists but cannot be used; the bot never deletes it itself. ``path`` names
+    it: the SQLite file, or the PostgreSQL URL without its password."""
+
+    def __init__(self, path: Any, detail: str) -> None:
+        super().__init__(f"the local database {path} is unreadable ({detail}); {RESET_HINT}")
+        self.path = path
+
+
+class StoreRefused(StoreError):
+    """The store refused a read or a write for now: a fault of the machine (a full disk, a
+    read-only file, PostgreSQL down or restarting), not of the data. Nothing of that write was
+    kept, and the same one may succeed later. ``remedy`` says what the operator can do."""
+
+    def __init__(self, detail: str, remedy: str) -> None:
+        super().__init__(detail)
+        self.remedy = remedy
+
+
+class Transaction:
+    """Buffered multi-key writes, applied atomically when the block exits."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str | None]] = []
+
+    def set(self, key: str, value: Any) -> None:
+        self.writes.append((key, json.dumps(value, sort_keys=True)))
+
+    def delete(self, key: str) -> None:
+        self.writes.append((key, None))
+
+    def final(self) -> dict[str, str | None]:
+        """What the block leaves in each key it wrote: the JSON text, or None (deleted)."""
+        return dict(self.writes)
+
+
+class Store(Protocol):
+    """The contract each backend keeps. ``where`` names the store in messages (the file, or
+    the URL without its password); ``created`` tells if it was new at open; ``birth`` when
+    and why it was created (None: older than birth records)."""
+
+    engine: Engine
+    where: str
+    created: bool
+    birth: Birth | None
+
+    async def close(self) -> None: ...
+
+    async def get(self, key: str) -> Any | None: ...
+
+    async def scan(self, prefix: str) -> list[tuple[str, Any]]:
+        """All (key, value) pairs whose key starts with ``prefix`` (case-sensitive, literal),
+        in code-point order of the keys."""
+        ...
+
+    async def set(self, key: str, value: Any) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Writes that go together: all of them are kept, or none (``StoreRefused``)."""
+        ...
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: there is none,
+    the prefix being empty or all U+10FFFF). Both engines compare keys as UTF-8 bytes (SQLite
+    by default, PostgreSQL with the "C" collation), which orders them by code point."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    if not stem:
+        return None
+    following = ord(stem[-1]) + 1
+    if _SURROGATES.start <= following < _SURROGATES.stop:  # not encodable: skip past them
+        following = _SURROGATES.stop
+    return stem[:-1] + chr(following)
+
+
+def birth_from(rows: Mapping[str, str]) -> Birth | None:
+    """The birth record among raw ``kv`` rows (key -> JSON text), also from a file older than
+    birth records that the reset tool marked; None if neither is there. ``ValueError`` if
+    the record is damaged."""
+    try:
+        if BIRTH_KEY in rows:
+            return Birth(**json.loads(rows[BIRTH_KEY]))
+        if LEGACY_RESET_MARKER_KEY in rows:  # {"at": "2026-…Z", "by": "reset_local"}
+            at = json.loads(rows[LEGACY_RESET_MARKER_KEY])["at"]
+            return Birth(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")), "local_reset")
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(str(err)) from err
+    return None
