@@ -32,6 +32,7 @@ from core.store import (
     open_store,
     unwritable,
 )
+from core.store.coordination import coordinator_for
 
 log = structlog.get_logger()
 
@@ -97,6 +98,8 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
         if isinstance(opened, int):
             return opened
         store = opened
+        coordinator = coordinator_for(store)
+        structlog.contextvars.bind_contextvars(replica=coordinator.replica)
         metrics, health = Metrics(), Health(config.outage_after_s)
         listener = None
         if config.metrics_addr is not None:
@@ -118,7 +121,7 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
             if not await _log_in_with_backoff(client, config, stop, health):
                 return 0
             client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
-            await Bot(client, store, agent, config, metrics, health).run(stop)
+            await Bot(client, store, agent, config, metrics, health, coordinator).run(stop)
             if client.lost is not None:
                 raise client.lost
             log.info("bot.stopped")

@@ -60,6 +60,12 @@ class Conversations:
                 while len(kept) > self.window:
                     del kept[next(iter(kept))]
 
+    def forget(self, room_id: str) -> None:
+        """Drop what is kept of a room: with replicas, another one may have answered in it
+        since, so a replica that takes a room reads its conversation again."""
+        if room_id not in self._reads:
+            self._events.pop(room_id, None)
+
     def sent(self, room_id: str, event_id: str, content: dict) -> None:
         """The bot sent a message: it is the room's latest, and a turn if it is an answer."""
         self.observe(

@@ -69,6 +69,12 @@ class Health:
         """The DB refused a write (``store.write_failed``)."""
         self._store_error = error
 
+    def standing_by(self) -> None:
+        """A replica that does not sync (another one does, SPEC §10) reached the DB: its part
+        of the work goes on."""
+        self._synced_at = self._clock()
+        self._store_error = None
+
     def synced(self) -> None:
         """A sync round was recorded: the homeserver answers and the DB takes writes again."""
         self._synced_at = self._clock()
