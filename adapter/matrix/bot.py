@@ -151,6 +151,7 @@ class Bot:
             metrics=self.metrics,
             health=self.health,
             agent_slots=asyncio.Semaphore(config.concurrency),
+            shared_lock=self.leases.holding if self.coordinator.shared else None,
         )
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)

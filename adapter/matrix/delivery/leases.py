@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 
 import structlog
 
+from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.observe.health import Health
 from core.store import StoreRefused
 from core.store.contract import Lease, LeaseLost
@@ -24,6 +26,8 @@ from core.store.coordination import LEASE_TTL_S, Coordinator
 log = structlog.get_logger()
 
 RENEW_EVERY_S = 1.0
+HOLD_WAIT_S = 30.0  # how long ``holding`` waits for a lease another replica holds
+HOLD_POLL_S = 0.2
 current_lease: ContextVar[Lease | None] = ContextVar("current_lease", default=None)
 
 
@@ -57,6 +61,21 @@ class Leases:
             self._held[name] = lease
             log.debug("lease.acquired", lease=name, term=lease.term)
         return lease
+
+    @asynccontextmanager
+    async def holding(self, name: str) -> AsyncIterator[None]:
+        """Hold lease ``name`` for the block, waiting while another replica holds it (what
+        must happen one at a time across replicas, one user's onboarding say). Raises
+        ``RetryLater`` if it stays taken."""
+        deadline = time.monotonic() + HOLD_WAIT_S
+        while (lease := await self.acquire(name)) is None:
+            if time.monotonic() > deadline:
+                raise RetryLater(f"{name} is held by another replica")
+            await asyncio.sleep(HOLD_POLL_S)
+        try:
+            yield
+        finally:
+            await self.release(lease)
 
     async def release(self, lease: Lease) -> None:
         """Given up on purpose; a release the database refuses expires by itself."""

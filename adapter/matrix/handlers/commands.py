@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import structlog
 
@@ -59,13 +60,23 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
             return
     else:
         title = f"Chat {len(await svc.chats.list_all(owner)) + 1}"
-    refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
-    if refusal is not None:
-        log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal)
-        await _say(update, data, refusal)
-        return
-    svc.access.record_creation(owner)
-    room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
+    shared = svc.shared_lock is not None  # replicas: the throttle's stamps are in the store
+    async with svc.one_at_a_time(owner) if shared else nullcontext():
+        now = time.time() if shared else None
+        if shared:
+            svc.access.restore(owner, await svc.store.get_creations(owner))
+        active = len(await svc.chats.list_active(owner))
+        refusal = svc.access.creation_refused(owner, active, now)
+        if refusal is not None:
+            log.info(
+                "command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal
+            )
+            await _say(update, data, refusal)
+            return
+        svc.access.record_creation(owner, now)
+        if shared:
+            await svc.store.set_creations(owner, svc.access.creations(owner))
+        room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
     link = matrix_to(room_id, svc.hs.server_name)
     await _say(
         update,

@@ -131,6 +131,14 @@ class MatrixStore:
     ) -> None:
         await self._write(f"created_by:{source_event_id}", _strip_none(creation), tx)
 
+    async def get_creations(self, user_id: str) -> list[float]:
+        """With replicas: when the user's latest rooms were created (Unix seconds), so that
+        the creation throttle holds for the deployment."""
+        return list(await self.db.get(f"creations:{user_id}") or [])
+
+    async def set_creations(self, user_id: str, stamps: list[float]) -> None:
+        await self._write(f"creations:{user_id}", stamps or None, None)
+
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
 
