@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import structlog
 from nio import AsyncClient
@@ -14,9 +16,12 @@ from adapter.matrix.config import Config
 from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
     LoginFailed,
+    Session,
     SessionClient,
+    TokenRefused,
     log_in,
 )
+from adapter.matrix.homeserver.shared_session import SharedSessionClient, log_in_shared
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics
@@ -26,19 +31,24 @@ from core.store import (
     Store,
     StoreLocked,
     StoreMisconfigured,
+    StoreRefused,
     StoreUnreachable,
     StoreUnreadable,
     StoreUnwritable,
     open_store,
     unwritable,
 )
-from core.store.coordination import coordinator_for
+from core.store.coordination import Coordinator, coordinator_for
 
 log = structlog.get_logger()
 
 
 async def _log_in_with_backoff(
-    client: AsyncClient, config: Config, stop: asyncio.Event, health: Health
+    client: AsyncClient,
+    config: Config,
+    stop: asyncio.Event,
+    health: Health,
+    log_in: Callable[[AsyncClient, Config], Awaitable[Session]] = log_in,
 ) -> bool:
     backoff = 1.0
     while not stop.is_set():
@@ -47,7 +57,7 @@ async def _log_in_with_backoff(
             log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
             health.homeserver_answered()
             return True
-        except HomeserverUnreachable as err:
+        except (HomeserverUnreachable, TokenRefused, StoreRefused) as err:
             health.homeserver_failed(str(err))
             log.warning(
                 "homeserver.unreachable",
@@ -109,7 +119,13 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 log.error("config.invalid", error=str(err))
                 await store.close()
                 return 2
-        client = SessionClient(config, client_config())
+        client: SessionClient
+        login: Callable[[AsyncClient, Config], Awaitable[Session]] = log_in
+        if coordinator.shared:  # replicas share one session, through the store
+            client = SharedSessionClient(config, client_config(), store, coordinator)
+            login = partial(shared_log_in, store=store, coordinator=coordinator)
+        else:
+            client = SessionClient(config, client_config())
         try:
             log.info(
                 "bot.starting",
@@ -118,7 +134,7 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 db=config.db_shown,
                 db_created=store.created,
             )
-            if not await _log_in_with_backoff(client, config, stop, health):
+            if not await _log_in_with_backoff(client, config, stop, health, login):
                 return 0
             client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
             await Bot(client, store, agent, config, metrics, health, coordinator).run(stop)
@@ -183,6 +199,13 @@ async def _open_store(config: Config, stop: asyncio.Event) -> Store | int:
         if stop.is_set():
             return 0
         backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+async def shared_log_in(
+    client: AsyncClient, config: Config, store: Store, coordinator: Coordinator
+) -> Session:
+    assert isinstance(client, SessionClient)
+    return await log_in_shared(client, config, store, coordinator)
 
 
 def main(config: Config) -> int:

@@ -147,6 +147,8 @@ async def test_two_replicas_answer_users_in_parallel_in_order(replicas, make_use
         assert answers(user, chat, bot_id, "m") == sent
     taken = {r.name: len(r.named("room.taken")) for r in group}
     print("rooms taken per replica:", taken)
+    # One session, one device: the second replica reused the first one's login.
+    assert len({(await r.wait_for("bot.logged_in"))["device_id"] for r in group}) == 1
 
 
 @pytest.mark.parametrize("count", [2])
