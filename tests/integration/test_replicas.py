@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from adapter.matrix.config import Config
-from tests.integration.conftest import TIMEOUT, BotProcess
+from tests.integration.conftest import TIMEOUT, BotProcess, doctor_tool
 
 SLOW = "tests.integration.agents:SlowAgent"
 
@@ -25,6 +25,7 @@ class Replica(BotProcess):
 
     def __init__(self, config: Config, name: str, **env: str) -> None:
         super().__init__(config, **env)
+        self.config = config
         self.name = name
         self._reader: asyncio.Task | None = None
 
@@ -149,6 +150,9 @@ async def test_two_replicas_answer_users_in_parallel_in_order(replicas, make_use
     print("rooms taken per replica:", taken)
     # One session, one device: the second replica reused the first one's login.
     assert len({(await r.wait_for("bot.logged_in"))["device_id"] for r in group}) == 1
+    code, out, err = await doctor_tool(group[0].config, "--replicas")
+    assert code == 0, err
+    assert "Replicas: 2 live" in out and out.count("syncs") == 2, out  # the head and its line
 
 
 @pytest.mark.parametrize("count", [2])
