@@ -31,7 +31,7 @@ from core.store.postgres import LEASES_TABLE, REPLICAS_TABLE, PostgresStore
 
 log = structlog.get_logger()
 
-LEASE_TTL_S = 4.0  # a lease not renewed for this long may be taken by another replica
+LEASE_TTL_S = 3.0  # a lease not renewed for this long may be taken by another replica
 LIVE_WITHIN_S = 5.0  # a replica not seen for this long is not counted among the live
 INBOX_CHANNEL = "lambda_inbox"  # NOTIFY: the inbox holds new entries
 
