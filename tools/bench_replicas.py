@@ -266,11 +266,14 @@ async def soak(hs: LocalHomeserver, configs: list[Config], seconds: float, write
         lost = duplicated = disordered = total = 0
         for person, chat, sources in zip(people, chats, sent, strict=True):
             total += len(sources)
-            await person.wait_answers(chat, sources, 120)
+            # Read back from the room itself: a user that did not sync while it wrote gets a
+            # limited timeline, which would hide answers that are there.
+            await _answered_all(person, chat, sources)
             answered = [
                 ev["content"][SOURCE_KEY]
-                for ev in person.answers(chat)
-                if ev["content"][SOURCE_KEY] in set(sources)
+                for ev in await person.history(chat, 3 * len(sources) + 50)
+                if ev.get("sender") == bot_id
+                and (ev.get("content") or {}).get(SOURCE_KEY) in set(sources)
             ]
             lost += len(set(sources) - set(answered))
             duplicated += len(answered) - len(set(answered))
@@ -285,6 +288,18 @@ async def soak(hs: LocalHomeserver, configs: list[Config], seconds: float, write
     finally:
         for r in group:
             await r.stop()
+
+
+async def _answered_all(person: ScriptedUser, room: str, sources: list[str]) -> None:
+    """Until the room holds an answer to each of ``sources`` (at most two minutes)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        await person._drain(0)
+        history = await person.history(room, 3 * len(sources) + 50)
+        named = {(ev.get("content") or {}).get(SOURCE_KEY) for ev in history}
+        if set(sources) <= named:
+            return
+        await asyncio.sleep(1)
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -291,6 +291,8 @@ class Bot:
                 leading.set()
                 await self._lead(stop, leading, lease, inbox)
         finally:
+            if not stop.is_set():  # a bug: the claims would wait for a stop forever
+                claiming.cancel()
             await asyncio.gather(claiming, return_exceptions=True)
             await delivery.close()
             keeper.cancel()

@@ -89,11 +89,14 @@ class RoomClaims:
         self._wake.clear()
 
     async def _release_idle(self) -> None:
-        for room, lease in list(self._held.items()):
-            if not self._delivery.busy(room):
-                del self._held[room]
-                self._pushed.pop(room, None)
-                await self._leases.release(lease)
+        idle = [
+            (room, lease) for room, lease in self._held.items() if not self._delivery.busy(room)
+        ]
+        for room, _ in idle:
+            del self._held[room]
+            self._pushed.pop(room, None)
+        if idle:
+            await self._leases.release_many([lease for _, lease in idle])
 
     async def _claim(self, pending: list[Entry]) -> None:
         rooms: dict[str, list[Entry]] = {}
@@ -102,23 +105,32 @@ class RoomClaims:
         self._unclaimed = {r: n for r, n in self._unclaimed.items() if r in rooms}
         live = max(1, await self._leases.coordinator.live_replicas())
         share = math.ceil(len(rooms) / live)
+        wanted, room_for = [], share - len(self._held)
         for room, entries in rooms.items():  # oldest work first: entries come in order
             if room in self._held:
                 self._push(room, entries)
                 continue
             looks = self._unclaimed.get(room, 0)
-            if len(self._held) >= share and looks < UNCLAIMED_POLLS:
+            if room_for <= 0 and looks < UNCLAIMED_POLLS:
                 self._unclaimed[room] = looks + 1
                 continue
-            lease = await self._leases.acquire(ROOM + room)
-            if lease is None:  # another replica has it
-                self._unclaimed[room] = looks + 1
+            room_for -= 1
+            wanted.append(room)
+        # Asked together: a burst's rooms are not taken one round trip after another.
+        leases = await asyncio.gather(
+            *(self._leases.acquire(ROOM + room) for room in wanted), return_exceptions=True
+        )
+        for room, lease in zip(wanted, leases, strict=True):
+            if isinstance(lease, StoreRefused):
+                log.info("claims.store_refused", room_id=room, error=str(lease))
+            if not isinstance(lease, Lease):  # another replica has it (or the DB is away)
+                self._unclaimed[room] = self._unclaimed.get(room, 0) + 1
                 continue
             self._unclaimed.pop(room, None)
             self._held[room] = lease
             self._on_gain(room)
-            log.info("room.taken", room_id=room, term=lease.term, entries=len(entries))
-            self._push(room, entries)
+            log.info("room.taken", room_id=room, term=lease.term, entries=len(rooms[room]))
+            self._push(room, rooms[room])
 
     def _push(self, room: str, entries: list[Entry]) -> None:
         last = self._pushed.get(room, -1)

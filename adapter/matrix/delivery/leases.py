@@ -1,7 +1,6 @@
 """The leases this replica holds (SPEC §10, Replicas), kept alive together: one heartbeat and
 one renewal a second. A lease the database no longer gives us (another replica took it after
-a stall of ours) is reported lost at once; one we could not renew for a TTL (the database
-unreachable) is given up as lost too, since another replica may take it by then.
+a stall of ours) is reported lost at once.
 
 ``current_lease`` is the lease under which the running task works (a room's lane, the sync
 loop): ``guard`` checks it at the database before each send, so a replica that wakes from a
@@ -21,7 +20,7 @@ from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.observe.health import Health
 from core.store import StoreRefused
 from core.store.contract import Lease, LeaseLost
-from core.store.coordination import LEASE_TTL_S, Coordinator
+from core.store.coordination import Coordinator
 
 log = structlog.get_logger()
 
@@ -44,7 +43,6 @@ class Leases:
         self.coordinator = coordinator
         self._health = health
         self._held: dict[str, Lease] = {}
-        self._renewed_at = time.monotonic()
         self.on_lost = on_lost
         self.rooms = lambda: sum(1 for name in self._held if name.startswith("room:"))
 
@@ -79,12 +77,16 @@ class Leases:
 
     async def release(self, lease: Lease) -> None:
         """Given up on purpose; a release the database refuses expires by itself."""
-        if self._held.get(lease.name) == lease:
-            del self._held[lease.name]
+        await self.release_many([lease])
+
+    async def release_many(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if self._held.get(lease.name) == lease:
+                del self._held[lease.name]
         try:
-            await self.coordinator.release([lease])
+            await self.coordinator.release(leases)
         except StoreRefused as err:
-            log.info("lease.release_failed", lease=lease.name, error=str(err))
+            log.info("lease.release_failed", leases=len(leases), error=str(err))
 
     async def release_all(self) -> None:
         held, self._held = list(self._held.values()), {}
@@ -117,12 +119,11 @@ class Leases:
             await self.coordinator.heartbeat(syncing, self.rooms())
             kept = await self.coordinator.renew(held)
         except StoreRefused as err:
+            # Nothing is given up for a database we cannot reach: whatever a lease guards is
+            # fenced at that database (writes, and the check before each send), so it can
+            # do nothing there; the next renewal that gets through says what is still ours.
             self._health.store_refused(str(err))
-            if time.monotonic() - self._renewed_at > LEASE_TTL_S - RENEW_EVERY_S:
-                for lease in held:  # another replica may take them now: stop acting on them
-                    self._lose(lease)
             return
-        self._renewed_at = time.monotonic()
         if not syncing:
             self._health.standing_by()
         for lease in held:
