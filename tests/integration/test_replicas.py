@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from adapter.matrix.config import Config
+from adapter.matrix.handlers.chat_rooms import linked_rooms
 from tests.integration.conftest import TIMEOUT, BotProcess, doctor_tool
 
 SLOW = "tests.integration.agents:SlowAgent"
@@ -212,29 +213,24 @@ async def test_a_replica_stalled_past_its_lease_sends_nothing_when_it_wakes(
     assert answers(alice, chat, bot_id, "") == ["stalled", "after"]
 
 
-async def test_two_invites_from_one_user_on_two_replicas_make_one_space(
+async def test_one_users_onboarding_and_creation_throttle_hold_across_replicas(
     replicas, make_user, bot_config
 ):
+    """Two invites at once, each room taken by either replica: one Space. Then five rooms a
+    minute, whichever replicas handle the commands (the lobby and the chat are two rooms)."""
     group = await replicas(2)
     await leader(group)
     bot_id = bot_config.user_id
     alice = await make_user("alice")
     lobbies = await asyncio.gather(alice.open_lobby(bot_id), alice.open_lobby(bot_id))
-    for lobby in lobbies:
-        await alice.wait_reply(lobby, bot_id, "Space")
+    welcomes = [await alice.wait_reply(lobby, bot_id, "Space") for lobby in lobbies]
     await alice.wait_for(lambda: len(alice.invites) >= 2)
     assert sum(len(r.named("space.created")) for r in group) == 1
     assert len(alice.invites) == 2, alice.invites  # one Space and its first chat
-
-
-async def test_the_creation_throttle_holds_across_replicas(replicas, make_user, bot_config):
-    """Five rooms a minute for a user, whichever replicas handle the commands (the lobby and
-    the chat are two rooms, taken by either replica)."""
-    group = await replicas(2)
-    await leader(group)
-    bot_id = bot_config.user_id
-    alice = await make_user("alice")
-    lobby, _, chat = await alice.onboard(bot_id)
+    for room_id in sorted(alice.invites):
+        await alice.join(room_id)
+    links = [linked_rooms(w["content"]["body"]) for w in welcomes]
+    lobby, chat = lobbies[0], next(found for found in links if len(found) >= 2)[1]
     for i in range(5):
         await alice.ask((lobby, chat)[i % 2], bot_id, f"!new n{i}", f"“n{i}”")
     await alice.ask(chat, bot_id, "!new n5", "faster than I can keep up")
