@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import replace
 from functools import partial
@@ -36,8 +37,10 @@ from adapter.matrix.chain.notices import tell_store_down
 from adapter.matrix.chain.router import RoomRouter, Route
 from adapter.matrix.config import Config
 from adapter.matrix.conversation.history import Conversations
-from adapter.matrix.delivery.inbox import Inbox, WriteFailed
+from adapter.matrix.delivery.claims import RoomClaims
+from adapter.matrix.delivery.inbox import Entry, Inbox, WriteFailed
 from adapter.matrix.delivery.lanes import Delivery
+from adapter.matrix.delivery.leases import Leases
 from adapter.matrix.handlers import handle_update
 from adapter.matrix.healing.healer import Healer
 from adapter.matrix.homeserver.client import Homeserver, HomeserverError
@@ -53,6 +56,8 @@ from adapter.matrix.store.records import MatrixStore
 from core.agent import Agent
 from core.chat import ChatManager
 from core.store import Store, StoreRefused
+from core.store.contract import Lease, LeaseLost
+from core.store.coordination import Coordinator, SoleCoordinator
 
 log = structlog.get_logger()
 
@@ -85,6 +90,8 @@ CATCHUP_SYNC_FILTER = {
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
 SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just answered may write
+SYNC_LEASE = "sync"  # with replicas: the one that syncs holds it
+STANDBY_POLL_S = 0.5  # how often a replica that does not sync tries to take the sync lease
 
 
 def client_config() -> AsyncClientConfig:
@@ -126,8 +133,11 @@ class Bot:
         config: Config,
         metrics: Metrics,
         health: Health,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.client = client
+        self.coordinator = coordinator or SoleCoordinator()
+        self.leases = Leases(self.coordinator, health)
         self.db = store
         self.config = config
         self.store = MatrixStore(store)
@@ -145,6 +155,7 @@ class Bot:
             metrics=self.metrics,
             health=self.health,
             agent_slots=asyncio.Semaphore(config.concurrency),
+            shared_lock=self.leases.holding if self.coordinator.shared else None,
         )
         self.ingest = Ingest(hs, config.catchup_hours, observe=conversation.observe)
         self.catchup = CatchUpReader(hs, config.catchup_hours)
@@ -156,6 +167,8 @@ class Bot:
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self._round_done = asyncio.Event()  # clear while a live round is in hand, not queued
         self._round_done.set()
+        self._delivery: Delivery | None = None  # this run's lanes
+        self._deliver: Callable[[list[Entry]], Awaitable[None]] = self._nowhere
         self.dispatcher = Dispatcher(
             [
                 store_faults,
@@ -233,7 +246,15 @@ class Bot:
                 if stop.is_set():
                     return
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+        if self.coordinator.shared:
+            await self._run_replica(stop, inbox)
+            return
         delivery = Delivery(inbox, self.dispatcher.feed, self.give_up, expand=self.catchup.expand)
+
+        async def deliver(entries: list[Entry]) -> None:
+            delivery.push(entries)
+
+        self._deliver, self._delivery = deliver, delivery
         # What an earlier run left unfinished goes first; it may have answered some of it.
         delivery.push(
             replace(entry, update=replace(entry.update, replayed=True)) for entry in pending
@@ -251,6 +272,112 @@ class Bot:
                 await asyncio.gather(self._catching_up, return_exceptions=True)
             await delivery.close()
 
+    async def _run_replica(self, stop: asyncio.Event, inbox: Inbox) -> None:
+        """One of several processes on one PostgreSQL (SPEC §10, Replicas): rooms are taken
+        from the shared inbox under leases (``RoomClaims``), and the replica that holds the
+        sync lease syncs, its rounds fenced with it; the others stand by to take over."""
+        delivery = Delivery(
+            inbox,
+            self.dispatcher.feed,
+            self.give_up,
+            expand=self.catchup.expand,
+            on_idle=lambda: claims.wake(),
+        )
+        claims = RoomClaims(
+            self.leases, inbox, delivery, self.health, on_gain=self.services.conversation.forget
+        )
+        leading = asyncio.Event()  # set while this replica syncs; cleared when the lease is lost
+
+        def lost(lease: Lease) -> None:
+            if lease.name == SYNC_LEASE:
+                leading.clear()
+            else:
+                claims.lost(lease)
+
+        async def deliver(entries: list[Entry]) -> None:
+            if entries:
+                claims.wake()
+                try:
+                    await self.coordinator.notify_inbox()
+                except StoreRefused:
+                    pass  # the others find the entries at their next look
+
+        self._deliver, self._delivery = deliver, delivery
+        self.leases.on_lost = lost
+        self.services.hs.guard = self.leases.guard
+        await self.coordinator.start()
+        keeper = asyncio.create_task(
+            self.leases.keep(stop, lambda: self.leases.held(SYNC_LEASE) is not None)
+        )
+        claiming = asyncio.create_task(claims.run(stop))
+        log.info("replica.started", replica=self.coordinator.replica)
+        try:
+            while not stop.is_set():
+                try:
+                    lease = await self.leases.acquire(SYNC_LEASE)
+                except StoreRefused as err:
+                    self.health.store_refused(str(err))
+                    lease = None
+                if lease is None:
+                    await sleep_or_stop(stop, STANDBY_POLL_S)
+                    continue
+                leading.set()
+                await self._lead(stop, leading, lease, inbox)
+        finally:
+            if not stop.is_set():  # a bug: the claims would wait for a stop forever
+                claiming.cancel()
+            await asyncio.gather(claiming, return_exceptions=True)
+            await delivery.close()
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            await self.leases.release_all()
+            await self.coordinator.close()
+
+    async def _lead(
+        self, stop: asyncio.Event, leading: asyncio.Event, lease: Lease, inbox: Inbox
+    ) -> None:
+        """Sync while this replica holds the sync lease ``lease``; from the recorded token."""
+        ended = asyncio.Event()  # the process stops, or the lease is lost
+
+        async def watch() -> None:
+            stopping = asyncio.ensure_future(stop.wait())
+            while not ended.is_set() and leading.is_set() and not stopping.done():
+                await asyncio.wait({stopping}, timeout=0.2)
+            stopping.cancel()
+            ended.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await inbox.lead(lease)
+            assert self._delivery is not None
+            if self.config.appservice is not None:
+                # One replica listens at a time, so that one numbers the inbox's entries.
+                await self._serve_pushed(ended, inbox, self._delivery)
+                return
+            since = await self.store.get_sync_token()
+            log.info("sync.starting", resume=since is not None, inbox=inbox.depth, term=lease.term)
+            await self._sync_loop(ended, since, inbox, self._delivery)
+        except LeaseLost as err:
+            log.warning("sync.lease_lost", error=str(err))
+        except StoreRefused as err:
+            self.health.store_refused(str(err))
+            log.warning("sync.store_refused", error=str(err))
+            await sleep_or_stop(stop, STANDBY_POLL_S)
+        finally:
+            ended.set()
+            await asyncio.gather(watcher, return_exceptions=True)
+            if self._catching_up is not None:
+                self._catching_up.cancel()  # unrecorded: the next leader without a token redoes it
+                await asyncio.gather(self._catching_up, return_exceptions=True)
+                self._catching_up = None
+            if self.leases.held(SYNC_LEASE) == lease:
+                await self.leases.release(lease)
+            leading.clear()
+            log.info("sync.stopped_leading", term=lease.term)
+
+    async def _nowhere(self, entries: list[Entry]) -> None:
+        raise AssertionError("recorded before the lanes run")
+
     async def _catch_up(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> bool:
         """A start without a token, beside the sync loop: the sweep looks at every room's
         latest events, a window at a time, most recently active first, and decides which rooms
@@ -262,13 +389,13 @@ class Bot:
         while not stop.is_set():
             try:
                 if unrecorded:  # decided, but the file refused them: never decided again
-                    delivery.push(await inbox.add(unrecorded))
+                    await self._deliver(await inbox.add(unrecorded))
                     unrecorded = []
                 give_way = partial(self._give_way, delivery)
                 async with aclosing(self.sweep.windows(give_way)) as windows:
                     async for window in windows:
                         unrecorded = self.ingest.sweep(window)
-                        delivery.push(await inbox.add(unrecorded))
+                        await self._deliver(await inbox.add(unrecorded))
                         unrecorded = []
                 await inbox.release()
                 self.ingest.swept()
@@ -321,7 +448,7 @@ class Bot:
                 log.info("store.recovered", waited=len(waiting))
                 waiting.clear()
             self.health.synced()
-            delivery.push(entries)
+            await self._deliver(entries)
 
         if catch_up:
             pushed.catching_up()
@@ -431,7 +558,7 @@ class Bot:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             try:
-                delivery.push(await inbox.ingest(updates, resp.next_batch))
+                await self._deliver(await inbox.ingest(updates, resp.next_batch))
             except WriteFailed as fault:
                 # Nothing was recorded and the token stays where it was: the homeserver hands
                 # these events again on the next try, so none is lost.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import structlog
 from nio import AsyncClient
@@ -14,10 +16,13 @@ from adapter.matrix.config import Config
 from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
     LoginFailed,
+    Session,
     SessionClient,
+    TokenRefused,
     appservice_session,
     log_in,
 )
+from adapter.matrix.homeserver.shared_session import SharedSessionClient, log_in_shared
 from adapter.matrix.ingest.appservice import ListenerUnavailable as AppserviceUnavailable
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
@@ -28,18 +33,24 @@ from core.store import (
     Store,
     StoreLocked,
     StoreMisconfigured,
+    StoreRefused,
     StoreUnreachable,
     StoreUnreadable,
     StoreUnwritable,
     open_store,
     unwritable,
 )
+from core.store.coordination import Coordinator, coordinator_for
 
 log = structlog.get_logger()
 
 
 async def _log_in_with_backoff(
-    client: AsyncClient, config: Config, stop: asyncio.Event, health: Health
+    client: AsyncClient,
+    config: Config,
+    stop: asyncio.Event,
+    health: Health,
+    log_in: Callable[[AsyncClient, Config], Awaitable[Session]] = log_in,
 ) -> bool:
     backoff = 1.0
     while not stop.is_set():
@@ -52,7 +63,7 @@ async def _log_in_with_backoff(
                 log.info("bot.logged_in", user_id=session.user_id, device_id=session.device_id)
             health.homeserver_answered()
             return True
-        except HomeserverUnreachable as err:
+        except (HomeserverUnreachable, TokenRefused, StoreRefused) as err:
             health.homeserver_failed(str(err))
             log.warning(
                 "homeserver.unreachable",
@@ -103,6 +114,8 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
         if isinstance(opened, int):
             return opened
         store = opened
+        coordinator = coordinator_for(store)
+        structlog.contextvars.bind_contextvars(replica=coordinator.replica)
         metrics, health = Metrics(), Health(config.outage_after_s)
         listener = None
         if config.metrics_addr is not None:
@@ -112,7 +125,13 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 log.error("config.invalid", error=str(err))
                 await store.close()
                 return 2
-        client = SessionClient(config, client_config())
+        client: SessionClient
+        login: Callable[[AsyncClient, Config], Awaitable[Session]] = log_in
+        if coordinator.shared and config.appservice is None:  # replicas share one session
+            client = SharedSessionClient(config, client_config(), store, coordinator)
+            login = partial(shared_log_in, store=store, coordinator=coordinator)
+        else:
+            client = SessionClient(config, client_config())
         try:
             log.info(
                 "bot.starting",
@@ -121,10 +140,10 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 db=config.db_shown,
                 db_created=store.created,
             )
-            if not await _log_in_with_backoff(client, config, stop, health):
+            if not await _log_in_with_backoff(client, config, stop, health, login):
                 return 0
             client.renew_when_refused(on_lost=stop.set, on_renewed=metrics.session_renewals.inc)
-            await Bot(client, store, agent, config, metrics, health).run(stop)
+            await Bot(client, store, agent, config, metrics, health, coordinator).run(stop)
             if client.lost is not None:
                 raise client.lost
             log.info("bot.stopped")
@@ -193,6 +212,13 @@ async def _open_store(config: Config, stop: asyncio.Event) -> Store | int:
         if stop.is_set():
             return 0
         backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+async def shared_log_in(
+    client: AsyncClient, config: Config, store: Store, coordinator: Coordinator
+) -> Session:
+    assert isinstance(client, SessionClient)
+    return await log_in_shared(client, config, store, coordinator)
 
 
 def main(config: Config) -> int:

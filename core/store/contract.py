@@ -56,11 +56,33 @@ class StoreRefused(StoreError):
         self.remedy = remedy
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A lease held by replica ``holder`` (SPEC §10, Replicas): ``term`` grows each time the
+    lease is taken, so a write or a send fenced with it is refused once another took it."""
+
+    name: str
+    holder: str
+    term: int
+
+
+class LeaseLost(StoreError):
+    """A fenced write or check found that the lease is no longer ours (another replica took
+    it, or it expired): nothing was written, and the work it guarded belongs to another."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"lease {lease.name} (term {lease.term}) is no longer held")
+        self.lease = lease
+
+
 class Transaction:
-    """Buffered multi-key writes, applied atomically when the block exits."""
+    """Buffered multi-key writes, applied atomically when the block exits. With ``fence`` set,
+    they are applied only while that lease is still held (else ``LeaseLost``; a backend for
+    one process holds every lease)."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[str, str | None]] = []
+        self.fence: Lease | None = None
 
     def set(self, key: str, value: Any) -> None:
         self.writes.append((key, json.dumps(value, sort_keys=True)))

@@ -28,6 +28,7 @@ from core.store.contract import (
     Birth,
     BirthCause,
     Engine,
+    LeaseLost,
     StoreError,
     StoreRefused,
     StoreUnreadable,
@@ -42,12 +43,20 @@ from core.store.location import redact_url, scrub
 BOT_APPLICATION = "lambda-matrix-bot"
 KV_TABLE = "lambda_kv"
 SCHEMA_TABLE = "lambda_schema"
-BOT_TABLES = (KV_TABLE, SCHEMA_TABLE)
+LEASES_TABLE = "lambda_leases"
+REPLICAS_TABLE = "lambda_replicas"
+BOT_TABLES = (KV_TABLE, SCHEMA_TABLE, LEASES_TABLE, REPLICAS_TABLE)
 # Schema upgrades, in order: step N brings a database at version N-1 to version N.
 MIGRATIONS: tuple[str, ...] = (
     # 1: the key/value table; keys compare as bytes ("C"), like SQLite, so a prefix scan is a
     # key range in code-point order whatever the database's own collation.
     f'CREATE TABLE {KV_TABLE} (key text COLLATE "C" PRIMARY KEY, value text NOT NULL)',
+    # 2: replicas (core.store.coordination): who is alive, and leases with a fencing term.
+    f'CREATE TABLE {LEASES_TABLE} (name text COLLATE "C" PRIMARY KEY, holder text NOT NULL, '
+    "term bigint NOT NULL, expires_at timestamptz NOT NULL); "
+    f"CREATE TABLE {REPLICAS_TABLE} (id text PRIMARY KEY, host text NOT NULL, pid integer "
+    "NOT NULL, started_at timestamptz NOT NULL, last_seen timestamptz NOT NULL, syncing "
+    "boolean NOT NULL DEFAULT false, rooms integer NOT NULL DEFAULT 0)",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 UPGRADE_LOCK = 0x6C616D62  # pg_advisory_xact_lock key ("lamb"): one upgrade at a time
@@ -69,6 +78,9 @@ _WRITE = (
     f"INSERT INTO {KV_TABLE} (key, value) SELECT * FROM unnest($2::text[], $3::text[]) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 )
+# A fence: the lease row still has our term. FOR SHARE keeps a takeover (an UPDATE of that
+# row) waiting until this transaction ends, so the writes land before it or not at all.
+_FENCE = f"SELECT 1 FROM {LEASES_TABLE} WHERE name = $1 AND holder = $2 AND term = $3 FOR SHARE"
 
 # Faults of the moment (server class codes): the connection (08), the operator (57: shut down,
 # starting up), resources (53: disk, memory, connections), a rolled-back transaction (40),
@@ -116,10 +128,13 @@ class StoreUnreachable(StoreError):
         self.where = where
 
 
-async def connect_pool(url: str) -> asyncpg.Pool:
-    """The bot's pool of connections to ``url``, named ``BOT_APPLICATION``. It keeps no
-    floor of connections (asyncpg would retry one, with a traceback a second, while the
-    server is down) and keeps idle ones open, so the ones ``warm`` opens stay."""
+async def connect_pool(
+    url: str, application: str = BOT_APPLICATION, **settings: str
+) -> asyncpg.Pool:
+    """A pool of connections to ``url``, named ``application`` in pg_stat_activity (with more
+    server ``settings``). It keeps no floor of connections (asyncpg would retry one, with a
+    traceback a second, while the server is down) and keeps idle ones open, so the ones
+    ``warm`` opens stay."""
     return await asyncpg.create_pool(
         url,
         min_size=0,
@@ -128,7 +143,7 @@ async def connect_pool(url: str) -> asyncpg.Pool:
         init=_prepare,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,
-        server_settings={"application_name": BOT_APPLICATION},
+        server_settings={"application_name": application, **settings},
     )
 
 
@@ -289,7 +304,23 @@ class PostgresStore:
         gone = [key for key, value in final if value is None]
         kept = [(key, value) for key, value in final if value is not None]
         keys, values = [k for k, _ in kept], [v for _, v in kept]
-        await self._run(lambda conn: conn.execute(_WRITE, gone, keys, values))
+        if tx.fence is None:
+            await self._run(lambda conn: conn.execute(_WRITE, gone, keys, values))
+            return
+        fence = tx.fence
+
+        async def fenced(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                if await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None:
+                    raise LeaseLost(fence)
+                await conn.execute(_WRITE, gone, keys, values)
+
+        await self._run(fenced)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connections, for the replicas' coordination (``core.store.coordination``)."""
+        return self._pool
 
     async def _run(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """``call`` on a pooled connection; a connection that broke under the pool (the

@@ -16,7 +16,7 @@ from core.store import (
     redact_url,
     scrub,
 )
-from core.store.postgres import BOT_APPLICATION, SCHEMA_VERSION
+from core.store.postgres import BOT_APPLICATION, BOT_TABLES, SCHEMA_VERSION
 
 
 def tables(server: LocalPostgres, url: str) -> list[str]:
@@ -34,7 +34,7 @@ async def test_the_bot_makes_its_own_tables_and_leaves_a_foreign_one_alone(postg
     store = await open_store(pg_url)
     await store.set("birth-of-mine", 1)
     await store.close()
-    assert tables(postgres, pg_url) == ["kv", "lambda_kv", "lambda_schema"]
+    assert tables(postgres, pg_url) == ["kv", *sorted(BOT_TABLES)]
     assert postgres.sql("SELECT value FROM kv", database) == "theirs"
     assert postgres.sql("SELECT version FROM lambda_schema", database) == str(SCHEMA_VERSION)
 

@@ -46,5 +46,13 @@ class Access:
             )
         return None
 
+    def restore(self, user_id: str, stamps: list[float]) -> None:
+        """What another replica recorded (with replicas the stamps are Unix seconds, kept in
+        the store, and ``now`` is given as Unix seconds too)."""
+        self._created[user_id] = deque(sorted(stamps))
+
+    def creations(self, user_id: str) -> list[float]:
+        return list(self._created[user_id])
+
     def record_creation(self, user_id: str, now: float | None = None) -> None:
         self._created[user_id].append(time.monotonic() if now is None else now)

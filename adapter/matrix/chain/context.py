@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -47,6 +49,19 @@ class Services:
     bootstrap_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
+    # With replicas: a lease named for the block (``Leases.holding``), so what is serialized
+    # here is across the replicas too; None: one process.
+    shared_lock: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+
+    @asynccontextmanager
+    async def one_at_a_time(self, user_id: str) -> AsyncIterator[None]:
+        """One user's onboarding and room creation, one at a time (across replicas too)."""
+        async with self.bootstrap_locks[user_id]:
+            if self.shared_lock is None:
+                yield
+            else:
+                async with self.shared_lock(f"user:{user_id}"):
+                    yield
 
     @property
     def bot_id(self) -> str:

@@ -10,6 +10,7 @@ import structlog
 
 from adapter.matrix.chain.context import EventData
 from adapter.matrix.ingest.update import RetryLater, Update
+from core.store.contract import LeaseLost
 
 log = structlog.get_logger()
 
@@ -38,10 +39,11 @@ class Dispatcher:
     async def feed(self, update: Update) -> None:
         """Run one update through the chain. A bug is logged and the sender told, never
         re-raised: one bad event must not stop delivery or be retried forever. Only
-        ``RetryLater`` goes back to the inbox."""
+        ``RetryLater`` goes back to the inbox, and ``LeaseLost`` (another replica has the room
+        now) stops the lane."""
         try:
             await self._chain(update, EventData(**self._base))
-        except RetryLater:
+        except (RetryLater, LeaseLost):
             raise
         except Exception:
             log.exception(

@@ -96,6 +96,12 @@ class Conversations:
                 self._keep(room, room.events, slim(ev, self.hs.bot_id))
         self._fit()
 
+    def forget(self, room_id: str) -> None:
+        """Drop what is kept of a room: with replicas, another one may have answered in it
+        since, so a replica that takes a room reads its conversation again."""
+        if room_id not in self._reads and room_id in self._rooms:
+            self._size -= self._rooms.pop(room_id).size
+
     def sent(self, room_id: str, event_id: str, content: dict) -> None:
         """The bot sent a message: it is the room's latest, and a turn if it is an answer."""
         self.observe(

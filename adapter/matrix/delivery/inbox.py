@@ -25,6 +25,7 @@ from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import SYNC_TOKEN_KEY
 from core.store import Store, StoreRefused, write_remedy
+from core.store.contract import Lease
 
 log = structlog.get_logger()
 
@@ -38,6 +39,9 @@ PUSHED_KEEP_S = 2 * 86_400
 PUSHED_PRUNE_EVERY_S = 3600
 
 
+# With replicas, the next entry's number, kept with each round: a new syncing replica goes on
+# from it, so no number is used twice (a stalled replica's fenced write names its entry).
+NEXT_SEQ_KEY = "inbox_next_seq"
 # The store refused a write: a fault of the machine, not of the data (``core.store``).
 WriteFailed = StoreRefused
 __all__ = ["PREFIX", "Entry", "Inbox", "WriteFailed", "write_remedy"]
@@ -84,7 +88,7 @@ class Inbox:
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the store refused to drop
         # (room id, event id) of each entry not finished yet: what is not recorded twice
-        self._waiting = {_identity(e.update) for e in pending or ()}
+        self._waiting = {_identity(e.update): e.key for e in pending or ()}
         self.depth = len(pending or ())  # entries not finished yet (read when scraped)
         self._lock = asyncio.Lock()
         self._held = False  # see hold_token
@@ -93,6 +97,25 @@ class Inbox:
         self._metrics.inbox_depth.set_function(lambda: self.depth)
         self._health = health or Health()
         self._pruned_at = 0.0  # when the pushed marks were last pruned (see add_transaction)
+        self._fence: Lease | None = None  # with replicas: the sync lease a round is fenced with
+
+    async def lead(self, fence: Lease) -> None:
+        """This replica syncs now, under ``fence``: rounds are recorded only while it holds
+        the lease, and number their entries on from what the last syncing replica recorded."""
+        pending = await self.pending()
+        stored = await self._db.get(NEXT_SEQ_KEY)
+        last = pending[-1].seq + 1 if pending else 0
+        self._next_seq = max(last, int(stored or 0), self._next_seq)
+        self._fence = fence
+        self._held = False
+
+    async def pending(self) -> list[Entry]:
+        """What the inbox holds now, in order (with replicas, it is what all of them share);
+        also what this replica counts as waiting, so the syncing one records nothing twice."""
+        entries = [Entry.from_json(key, data) for key, data in await self._db.scan(PREFIX)]
+        self._waiting = {_identity(e.update): e.key for e in entries}
+        self.depth = len(entries)
+        return entries
 
     @classmethod
     async def open(
@@ -187,6 +210,9 @@ class Inbox:
                 new.setdefault(identity, update)
         entries = [Entry(self._next_seq + i, update) for i, update in enumerate(new.values())]
         async with self._db.transaction() as tx:
+            if self._fence is not None:
+                tx.fence = self._fence
+                tx.set(NEXT_SEQ_KEY, self._next_seq + len(entries))
             for key in [*self._finished, *(drop or ())]:
                 tx.delete(key)
             for entry in entries:
@@ -199,22 +225,34 @@ class Inbox:
             log.debug("inbox.already_recorded", updates=len(updates) - len(entries))
         self._finished.clear()
         self._next_seq += len(entries)
-        self._waiting.update(_identity(e.update) for e in entries)
+        self._waiting.update((_identity(e.update), e.key) for e in entries)
         self.depth += len(entries)
         return entries
 
-    async def done(self, entry: Entry) -> None:
+    async def done(self, entry: Entry, fence: Lease | None = None) -> None:
         """The entry is finished. If the file refuses to drop it now, the next round drops it
-        (a restart before then handles it again; its reply's transaction id dedups that)."""
+        (a restart before then handles it again; its reply's transaction id dedups that).
+        ``fence``: the room's lease (``LeaseLost`` when another replica has the room now)."""
         self.depth -= 1
-        self._waiting.discard(_identity(entry.update))
+        self._waiting.pop(_identity(entry.update), None)
         try:
-            await self._db.delete(entry.key)
+            async with self._db.transaction() as tx:
+                tx.fence = fence
+                tx.delete(entry.key)
         except StoreRefused as err:
             self._finished.add(entry.key)
             self._refused("done", entry, err)
 
-    async def postpone(self, entry: Entry, delay_s: float) -> Entry:
+    async def started(self, entry: Entry, fence: Lease) -> None:
+        """With replicas: mark the entry as started before it is handled, under the room's
+        lease (``LeaseLost`` if it is gone), so a replica that takes the room over after a
+        kill looks in the room for the answer first (``Update.may_be_answered``)."""
+        marked = replace(entry, update=replace(entry.update, replayed=True))
+        async with self._db.transaction() as tx:
+            tx.fence = fence
+            tx.set(entry.key, marked.to_json())
+
+    async def postpone(self, entry: Entry, delay_s: float, fence: Lease | None = None) -> Entry:
         """Keep the entry for another attempt in ``delay_s`` seconds (survives a restart, unless
         the file refuses the write: then only this run remembers the attempt)."""
         self._metrics.retries_scheduled.inc()
@@ -224,7 +262,9 @@ class Inbox:
             time.time() + delay_s,
         )
         try:
-            await self._db.set(later.key, later.to_json())
+            async with self._db.transaction() as tx:
+                tx.fence = fence
+                tx.set(later.key, later.to_json())
         except StoreRefused as err:
             self._refused("postpone", entry, err)
         return later

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from adapter.matrix.delivery.inbox import Entry, Inbox
+from adapter.matrix.delivery.leases import current_lease
 from adapter.matrix.ingest.update import RetryLater, Update
 from core.store import StoreError
+from core.store.contract import Lease, LeaseLost
 
 log = structlog.get_logger()
 
@@ -39,10 +41,17 @@ def retry_delay(attempt: int, retry_after_ms: int | None) -> float:
 
 
 class Delivery:
-    """Drains the inbox through ``feed``: in order per room, concurrently across rooms."""
+    """Drains the inbox through ``feed``: in order per room, concurrently across rooms. With
+    replicas, a lane works under its room's lease (``push(..., lease)``): each entry is marked
+    started and finished fenced with it, and a lane whose lease is lost stops at once."""
 
     def __init__(
-        self, inbox: Inbox, feed: Feed, give_up: Feed, expand: Expand | None = None
+        self,
+        inbox: Inbox,
+        feed: Feed,
+        give_up: Feed,
+        expand: Expand | None = None,
+        on_idle: Callable[[], None] = lambda: None,
     ) -> None:
         self._inbox = inbox
         self._feed = feed
@@ -55,15 +64,29 @@ class Delivery:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._quiet_since = 0.0  # when the last lane stopped handling (monotonic)
+        self._leases: dict[str, Lease] = {}  # with replicas: the lease each lane works under
+        self._on_idle = on_idle  # a lane ended
 
-    def push(self, entries: Iterable[Entry]) -> None:
+    def push(self, entries: Iterable[Entry], lease: Lease | None = None) -> None:
         """Queue entries already written to the inbox, and wake their lanes' workers."""
         for entry in entries:
             lane = entry.update.room_id
             self._lanes.setdefault(lane, deque()).append(entry)
+            if lease is not None:
+                self._leases[lane] = lease
             if lane not in self._workers:
                 self._mark(lane, due=True)
                 self._workers[lane] = asyncio.create_task(self._drain(lane))
+
+    def busy(self, lane: str) -> bool:
+        return lane in self._workers
+
+    def drop(self, lane: str) -> None:
+        """The lane's lease was lost: stop it where it is (another replica has the room; what
+        it was handling is marked started, so that one looks in the room first)."""
+        worker = self._workers.get(lane)
+        if worker is not None:
+            worker.cancel()
 
     @property
     def queued(self) -> int:
@@ -101,6 +124,8 @@ class Delivery:
 
     async def _drain(self, lane: str) -> None:
         queue = self._lanes[lane]
+        lease = self._leases.get(lane)
+        current_lease.set(lease)  # this task's own context: what its sends are checked against
         try:
             while queue and not self._stopping.is_set():
                 entry = queue[0]
@@ -109,22 +134,32 @@ class Delivery:
                     if await self._stopped_within(entry.not_before - time.time()):
                         break
                     self._mark(lane, due=True)
-                later = await self._handle(entry)
+                later = await self._handle(entry, lease)
                 if later is None:
                     queue.popleft()
                 else:
                     queue[0] = later
+        except LeaseLost as err:  # another replica has the room: it finishes what is left
+            log.warning("delivery.lease_lost", lane=lane, error=str(err))
+        except asyncio.CancelledError:
+            if lease is None or self._stopping.is_set():
+                raise
+            log.warning("delivery.lease_lost", lane=lane, lease=lease.name, term=lease.term)
         except StoreError as err:  # the entry stays in the file: the next start retries it
             log.error("delivery.store_failed", lane=lane, error=str(err))
         finally:
             self._mark(lane, due=False)
             del self._workers[lane]
             del self._lanes[lane]
+            self._leases.pop(lane, None)
+            self._on_idle()
 
-    async def _handle(self, entry: Entry) -> Entry | None:
+    async def _handle(self, entry: Entry, lease: Lease | None = None) -> Entry | None:
         """Feed one entry (or what it expands to). Returns None when it is finished, else its
         postponed self (or itself, when a stop came before it was)."""
         update = entry.update
+        if lease is not None:  # also the check of the lease before any work
+            await self._inbox.started(entry, lease)
         try:
             for each in await self._expand(update):  # in the lane: other rooms do not wait
                 if self._stopping.is_set():  # a long catch-up: the rest waits in the inbox
@@ -141,7 +176,7 @@ class Delivery:
                     retry_in_s=delay,
                     reason=str(later),
                 )
-                return await self._inbox.postpone(entry, delay)
+                return await self._inbox.postpone(entry, delay, lease)
             log.error(
                 "delivery.gave_up",
                 room_id=update.room_id,
@@ -150,7 +185,7 @@ class Delivery:
                 reason=str(later),
             )
             await self._give_up(update)
-        await self._inbox.done(entry)
+        await self._inbox.done(entry, lease)
         return None
 
     async def _stopped_within(self, seconds: float) -> bool:

@@ -33,7 +33,7 @@ FIRST_CHAT_TITLE = "Chat 1"
 
 async def handle_invite(update: Update, data: EventData) -> None:
     """``data["user"]`` is the inviter's Space as healed from the server (None: they have none)."""
-    async with data["services"].bootstrap_locks[update.sender]:
+    async with data["services"].one_at_a_time(update.sender):
         await data["services"].hs.join(update.room_id)
         await _onboard(update, data)
 
@@ -58,7 +58,7 @@ async def complete_onboarding(update: Update, data: EventData) -> None:
         owner=update.sender,
         has_space=data.get("user") is not None,
     )
-    async with data["services"].bootstrap_locks[update.sender]:
+    async with data["services"].one_at_a_time(update.sender):
         await _onboard(update, data)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import structlog
 
@@ -75,13 +76,23 @@ async def cmd_new(cmd: Command, update: Update, data: EventData) -> None:
         log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why="held")
         await _say(update, data, f"{NEW_HELD}\n{admin_can_fix(_in_lobby(data))}")
         return
-    refusal = svc.access.creation_refused(owner, len(await svc.chats.list_active(owner)))
-    if refusal is not None:
-        log.info("command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal)
-        await _say(update, data, refusal)
-        return
-    svc.access.record_creation(owner)
-    room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
+    shared = svc.shared_lock is not None  # replicas: the throttle's stamps are in the store
+    async with svc.one_at_a_time(owner) if shared else nullcontext():
+        now = time.time() if shared else None
+        if shared:
+            svc.access.restore(owner, await svc.store.get_creations(owner))
+        active = len(await svc.chats.list_active(owner))
+        refusal = svc.access.creation_refused(owner, active, now)
+        if refusal is not None:
+            log.info(
+                "command.refused", room_id=update.room_id, command="new", owner=owner, why=refusal
+            )
+            await _say(update, data, refusal)
+            return
+        svc.access.record_creation(owner, now)
+        if shared:
+            await svc.store.set_creations(owner, svc.access.creations(owner))
+        room_id, chat = await create_chat(svc, owner, user.space_id, title, update.event_id)
     link = matrix_to(room_id, svc.hs.server_name)
     if await svc.store.get_encrypted(room_id) is not None:  # made, but the bot cannot read it
         told = CHAT_ENCRYPTED.format(title=chat.title, chat_link=link)

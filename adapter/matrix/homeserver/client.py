@@ -165,6 +165,9 @@ class Homeserver:
         self._room_version_lock = asyncio.Lock()
         self._space_owners: dict[str, str] = {}  # room id -> owner, from sync (note_sync)
         self._swept_types: dict[str, str | None] = {}  # room id -> type, from a sweep
+        # With replicas: checks that the work a send belongs to is still this replica's (its
+        # room's lease, at the database), raising if not; set by the wiring.
+        self.guard: Callable[[], Awaitable[None]] | None = None
 
     @property
     def bot_id(self) -> str:
@@ -437,6 +440,8 @@ class Homeserver:
 
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str | None = None) -> str:
         """Send an ``m.room.message``; returns its event id."""
+        if self.guard is not None:
+            await self.guard()
         resp = await self._call(
             "send message",
             lambda: self.client.room_send(room_id, "m.room.message", content, tx_id=txn_id),

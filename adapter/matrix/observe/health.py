@@ -76,6 +76,12 @@ class Health:
         self._pushed = True
         self.synced()
 
+    def standing_by(self) -> None:
+        """A replica that does not sync (another one does, SPEC §10) reached the DB: its part
+        of the work goes on."""
+        self._synced_at = self._clock()
+        self._store_error = None
+
     def synced(self) -> None:
         """A sync round was recorded: the homeserver answers and the DB takes writes again."""
         self._synced_at = self._clock()

@@ -163,6 +163,14 @@ class MatrixStore:
         found = [(key.removeprefix("encrypted_room:"), EncryptedRoom(**v)) for key, v in rows]
         return [(room_id, record) for room_id, record in found if record.owner == owner]
 
+    async def get_creations(self, user_id: str) -> list[float]:
+        """With replicas: when the user's latest rooms were created (Unix seconds), so that
+        the creation throttle holds for the deployment."""
+        return list(await self.db.get(f"creations:{user_id}") or [])
+
+    async def set_creations(self, user_id: str, stamps: list[float]) -> None:
+        await self._write(f"creations:{user_id}", stamps or None, None)
+
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
 

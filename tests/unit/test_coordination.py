@@ -1,0 +1,98 @@
+"""Leases with a fence on the real PostgreSQL (core.store.coordination): a lease is taken when
+free, expired or released, each taking raises its term, and a write fenced with an older term
+is refused whole. With a SQLite file every lease is the one process's."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from core.store import PostgresStore
+from core.store.contract import Lease, LeaseLost
+from core.store.coordination import (
+    LEASES_TABLE,
+    PostgresCoordinator,
+    SoleCoordinator,
+    replicas_seen,
+    sync_holder,
+)
+
+
+async def expire(url: str, name: str) -> None:
+    """What a stall past the TTL leaves: the row's expiry in the past (the DB's clock)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            f"UPDATE {LEASES_TABLE} SET expires_at = now() - interval '1 second' WHERE name = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_lease_goes_to_one_replica_and_to_another_only_once_expired(pg_url):
+    store = await PostgresStore.open(pg_url)
+    a, b = PostgresCoordinator(store, "a"), PostgresCoordinator(store, "b")
+    try:
+        first = await a.acquire("sync")
+        assert first == Lease("sync", "a", 1)
+        assert await b.acquire("sync") is None
+        assert await a.holds(first)
+        await expire(pg_url, "sync")
+        second = await b.acquire("sync")
+        assert second == Lease("sync", "b", 2)
+        assert not await a.holds(first)  # the stalled one learns it lost the lease
+        assert await a.renew([first]) == set()
+        await b.release([second])
+        assert (await a.acquire("sync")) == Lease("sync", "a", 3)
+    finally:
+        await store.close()
+
+
+async def test_a_write_fenced_with_a_lost_term_is_refused_whole(pg_url):
+    store = await PostgresStore.open(pg_url)
+    a, b = PostgresCoordinator(store, "a"), PostgresCoordinator(store, "b")
+    try:
+        mine = await a.acquire("room:!r")
+        assert mine is not None
+        async with store.transaction() as tx:
+            tx.fence = mine
+            tx.set("inbox:000000000001", {"n": 1})
+        await expire(pg_url, "room:!r")
+        assert await b.acquire("room:!r") is not None
+        try:
+            async with store.transaction() as tx:
+                tx.fence = mine
+                tx.delete("inbox:000000000001")
+                tx.set("sync_token", "stale")
+        except LeaseLost:
+            pass
+        else:
+            raise AssertionError("a write fenced with a lost term was kept")
+        assert await store.get("inbox:000000000001") == {"n": 1}
+        assert await store.get("sync_token") is None
+    finally:
+        await store.close()
+
+
+async def test_replicas_are_seen_live_with_what_they_hold(pg_url):
+    store = await PostgresStore.open(pg_url)
+    a, b = PostgresCoordinator(store, "a"), PostgresCoordinator(store, "b")
+    try:
+        await a.heartbeat(syncing=True, rooms=2)
+        await b.heartbeat(syncing=False, rooms=0)
+        assert await a.live_replicas() == 2
+        await a.acquire("sync")
+        assert await sync_holder(store.pool) == "a"
+        seen = {r.id: (r.syncing, r.rooms, r.live) for r in await replicas_seen(store.pool)}
+        assert seen == {"a": (True, 2, True), "b": (False, 0, True)}
+        await b.close()
+        assert await a.live_replicas() == 1
+    finally:
+        await store.close()
+
+
+async def test_one_process_holds_every_lease():
+    sole = SoleCoordinator("me")
+    lease = await sole.acquire("room:!r")
+    assert lease is not None and await sole.holds(lease)
+    assert await sole.acquire("room:!r") is not None  # nobody else to take it from
