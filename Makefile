@@ -30,6 +30,7 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench_scale.py
 	$(PY) tools/bench_appservice.py
 	$(PY) tools/bench_store.py
+	$(PY) tools/bench_replicas.py
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
