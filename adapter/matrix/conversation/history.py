@@ -1,6 +1,8 @@
 """The conversation's thin shell: each room is read from the homeserver the first time a run
 needs it (one ``/messages`` request, bounded), then kept in step from sync and from the bot's
-own answers. Everything here is a cache: losing it changes nothing the agent sees."""
+own answers. Everything here is a cache: losing it changes nothing the agent sees, so it is
+kept within a memory budget, whole rooms least recently used out first; a room out of it is
+read again when next needed, as after a restart."""
 
 from __future__ import annotations
 
