@@ -23,7 +23,6 @@ from adapter.matrix.homeserver.session import (
     log_in,
 )
 from adapter.matrix.homeserver.shared_session import SharedSessionClient, log_in_shared
-from adapter.matrix.ingest.appservice import ListenerUnavailable as AppserviceUnavailable
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics
@@ -157,7 +156,7 @@ async def run_bot(config: Config, stop: asyncio.Event, agent: Agent | None = Non
                 else f"check {config.appservice.path} and app_service_config_files",
             )
             return 1
-        except AppserviceUnavailable as err:
+        except ListenerUnavailable as err:  # the appservice's address
             log.error("config.invalid", error=str(err))
             return 2
         finally:

@@ -372,9 +372,21 @@ class PostgresStore:
 
 
 async def _upgrade(conn: asyncpg.Connection, url: str, birth_cause: BirthCause) -> bool:
-    """Bring the bot's tables to ``SCHEMA_VERSION``; True when they were created now."""
+    """Bring the bot's tables to ``SCHEMA_VERSION``; True when they were created now.
+
+    The lock is taken before the transaction begins: a transaction that began before another
+    process committed the tables may still see them missing from this connection's catalog
+    cache (a lookup at connect time, in ``_prepare``, caches "no such table"), and would take
+    the bot's new tables for a foreign one. A transaction begun after the lock sees them."""
+    await conn.execute("SELECT pg_advisory_lock($1)", UPGRADE_LOCK)
+    try:
+        return await _upgrade_locked(conn, url, birth_cause)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", UPGRADE_LOCK)
+
+
+async def _upgrade_locked(conn: asyncpg.Connection, url: str, birth_cause: BirthCause) -> bool:
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", UPGRADE_LOCK)
         version = await schema_version(conn)
         if version is None:
             if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", KV_TABLE):

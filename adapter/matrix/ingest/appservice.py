@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
@@ -24,6 +23,7 @@ from aiohttp.typedefs import Handler
 from adapter.matrix.config import ListenAddr
 from adapter.matrix.ingest.events import to_update
 from adapter.matrix.ingest.update import Update
+from adapter.matrix.observe.listener import serve
 from core.store import StoreError
 
 log = structlog.get_logger()
@@ -120,10 +120,6 @@ def _error(status: int, errcode: str, error: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": error}, status=status)
 
 
-class ListenerUnavailable(Exception):
-    """The appservice address cannot be listened on."""
-
-
 class AppserviceListener:
     """Serves the appservice API for one bot until ``stop``. Open it with ``start``."""
 
@@ -193,18 +189,7 @@ class AppserviceListener:
         app.router.add_put(API + "/transactions/{txn_id}", transaction)
         app.router.add_post(API + "/ping", ping)
         app.router.add_route("*", "/{tail:.*}", unknown)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, addr.host, addr.port).start()
-        except OSError as err:
-            await runner.cleanup()
-            raise ListenerUnavailable(
-                f"LAMBDA_APPSERVICE_LISTEN={addr}: cannot listen there "
-                f"({os.strerror(err.errno) if err.errno else err}); choose a free port on an "
-                "address of this host"
-            ) from err
-        listener = cls(runner, ListenAddr(*runner.addresses[0][:2]))
+        listener = cls(*await serve(app, addr, "LAMBDA_APPSERVICE_LISTEN"))
         log.info("appservice.listening", addr=str(listener.addr))
         return listener
 

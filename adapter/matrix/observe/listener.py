@@ -17,7 +17,26 @@ log = structlog.get_logger()
 
 
 class ListenerUnavailable(Exception):
-    """The metrics address cannot be listened on (in use, not an address of this host)."""
+    """An address cannot be listened on (in use, not an address of this host)."""
+
+
+async def serve(
+    app: web.Application, addr: ListenAddr, variable: str
+) -> tuple[web.AppRunner, ListenAddr]:
+    """Serve ``app`` on ``addr``, without an access log; the runner, and the address as bound
+    (port 0 becomes a free port). ``ListenerUnavailable`` names ``variable``, what to change."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, addr.host, addr.port).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ListenerUnavailable(
+            f"{variable}={addr}: cannot listen there "
+            f"({os.strerror(err.errno) if err.errno else err}); choose a free port on an "
+            "address of this host"
+        ) from err
+    return runner, ListenAddr(*runner.addresses[0][:2])
 
 
 class MetricsListener:
@@ -43,18 +62,7 @@ class MetricsListener:
         app.router.add_get("/metrics", serve_metrics)
         app.router.add_get("/health", serve_health)
         # No access log: a scrape every few seconds is not news.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, addr.host, addr.port).start()
-        except OSError as err:
-            await runner.cleanup()
-            raise ListenerUnavailable(
-                f"LAMBDA_METRICS_ADDR={addr}: cannot listen there "
-                f"({os.strerror(err.errno) if err.errno else err}); choose a free port on an "
-                "address of this host"
-            ) from err
-        listener = cls(runner, ListenAddr(*runner.addresses[0][:2]))
+        listener = cls(*await serve(app, addr, "LAMBDA_METRICS_ADDR"))
         log.info("metrics.listening", addr=str(listener.addr), url=listener.url)
         return listener
 
