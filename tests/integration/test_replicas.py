@@ -57,7 +57,9 @@ class Replica(BotProcess):
             assert time.monotonic() < deadline, (
                 f"{self.name}: no {event} {fields}: {[e.get('event') for e in self.lines[-20:]]}"
             )
-            assert self.proc and self.proc.returncode is None, f"{self.name} exited: {self.lines[-5:]}"
+            assert self.proc and self.proc.returncode is None, (
+                f"{self.name} exited: {self.lines[-5:]}"
+            )
             await asyncio.sleep(0.05)
         return found[-1]
 
