@@ -411,6 +411,9 @@ class Bot:
                 log.warning(
                     "sync.catchup_failed", error=str(err) or type(err).__name__, retry_in_s=backoff
                 )
+            except LeaseLost as err:  # another replica syncs now: its start catches up
+                log.info("sync.catchup_handed_over", error=str(err))
+                return False
             except Exception:  # a bug: logged, retried like a fault, never silently gone
                 log.exception("sync.catchup_crashed", retry_in_s=backoff)
             await sleep_or_stop(stop, backoff)
@@ -424,7 +427,11 @@ class Bot:
         start, total loss, an account that synced before) runs the start's catch-up."""
         registration, addr = self.config.appservice, self.config.appservice_listen
         assert registration is not None and addr is not None
-        catch_up = not await self.store.appservice_caught_up()
+        try:
+            catch_up = not await self.store.appservice_caught_up()
+        except StoreRefused as fault:  # unknown: catching up again does no harm
+            log.warning("store.read_failed", during="start", error=str(fault), remedy=fault.remedy)
+            catch_up = True
         log.info("appservice.starting", catch_up=catch_up, inbox=delivery.queued)
         pushed = PushedIngest(self.services.hs.bot_id, self.services.conversation.observe)
         waiting: set[str] = set()  # while the DB refuses writes: the messages held back

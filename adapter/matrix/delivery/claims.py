@@ -71,6 +71,8 @@ class RoomClaims:
             except StoreRefused as err:
                 self._health.store_refused(str(err))
                 log.info("claims.store_refused", error=str(err))
+            except Exception:  # a bug: logged, and the replica keeps taking rooms
+                log.exception("claims.crashed")
             await self._sleep(stop)
         await self._release_idle()
 

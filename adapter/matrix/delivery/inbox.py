@@ -112,9 +112,10 @@ class Inbox:
     async def pending(self) -> list[Entry]:
         """What the inbox holds now, in order (with replicas, it is what all of them share);
         also what this replica counts as waiting, so the syncing one records nothing twice."""
-        entries = [Entry.from_json(key, data) for key, data in await self._db.scan(PREFIX)]
-        self._waiting = {_identity(e.update): e.key for e in entries}
-        self.depth = len(entries)
+        async with self._lock:  # not between a round's write and its bookkeeping
+            entries = [Entry.from_json(key, data) for key, data in await self._db.scan(PREFIX)]
+            self._waiting = {_identity(e.update): e.key for e in entries}
+            self.depth = len(entries)
         return entries
 
     @classmethod
