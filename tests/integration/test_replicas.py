@@ -237,3 +237,23 @@ async def test_one_users_onboarding_and_creation_throttle_hold_across_replicas(
         await alice.ask((lobby, chat)[i % 2], bot_id, f"!new n{i}", f"“n{i}”")
     await alice.ask(chat, bot_id, "!new n5", "faster than I can keep up")
     print("rooms taken per replica:", {r.name: len(r.named("room.taken")) for r in group})
+
+
+async def test_archive_then_confirm_on_another_replica_archives(replicas, make_user, bot_config):
+    """The pending confirmation is in the shared store: ``!confirm`` works on whichever
+    replica takes the room after the one that asked was killed."""
+    group = await replicas(2)
+    await leader(group)
+    bot_id = bot_config.user_id
+    alice = await make_user("alice")
+    _, _, chat = await alice.onboard(bot_id)
+    await alice.ask(chat, bot_id, "!archive", "Send !confirm")
+    # The room's holder now: the replica that took it last (the highest lease term).
+    asked = max(
+        group,
+        key=lambda r: max(e["term"] for e in r.named("room.taken", room_id=chat) or [{"term": -1}]),
+    )
+    await asked.kill()
+    await alice.ask(chat, bot_id, "!confirm", "Archived")
+    other = next(r for r in group if r is not asked)
+    assert other.named("chat.archived", room_id=chat)
