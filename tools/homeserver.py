@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,20 +84,13 @@ class LocalHomeserver:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us, and we stop Synapse in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         log.close()
         self._wait_ready(timeout)
 
     def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_child(self._process, signal.SIGTERM, 20)
 
     def restart(self, timeout: float = 60.0) -> None:
         """Stop and start again on the same port and data, with the configuration as it is now
@@ -210,14 +204,32 @@ class LocalHomeserver:
         raise HomeserverError(f"Synapse did not answer on {self.url} within {timeout:.0f}s")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM Synapse if the process that started it dies without stopping it
-    (a killed test run or benchmark must not leave a homeserver behind)."""
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a server the tools start (Linux): ``sig`` reaches it if the process
+    that started it dies without stopping it (a killed test run or benchmark must not leave a
+    server behind)."""
+
+    def arrange() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    return arrange
+
+
+def stop_child(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Stop a server the tools started: ``sig`` (its orderly shutdown), then kill it after
+    ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _request(method: str, url: str, body: dict | None = None) -> dict:

@@ -10,7 +10,6 @@ Synchronous on purpose, like ``homeserver.py``.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import pwd
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from homeserver import free_port
+from homeserver import die_with_parent, free_port, stop_child
 
 USER = "lambda"
 PASSWORD = "lambda-test-password"
@@ -97,21 +96,14 @@ class LocalPostgres:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             **self._as_owner(),
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGINT),  # a fast shutdown
         )
         log.close()
         self._wait_ready(timeout)
 
     def stop(self) -> None:
         """A fast shutdown: sessions are ended, the data is kept."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGINT)
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_child(self._process, signal.SIGINT, 30)
 
     def remove(self) -> None:
         self.stop()
@@ -215,15 +207,6 @@ class LocalPostgres:
             time.sleep(0.05)
         self.stop()
         raise PostgresError(f"PostgreSQL did not answer on port {self.port} within {timeout:.0f}s")
-
-
-def _die_with_parent() -> None:
-    """Linux: end the server (fast shutdown) if the process that started it dies first."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":  # a quick manual check: start, print the URL, wait for Ctrl-C

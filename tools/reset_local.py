@@ -22,7 +22,7 @@ from reset_tool.local import ResetLock, carry_out, create_fresh_db
 from reset_tool.plan import plan_reset
 from reset_tool.remote import reset_remote
 from reset_tool.report import print_plan, print_server_steps, print_state
-from reset_tool.server import server_cleanup
+from reset_tool.server import agree_and_clean_server
 
 from adapter.matrix.config import Config, ConfigError, db_location, local_paths
 from core.store import StoreLocked, is_postgres_url
@@ -122,28 +122,9 @@ def _reset(
         print(f"\nRefused, nothing changed: {plan.refusal}", file=sys.stderr)
         return REFUSED
     print_plan(plan, args.backup)
-    if args.dry_run:
-        print_server_steps(facts.db.rooms)
-        print("\nDry run: nothing was changed.")
-        return DONE
-    if not args.yes and not confirm("\nCarry out this plan?"):
-        print("Nothing changed.")
-        return REFUSED
-    if config is not None:
-        if not args.yes and not confirm(
-            "Also kick, leave and forget every room the bot "
-            "created on the homeserver, and log out its device?"
-        ):
-            print("Nothing changed.")
-            return REFUSED
-        print("\nServer side:")
-        if not asyncio.run(server_cleanup(config)):
-            print(
-                "Some server-side steps failed (see above); the local state is left as it "
-                "was, so running this again retries them.",
-                file=sys.stderr,
-            )
-            return REFUSED
+    stop = asyncio.run(agree_and_clean_server(args, config, facts.db.rooms, confirm))
+    if stop is not None:
+        return stop
     moved_to = carry_out(plan, args.backup)
     asyncio.run(create_fresh_db(facts.db.path))
     lock.discard = True

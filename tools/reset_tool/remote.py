@@ -33,7 +33,7 @@ from reset_tool.facts import DbFacts, LocalFacts, inspect_store, known_rooms
 from reset_tool.local import backup_folder, carry_out
 from reset_tool.plan import plan_reset
 from reset_tool.report import print_plan, print_server_steps
-from reset_tool.server import server_cleanup
+from reset_tool.server import agree_and_clean_server
 
 DONE, REFUSED = 0, 1
 FIND_THE_BOT = (
@@ -126,28 +126,8 @@ async def _reset(
         tables = ", ".join(BOT_TABLES)
         print(f"\nIn {shown}: drop the tables {tables}{saved}; no other table is touched.")
     print_plan(plan, args.backup)
-    if args.dry_run:
-        print_server_steps(rooms)
-        print("\nDry run: nothing was changed.")
-        return DONE
-    if not args.yes and not confirm("\nCarry out this plan?"):
-        print("Nothing changed.")
-        return REFUSED
-    if config is not None:
-        if not args.yes and not confirm(
-            "Also kick, leave and forget every room the bot "
-            "created on the homeserver, and log out its device?"
-        ):
-            print("Nothing changed.")
-            return REFUSED
-        print("\nServer side:")
-        if not await server_cleanup(config):
-            print(
-                "Some server-side steps failed (see above); the local state is left as it "
-                "was, so running this again retries them.",
-                file=sys.stderr,
-            )
-            return REFUSED
+    if (stop := await agree_and_clean_server(args, config, rooms, confirm)) is not None:
+        return stop
     if await _refused_for_bots(conn, shown):  # one may have started while we asked
         return REFUSED
     target = None

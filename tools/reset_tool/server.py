@@ -12,6 +12,8 @@ from nio import AsyncClient, ErrorResponse, JoinedRoomsResponse, RoomGetStateRes
 from adapter.matrix.config import Config
 from adapter.matrix.healing.room_state import RoomSnapshot
 from adapter.matrix.homeserver.session import tool_session
+from reset_tool.facts import KnownRoom
+from reset_tool.report import print_server_steps
 
 KICK_REASON = "Lambda dev reset"
 
@@ -70,3 +72,35 @@ async def _clean_room(client: AsyncClient, room_id: str, members: list[str]) -> 
             return False
     print(f"  {room_id}: {', '.join(what for what, _ in steps)}")
     return True
+
+
+async def agree_and_clean_server(
+    args: Any, config: Config | None, rooms: tuple[KnownRoom, ...], confirm: Callable[[str], bool]
+) -> int | None:
+    """What both resets (a file, a URL) do once the plan is printed: a dry run stops here; the
+    plan is confirmed, then the server side (``--server``: ``config``), which is cleaned up.
+    Returns the exit code to stop with, or None when the local part goes on."""
+    if args.dry_run:
+        print_server_steps(rooms)
+        print("\nDry run: nothing was changed.")
+        return 0
+    if not args.yes and not confirm("\nCarry out this plan?"):
+        print("Nothing changed.")
+        return 1
+    if config is None:
+        return None
+    if not args.yes and not confirm(
+        "Also kick, leave and forget every room the bot "
+        "created on the homeserver, and log out its device?"
+    ):
+        print("Nothing changed.")
+        return 1
+    print("\nServer side:")
+    if not await server_cleanup(config):
+        print(
+            "Some server-side steps failed (see above); the local state is left as it "
+            "was, so running this again retries them.",
+            file=sys.stderr,
+        )
+        return 1
+    return None
