@@ -90,6 +90,8 @@ CATCHUP_SYNC_FILTER = {
 MAX_BACKOFF_S = 60.0
 SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy lanes
 SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just answered may write
+# again at once; so may the users who were waiting for the bot, once it is back: the sweep's
+# second window waits until the live path has run this long too.
 SYNC_LEASE = "sync"  # with replicas: the one that syncs holds it
 STANDBY_POLL_S = 0.5  # how often a replica that does not sync tries to take the sync lease
 
@@ -167,6 +169,7 @@ class Bot:
         self._catching_up: asyncio.Task | None = None  # a start without a token's catch-up
         self._round_done = asyncio.Event()  # clear while a live round is in hand, not queued
         self._round_done.set()
+        self._catching_up_since = 0.0  # when the start's catch-up began (monotonic)
         self._delivery: Delivery | None = None  # this run's lanes
         self._deliver: Callable[[list[Entry]], Awaitable[None]] = self._nowhere
         self.dispatcher = Dispatcher(
@@ -386,6 +389,7 @@ class Bot:
         last one is recorded, the token is kept again. False: stopped before."""
         backoff = 1.0
         unrecorded: list[Update] = []
+        self._catching_up_since = time.monotonic()
         while not stop.is_set():
             try:
                 if unrecorded:  # decided, but the file refused them: never decided again
@@ -509,9 +513,12 @@ class Bot:
     async def _give_way(self, delivery: Delivery) -> None:
         """Before a sweep's next window, what users wait for goes first: a live round in hand
         (its updates not queued yet), then the lanes handling updates, and a moment after them
-        (a user just answered often writes again at once); for at most SWEEP_YIELD_S, so that
-        the sweep still goes on under a steady load."""
+        (a user just answered often writes again at once), and the start's first moments (the
+        users who waited for the bot write as it comes back); for at most SWEEP_YIELD_S and
+        SWEEP_SETTLE_S, so that the sweep still goes on under a steady load."""
         started = time.monotonic()
+        if (back := SWEEP_SETTLE_S - (started - self._catching_up_since)) > 0:
+            await asyncio.sleep(back)  # the bot is just back: its first live rounds go first
         with suppress(TimeoutError):
             await asyncio.wait_for(self._round_done.wait(), SWEEP_YIELD_S)
         left = max(0.0, SWEEP_YIELD_S - (time.monotonic() - started))
