@@ -113,7 +113,8 @@ class Inbox:
 
     async def lead(self, fence: Lease) -> None:
         """This replica syncs now, under ``fence``: rounds (and a start's catch-up) are
-        recorded only while it holds the lease. What the last one recorded is waiting."""
+        recorded only while it holds the lease; what the inbox holds now is not recorded
+        twice."""
         await self.pending()
         self._fence = fence
         self._held = False
@@ -225,9 +226,10 @@ class Inbox:
                 found = await tx.get_many(
                     [NEXT_SEQ_KEY, txn_mark, *(PUSHED_EVENT + u.event_id for u in fresh)]
                 )
-                # Pushed again (to this replica or another): recorded by the first push.
-                fresh = [] if txn_mark in found else _not_marked(fresh, found)
-                if txn_mark not in found:
+                if txn_mark in found:  # pushed again, to this replica or another: recorded
+                    fresh = []
+                else:
+                    fresh = _not_marked(fresh, found)
                     marks = [txn_mark, *(PUSHED_EVENT + u.event_id for u in fresh)]
             first = max(int(found.get(NEXT_SEQ_KEY) or 0), self._next_seq)
             entries = [Entry(first + i, update) for i, update in enumerate(fresh)]
