@@ -330,17 +330,27 @@ class PostgresStore:
                 rows = await conn.fetch(_GET_MANY, keys)
                 return {row["key"]: self._decode(row["key"], row["value"]) for row in rows}
 
-            async with conn.transaction():
-                await conn.execute(_SERIAL_LOCK, SERIAL_LOCKS, lock)
-                tx = SerialTransaction(read)
-                result = await work(tx)
-                fence = tx.fence
-                if fence is not None and (
-                    await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None
-                ):
-                    raise LeaseLost(fence)
-                if final := sorted(tx.final().items()):
-                    await conn.execute(_WRITE, *_write_args(final))
+            writing = False
+            try:
+                async with conn.transaction():
+                    await conn.execute(_SERIAL_LOCK, SERIAL_LOCKS, lock)
+                    tx = SerialTransaction(read)
+                    result = await work(tx)
+                    fence = tx.fence
+                    if fence is not None and (
+                        await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None
+                    ):
+                        raise LeaseLost(fence)
+                    writing = True
+                    if final := sorted(tx.final().items()):
+                        await conn.execute(_WRITE, *_write_args(final))
+            except _BROKEN as err:
+                if not writing:
+                    raise  # nothing was sent that could have landed: ``_run`` tries again
+                # Its commit may have landed unheard: running ``work`` again would number
+                # the same entries twice. Refused, like any write whose fate is unknown.
+                conn.terminate()
+                raise self._refused(err) from err
             return result
 
         return await self._run(locked)
