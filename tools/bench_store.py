@@ -27,6 +27,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -44,7 +45,10 @@ from adapter.matrix.delivery.inbox import Inbox  # noqa: E402
 from adapter.matrix.ingest.update import Update  # noqa: E402
 from adapter.matrix.run import run_bot  # noqa: E402
 from core.store import Store, open_store  # noqa: E402
+from core.store.contract import SerialWork  # noqa: E402
 from core.store.postgres import drop_bot_tables  # noqa: E402
+
+T = TypeVar("T")
 
 BACKENDS = ("sqlite", "postgresql")
 TARGET = 1.2
@@ -108,6 +112,13 @@ class TimedStore:
         try:
             async with self._store.transaction() as tx:
                 yield tx
+        finally:
+            self._add(started)
+
+    async def serialized(self, lock: str, work: SerialWork[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await self._store.serialized(lock, work)
         finally:
             self._add(started)
 

@@ -94,6 +94,7 @@ SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just an
 # second window waits until the live path has run this long too.
 SYNC_LEASE = "sync"  # with replicas: the one that syncs holds it
 STANDBY_POLL_S = 0.5  # how often a replica that does not sync tries to take the sync lease
+CATCH_UP_LOOK_S = 1.0  # appservice replicas: how often one looks whether the catch-up is over
 
 
 def client_config() -> AsyncClientConfig:
@@ -171,6 +172,7 @@ class Bot:
         self._round_done.set()
         self._catching_up_since = 0.0  # when the start's catch-up began (monotonic)
         self._delivery: Delivery | None = None  # this run's lanes
+        self._pushed: PushedIngest | None = None  # appservice mode: what the listener records
         self._deliver: Callable[[list[Entry]], Awaitable[None]] = self._nowhere
         self.dispatcher = Dispatcher(
             [
@@ -314,7 +316,16 @@ class Bot:
         )
         claiming = asyncio.create_task(claims.run(stop))
         log.info("replica.started", replica=self.coordinator.replica)
+        listener: AppserviceListener | None = None
+        beside: list[asyncio.Task] = []
         try:
+            if self.config.appservice is not None:
+                # Every replica listens (SPEC §10): behind a load balancer, any of them may be
+                # pushed any transaction; the store numbers the entries, whoever records.
+                listener, self._pushed, catch_up = await self._listen(inbox, delivery)
+                beside.append(asyncio.create_task(self._ping(stop, self.config.appservice.id)))
+                if catch_up:
+                    beside.append(asyncio.create_task(self._follow_catch_up(stop, self._pushed)))
             while not stop.is_set():
                 try:
                     lease = await self.leases.acquire(SYNC_LEASE)
@@ -327,6 +338,11 @@ class Bot:
                 leading.set()
                 await self._lead(stop, leading, lease, inbox)
         finally:
+            if listener is not None:
+                await listener.stop()
+            for task in beside:
+                task.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
             if not stop.is_set():  # a bug: the claims would wait for a stop forever
                 claiming.cancel()
             await asyncio.gather(claiming, return_exceptions=True)
@@ -354,8 +370,7 @@ class Bot:
             await inbox.lead(lease)
             assert self._delivery is not None
             if self.config.appservice is not None:
-                # One replica listens at a time, so that one numbers the inbox's entries.
-                await self._serve_pushed(ended, inbox, self._delivery)
+                await self._lead_catch_up(ended, lease, inbox, self._delivery)
                 return
             since = await self.store.get_sync_token()
             log.info("sync.starting", resume=since is not None, inbox=inbox.depth, term=lease.term)
@@ -425,19 +440,44 @@ class Bot:
         return False
 
     async def _serve_pushed(self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery) -> None:
-        """Appservice mode (SPEC §10): no sync loop. The listener records each pushed
-        transaction in the inbox and hands it to delivery; the homeserver is pinged so that it
-        pushes at once what it holds; a DB that has not caught up as an appservice yet (first
-        start, total loss, an account that synced before) runs the start's catch-up."""
+        """Appservice mode (SPEC §10), one process: no sync loop. The listener records each
+        pushed transaction in the inbox and hands it to delivery; the homeserver is pinged so
+        that it pushes at once what it holds; a DB that has not caught up as an appservice yet
+        (first start, total loss, an account that synced before) runs the start's catch-up."""
+        assert self.config.appservice is not None
+        listener, pushed, catch_up = await self._listen(inbox, delivery)
+        tasks = [asyncio.create_task(self._ping(stop, self.config.appservice.id))]
+        if catch_up:
+            self.ingest.start_without_token("")  # each room reads back from its own read
+            tasks.append(asyncio.create_task(self._pushed_catch_up(stop, inbox, delivery, pushed)))
+        try:
+            await stop.wait()
+        finally:
+            await listener.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _listen(
+        self, inbox: Inbox, delivery: Delivery
+    ) -> tuple[AppserviceListener, PushedIngest, bool]:
+        """Listen for the transactions the homeserver pushes, each recorded in the inbox (in
+        one store transaction, numbered by the store: any replica may record) and handed to
+        delivery. Also whether this DB's start's catch-up is still to come: until it is
+        recorded, every pushed message may be one it reads too, and is marked so."""
         registration, addr = self.config.appservice, self.config.appservice_listen
         assert registration is not None and addr is not None
+        pushed = PushedIngest(self.services.hs.bot_id, self.services.conversation.observe)
         try:
-            catch_up = not await self.store.appservice_caught_up()
+            caught = await self.store.appservice_caught_up()
         except StoreRefused as fault:  # unknown: catching up again does no harm
             log.warning("store.read_failed", during="start", error=str(fault), remedy=fault.remedy)
-            catch_up = True
-        log.info("appservice.starting", catch_up=catch_up, inbox=delivery.queued)
-        pushed = PushedIngest(self.services.hs.bot_id, self.services.conversation.observe)
+            caught = None
+        if caught is None:
+            pushed.catching_up()
+        else:
+            pushed.caught_up(caught.at * 1000, set(caught.rooms))
+        log.info("appservice.starting", catch_up=caught is None, inbox=delivery.queued)
         waiting: set[str] = set()  # while the DB refuses writes: the messages held back
 
         async def record(txn_id: str, updates: list[Update]) -> None:
@@ -461,33 +501,56 @@ class Bot:
             self.health.synced()
             await self._deliver(entries)
 
-        if catch_up:
-            pushed.catching_up()
-            self.ingest.start_without_token("")  # each room reads back from its own read
         listener = await AppserviceListener.start(addr, registration.hs_token, pushed, record)
         self.health.listening()
         log.info("bot.ready", mode="appservice", listen=str(listener.addr))
-        tasks = [asyncio.create_task(self._ping(stop, registration.id))]
-        if catch_up:
-            tasks.append(asyncio.create_task(self._pushed_catch_up(stop, inbox, delivery, pushed)))
-        try:
-            await stop.wait()
-        finally:
-            await listener.stop()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return listener, pushed, caught is None
+
+    async def _lead_catch_up(
+        self, ended: asyncio.Event, lease: Lease, inbox: Inbox, delivery: Delivery
+    ) -> None:
+        """Appservice mode with replicas: every replica listens, and the one that holds the
+        sync lease runs the start's catch-up if the deployment has not recorded one (once per
+        deployment: its windows are fenced with the lease). It keeps the lease until it stops
+        or loses it, so the catch-up is not looked for again and again."""
+        assert self._pushed is not None
+        caught = await self.store.appservice_caught_up()
+        log.info("appservice.leading", catch_up=caught is None, term=lease.term)
+        if caught is None:
+            self.ingest.start_without_token("")  # each room reads back from its own read
+            self._catching_up = asyncio.create_task(
+                self._pushed_catch_up(ended, inbox, delivery, self._pushed)
+            )
+        await ended.wait()
+
+    async def _follow_catch_up(self, stop: asyncio.Event, pushed: PushedIngest) -> None:
+        """With replicas: the deployment's catch-up runs on one of them; until it is recorded,
+        this one marks every pushed message as one it may read too, then only those it may
+        have read (in the rooms it read back, sent before it ended)."""
+        while not stop.is_set():
+            await sleep_or_stop(stop, CATCH_UP_LOOK_S)
+            try:
+                caught = await self.store.appservice_caught_up()
+            except StoreRefused:
+                continue  # the next look
+            if caught is not None:
+                pushed.caught_up(caught.at * 1000, set(caught.rooms))
+                log.info("appservice.caught_up", rooms=len(caught.rooms))
+                return
 
     async def _pushed_catch_up(
         self, stop: asyncio.Event, inbox: Inbox, delivery: Delivery, pushed: PushedIngest
     ) -> None:
         if not await self._catch_up(stop, inbox, delivery):
             return
-        pushed.caught_up(time.time() * 1000, self.ingest.deferred)
+        rooms = set(self.ingest.deferred)
         try:
-            await self.store.mark_appservice_caught_up()
+            caught = await self.store.mark_appservice_caught_up(rooms)
         except StoreRefused as err:  # the next start catches up again: no harm
             log.warning("store.write_failed", during="catchup", error=str(err))
+            pushed.caught_up(time.time() * 1000, rooms)
+            return
+        pushed.caught_up(caught.at * 1000, rooms)
 
     async def _ping(self, stop: asyncio.Event, appservice_id: str) -> None:
         """Have the homeserver ping the listener, and so retry at once what it holds."""

@@ -10,10 +10,10 @@ import calendar
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 RESET_HINT = "run `python tools/reset_local.py` to start from a clean local state"
 BIRTH_KEY = "birth"
@@ -22,6 +22,7 @@ LEGACY_RESET_MARKER_KEY = "reset_marker"  # what the reset tool wrote before bir
 BirthCause = Literal["store_missing", "local_reset"]
 Engine = Literal["sqlite", "postgresql"]
 _SURROGATES = range(0xD800, 0xE000)  # code points that UTF-8 (so neither engine's text) holds
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,25 @@ class Transaction:
         return dict(self.writes)
 
 
+class SerialTransaction(Transaction):
+    """A transaction of ``Store.serialized``: it also reads, and what it reads is what the
+    serialized transactions of its lock committed before it (not its own buffered writes)."""
+
+    def __init__(self, read: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> None:
+        super().__init__()
+        self._read = read
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The values of those of ``keys`` that exist, in one read."""
+        return await self._read(list(keys))
+
+
+# What runs inside ``Store.serialized``: reads through its transaction, buffers writes in it,
+# and returns what its caller needs. It may run twice (a connection that broke is retried),
+# so it does nothing but read and buffer.
+SerialWork = Callable[[SerialTransaction], Awaitable[T]]
+
+
 class Store(Protocol):
     """The contract each backend keeps. ``where`` names the store in messages (the file, or
     the URL without its password); ``created`` tells if it was new at open; ``birth`` when
@@ -120,6 +140,14 @@ class Store(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Writes that go together: all of them are kept, or none (``StoreRefused``)."""
+        ...
+
+    async def serialized(self, lock: str, work: SerialWork[T]) -> T:
+        """Read, then write, as one transaction that no other ``serialized`` of the same
+        ``lock`` overlaps, in this process or any other on the same database: ``work`` reads
+        what the one before it committed, and its buffered writes are applied atomically when
+        it returns (fenced like ``transaction``'s). A read-modify-write that cannot race:
+        numbers handed out once, a mark set only where it was absent."""
         ...
 
 

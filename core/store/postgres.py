@@ -29,6 +29,8 @@ from core.store.contract import (
     BirthCause,
     Engine,
     LeaseLost,
+    SerialTransaction,
+    SerialWork,
     StoreError,
     StoreRefused,
     StoreUnreadable,
@@ -68,6 +70,7 @@ POOL_WARM = 8  # connections opened (and their statements prepared) at start
 RETRIES = "the bot keeps its place and retries by itself"
 
 _GET = f"SELECT value FROM {KV_TABLE} WHERE key = $1"
+_GET_MANY = f"SELECT key, value FROM {KV_TABLE} WHERE key = ANY($1::text[])"
 _SCAN_FROM = f"SELECT key, value FROM {KV_TABLE} WHERE key >= $1 ORDER BY key"
 _SCAN_RANGE = f"SELECT key, value FROM {KV_TABLE} WHERE key >= $1 AND key < $2 ORDER BY key"
 # A transaction's writes in one statement (atomic by itself): its deletes, then its sets. A
@@ -81,6 +84,11 @@ _WRITE = (
 # A fence: the lease row still has our term. FOR SHARE keeps a takeover (an UPDATE of that
 # row) waiting until this transaction ends, so the writes land before it or not at all.
 _FENCE = f"SELECT 1 FROM {LEASES_TABLE} WHERE name = $1 AND holder = $2 AND term = $3 FOR SHARE"
+# ``serialized``: a transaction-level advisory lock, in the two-key space (apart from the
+# one-key UPGRADE_LOCK) under the bot's class "lamb", keyed by the lock's name. Taken in its
+# own statement, so the reads after it see what the holder before it committed.
+SERIAL_LOCKS = 0x6C616D62
+_SERIAL_LOCK = "SELECT pg_advisory_xact_lock($1::integer, hashtext($2))"
 
 # Faults of the moment (server class codes): the connection (08), the operator (57: shut down,
 # starting up), resources (53: disk, memory, connections), a rolled-back transaction (40),
@@ -180,6 +188,7 @@ async def _prepare(conn: asyncpg.Connection) -> None:
     if await schema_version(conn) == SCHEMA_VERSION:
         # Run, not just prepared: what is run is what asyncpg keeps in its statement cache.
         await conn.fetchval(_GET, "")
+        await conn.fetch(_GET_MANY, [])
         await conn.fetch(_SCAN_FROM, NOTHING_AFTER)
         await conn.fetch(_SCAN_RANGE, NOTHING_AFTER, NOTHING_AFTER)
         await conn.execute(_WRITE, [], [], [])  # no key: it writes nothing
@@ -301,11 +310,9 @@ class PostgresStore:
         final = sorted(tx.final().items())
         if not final:
             return
-        gone = [key for key, value in final if value is None]
-        kept = [(key, value) for key, value in final if value is not None]
-        keys, values = [k for k, _ in kept], [v for _, v in kept]
+        args = _write_args(final)
         if tx.fence is None:
-            await self._run(lambda conn: conn.execute(_WRITE, gone, keys, values))
+            await self._run(lambda conn: conn.execute(_WRITE, *args))
             return
         fence = tx.fence
 
@@ -313,9 +320,40 @@ class PostgresStore:
             async with conn.transaction():
                 if await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None:
                     raise LeaseLost(fence)
-                await conn.execute(_WRITE, gone, keys, values)
+                await conn.execute(_WRITE, *args)
 
         await self._run(fenced)
+
+    async def serialized(self, lock: str, work: SerialWork[T]) -> T:
+        async def locked(conn: asyncpg.Connection) -> T:
+            async def read(keys: list[str]) -> dict[str, Any]:
+                rows = await conn.fetch(_GET_MANY, keys)
+                return {row["key"]: self._decode(row["key"], row["value"]) for row in rows}
+
+            writing = False
+            try:
+                async with conn.transaction():
+                    await conn.execute(_SERIAL_LOCK, SERIAL_LOCKS, lock)
+                    tx = SerialTransaction(read)
+                    result = await work(tx)
+                    fence = tx.fence
+                    if fence is not None and (
+                        await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None
+                    ):
+                        raise LeaseLost(fence)
+                    writing = True
+                    if final := sorted(tx.final().items()):
+                        await conn.execute(_WRITE, *_write_args(final))
+            except _BROKEN as err:
+                if not writing:
+                    raise  # nothing was sent that could have landed: ``_run`` tries again
+                # Its commit may have landed unheard: running ``work`` again would number
+                # the same entries twice. Refused, like any write whose fate is unknown.
+                conn.terminate()
+                raise self._refused(err) from err
+            return result
+
+        return await self._run(locked)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -369,6 +407,14 @@ class PostgresStore:
             return json.loads(raw)
         except json.JSONDecodeError as err:
             raise StoreUnreadable(self.where, f"record {key!r} is not JSON") from err
+
+
+def _write_args(final: list[tuple[str, str | None]]) -> tuple[list[str], list[str], list[str]]:
+    """``_WRITE``'s arguments for a transaction's final writes, sorted by key: the keys
+    deleted, then the keys set and their values."""
+    gone = [key for key, value in final if value is None]
+    kept = [(key, value) for key, value in final if value is not None]
+    return gone, [k for k, _ in kept], [v for _, v in kept]
 
 
 async def _upgrade(conn: asyncpg.Connection, url: str, birth_cause: BirthCause) -> bool:

@@ -9,11 +9,11 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -23,6 +23,8 @@ from core.store.contract import (
     Birth,
     BirthCause,
     Engine,
+    SerialTransaction,
+    SerialWork,
     StoreError,
     StoreRefused,
     StoreUnreadable,
@@ -30,6 +32,8 @@ from core.store.contract import (
     birth_from,
     prefix_end,
 )
+
+T = TypeVar("T")
 
 
 class StoreUnwritable(StoreError):
@@ -213,24 +217,52 @@ class SQLiteStore:
         yield tx
         if not tx.writes:
             return
-        async with self._write_lock:
-            with refusals(self.path):
-                await self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for key, value in tx.writes:
-                        if value is None:
-                            await self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-                        else:
-                            await self._conn.execute(
-                                "INSERT INTO kv (key, value) VALUES (?, ?) "
-                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                                (key, value),
-                            )
-                    await self._conn.execute("COMMIT")
-                except BaseException:
-                    if self._conn.in_transaction:  # SQLite may have rolled back by itself
-                        await self._conn.execute("ROLLBACK")
-                    raise
+        async with self._write_lock, self._begun():
+            await self._apply(tx)
+
+    async def serialized(self, lock: str, work: SerialWork[T]) -> T:
+        """One process holds the file: every write already waits for the one before it, so
+        ``lock`` needs no name here, and a fence always holds."""
+        async with self._write_lock, self._begun():
+            tx = SerialTransaction(self._get_many)
+            result = await work(tx)
+            await self._apply(tx)
+        return result
+
+    @asynccontextmanager
+    async def _begun(self) -> AsyncIterator[None]:
+        """A write transaction on the file (the caller holds ``_write_lock``): committed when
+        the block ends, rolled back if it raises."""
+        with refusals(self.path):
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # SQLite may have rolled back by itself
+                    await self._conn.execute("ROLLBACK")
+                raise
+
+    async def _apply(self, tx: Transaction) -> None:
+        for key, value in tx.writes:
+            if value is None:
+                await self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            else:
+                await self._conn.execute(
+                    "INSERT INTO kv (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for start in range(0, len(keys), 500):  # SQLite's bound on a statement's parameters
+            chunk = list(keys[start : start + 500])
+            marks = ", ".join("?" * len(chunk))
+            query = f"SELECT key, value FROM kv WHERE key IN ({marks})"
+            async with self._conn.execute(query, chunk) as cur:
+                found.update((k, self._decode(k, v)) for k, v in await cur.fetchall())
+        return found
 
     def _decode(self, key: str, raw: str) -> Any:
         try:

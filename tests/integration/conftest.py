@@ -19,6 +19,9 @@ from typing import Any
 import asyncpg
 import pytest
 import structlog
+import yaml
+from appservice import registration
+from homeserver import LocalHomeserver, free_port
 from nio import (
     AsyncClient,
     LoginResponse,
@@ -28,7 +31,7 @@ from nio import (
     TypingNoticeEvent,
 )
 
-from adapter.matrix.config import Config
+from adapter.matrix.config import Config, Registration
 from adapter.matrix.handlers.chat_rooms import linked_rooms
 from adapter.matrix.run import run_bot
 from core.store import is_postgres_url, open_store
@@ -416,3 +419,38 @@ async def proxied_bot(bot_config: Config, proxy: FaultProxy, logs: LogSink):
     yield runner
     if runner._task is not None:
         await runner.stop()
+
+
+ACCOUNTS = 16  # bot accounts (registrations) in the appservice Synapse; one per test at most
+
+
+class AppserviceHomeserver(LocalHomeserver):
+    """A Synapse with ``ACCOUNTS`` registrations, handed out one per test."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.registrations = []
+        for n in range(ACCOUNTS):
+            data = registration(
+                f"http://127.0.0.1:{free_port()}", f"@lambda{n}:localhost", f"lambda{n}"
+            )
+            path = data_dir / f"registration{n}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            self.registrations.append(path)
+        super().__init__(
+            data_dir / "synapse",
+            extra_config={"app_service_config_files": [str(p) for p in self.registrations]},
+        )
+        self._next = itertools.count()
+
+    def take(self) -> Registration:
+        return Registration.load(self.registrations[next(self._next)])
+
+
+@pytest.fixture(scope="session")
+def appservice_homeserver(tmp_path_factory: pytest.TempPathFactory):
+    """A Synapse with appservice registrations, for the modules of appservice mode (each
+    overrides ``homeserver`` with it, so their users are made on it too)."""
+    hs = AppserviceHomeserver(tmp_path_factory.mktemp("appservice"))
+    hs.start()
+    yield hs
+    hs.stop()

@@ -7,7 +7,6 @@ directly with aiohttp; the rest is users chatting."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from dataclasses import replace
@@ -22,42 +21,23 @@ from homeserver import LocalHomeserver, free_port
 from adapter.matrix.config import Config, Registration
 from adapter.matrix.delivery.inbox import PUSHED_EVENT, PUSHED_TXN
 from core.store import SQLiteStore
-from tests.integration.conftest import TIMEOUT, BotProcess, BotRunner, doctor_tool, unique
+from tests.integration.conftest import (
+    TIMEOUT,
+    AppserviceHomeserver,
+    BotProcess,
+    BotRunner,
+    doctor_tool,
+    unique,
+)
 from tests.integration.test_db_faults import fill_disk, free_disk
 
-ACCOUNTS = 12  # bot accounts (registrations) in the module's Synapse; one per test at most
 API = "/_matrix/app/v1"
 
 
-class AppserviceHomeserver(LocalHomeserver):
-    """A Synapse with ``ACCOUNTS`` registrations, handed out one per test."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.registrations = []
-        for n in range(ACCOUNTS):
-            data = registration(
-                f"http://127.0.0.1:{free_port()}", f"@lambda{n}:localhost", f"lambda{n}"
-            )
-            path = data_dir / f"registration{n}.yaml"
-            path.write_text(yaml.safe_dump(data))
-            self.registrations.append(path)
-        super().__init__(
-            data_dir / "synapse",
-            extra_config={"app_service_config_files": [str(p) for p in self.registrations]},
-        )
-        self._next = itertools.count()
-
-    def take(self) -> Registration:
-        return Registration.load(self.registrations[next(self._next)])
-
-
-@pytest.fixture(scope="module")
-def homeserver(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture
+def homeserver(appservice_homeserver: AppserviceHomeserver) -> AppserviceHomeserver:
     """Overrides the shared homeserver for this module: users are made on this one too."""
-    hs = AppserviceHomeserver(tmp_path_factory.mktemp("appservice"))
-    hs.start()
-    yield hs
-    hs.stop()
+    return appservice_homeserver
 
 
 def appservice_config(homeserver: LocalHomeserver, reg: Registration, tmp_path: Path) -> Config:

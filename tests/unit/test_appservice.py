@@ -16,6 +16,7 @@ from adapter.matrix.delivery.inbox import PREFIX, Inbox
 from adapter.matrix.ingest.appservice import CATCHUP_MARGIN_MS, PushedIngest, pushed_updates
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.observe.health import LONG_POLL_S, Health
+from adapter.matrix.store.records import APPSERVICE_KEY, SYNC_TOKEN_KEY, CaughtUp, MatrixStore
 from core.store import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -141,6 +142,17 @@ async def test_a_transaction_or_an_event_pushed_again_is_recorded_once(tmp_path)
     assert [e.update for e in await inbox.add_transaction("2", [one, two, two])] == [two]
     assert [u["update"]["event_id"] for _, u in await db.scan(PREFIX)] == ["$e1", "$e2"]
     await db.close()
+
+
+async def test_the_catch_up_record_names_the_rooms_read_back_for_every_replica(store):
+    records = MatrixStore(store)
+    assert await records.appservice_caught_up() is None
+    await store.set(SYNC_TOKEN_KEY, "s1")
+    done = await records.mark_appservice_caught_up({"!b:x", "!a:x"})
+    assert await records.appservice_caught_up() == done == CaughtUp(done.at, ("!a:x", "!b:x"))
+    assert await store.get(SYNC_TOKEN_KEY) is None  # a move back to syncing catches up
+    await store.set(APPSERVICE_KEY, {"at": 12.0})  # as recorded before it named rooms
+    assert await records.appservice_caught_up() == CaughtUp(12.0, ())
 
 
 def test_healthy_while_the_listener_runs_however_long_nothing_is_pushed():

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from adapter.matrix.delivery.inbox import PREFIX as INBOX_PREFIX
-from adapter.matrix.delivery.inbox import Inbox
+from adapter.matrix.delivery.inbox import Entry, Inbox
 from adapter.matrix.ingest.update import Update
 from adapter.matrix.store.records import Creation, MatrixStore, Pending, RoomMeta, UserMeta
 from core.chat import ChatManager
 from core.store import Birth, BirthCause, Store, open_store
+from core.store.contract import SerialTransaction
 
 Opener = Callable[..., Awaitable[Store]]
 
@@ -125,6 +126,74 @@ async def test_a_transaction_applies_its_writes_in_order(db):
 async def test_many_concurrent_writers_all_land(db):
     await asyncio.gather(*(db.set(f"w:{i:03d}", i) for i in range(64)))
     assert [v for _, v in await db.scan("w:")] == list(range(64))
+
+
+async def other_process(db: Store, reopen: Opener) -> Store:
+    """The same database as another process sees it (a SQLite file is one process's)."""
+    return db if db.engine == "sqlite" else await reopen()
+
+
+async def test_serialized_read_modify_writes_of_two_processes_never_interleave(db, reopen):
+    """Each one reads what the one before it wrote, whichever process ran it: no number is
+    handed out twice and none is lost, however many run at once."""
+    other = await other_process(db, reopen)
+
+    async def take(tx: SerialTransaction) -> int:
+        n = (await tx.get_many(["counter", "absent"])).get("counter", 0)
+        await asyncio.sleep(0)  # let the others run between the read and the write
+        tx.set("counter", n + 1)
+        tx.set(f"taken:{n:03d}", n)
+        return n
+
+    taken = await asyncio.gather(*(store.serialized("c", take) for store in (db, other) * 16))
+    assert sorted(taken) == list(range(32))
+    assert await db.get("counter") == 32 and len(await db.scan("taken:")) == 32
+    if other is not db:
+        await other.close()
+
+
+async def test_serialized_work_that_raises_writes_nothing(db):
+    async def fail(tx: SerialTransaction) -> None:
+        tx.set("a", 1)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await db.serialized("c", fail)
+    assert await db.get("a") is None
+
+
+async def test_replicas_recording_pushed_transactions_at_once_number_them_apart(db, reopen):
+    """Appservice mode with replicas: every replica records what is pushed to it. Two at once
+    never give one number twice; a transaction pushed to both (a retry that landed on the
+    other) and an event pushed again are recorded once; and one after another, as the
+    homeserver pushes, whoever records, numbers follow the order they were recorded in."""
+    other = await other_process(db, reopen)
+    a, _ = await Inbox.open(db)
+    b, _ = await Inbox.open(other)
+
+    async def push(inbox: Inbox, numbers: range) -> None:
+        for n in numbers:
+            await inbox.add_transaction(f"t{n}", [update(n, f"!r{n % 3}:x")])
+
+    # Each replica its own transactions, and the last ones to both.
+    await asyncio.gather(push(a, range(0, 10)), push(b, range(10, 20)))
+    await asyncio.gather(push(a, range(20, 25)), push(b, range(20, 25)))
+    assert await b.add_transaction("again", [update(7, "!r1:x")]) == []
+    stored = [Entry.from_json(key, data) for key, data in await db.scan(INBOX_PREFIX)]
+    assert sorted(e.update.event_id for e in stored) == sorted(f"$e{n}" for n in range(25))
+    in_turn = [
+        *await a.ingest([update(100)], "token"),  # a syncing replica numbers from the same count
+        *[
+            e
+            for n in range(101, 107)
+            for e in await (a, b)[n % 2].add_transaction(f"s{n}", [update(n)])
+        ],
+    ]
+    assert [e.update.event_id for e in in_turn] == [f"$e{n}" for n in range(100, 107)]
+    assert [e.seq for e in in_turn] == sorted(e.seq for e in in_turn)
+    assert in_turn[0].seq > max(e.seq for e in stored)
+    if other is not db:
+        await other.close()
 
 
 async def test_a_new_store_records_its_birth_and_keeps_it_across_reopens(reopen):

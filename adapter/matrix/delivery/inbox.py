@@ -9,6 +9,14 @@ is removed with the next round.
 
 Recording is idempotent: an update already waiting in the inbox (the same room and event id,
 from a sync round fetched again, say) is not recorded a second time.
+
+Entries are numbered by the store, not by a process: each recording reads the next number
+(``NEXT_SEQ_KEY``) and advances it in the transaction that writes the entries, serialized
+across processes (``Store.serialized``). With replicas in appservice mode every replica
+records the transactions pushed to it, so numbers never collide, and an entry numbered
+after another was committed after it: a room's entries come out of the inbox in the order
+they were recorded. The marks of pushed transactions and events are read in that same
+transaction, so a transaction pushed again to another replica is recorded once.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.metrics import Metrics
 from adapter.matrix.store.records import SYNC_TOKEN_KEY
 from core.store import Store, StoreRefused, write_remedy
-from core.store.contract import Lease
+from core.store.contract import Lease, SerialTransaction
 
 log = structlog.get_logger()
 
@@ -39,9 +47,11 @@ PUSHED_KEEP_S = 2 * 86_400
 PUSHED_PRUNE_EVERY_S = 3600
 
 
-# With replicas, the next entry's number, kept with each round: a new syncing replica goes on
-# from it, so no number is used twice (a stalled replica's fenced write names its entry).
+# The next entry's number, read and advanced by each recording under the lock INBOX_LOCK
+# (``Store.serialized``): whichever process records, no number is used twice, and numbers
+# follow the order in which recordings were committed.
 NEXT_SEQ_KEY = "inbox_next_seq"
+INBOX_LOCK = "inbox"
 # The store refused a write: a fault of the machine, not of the data (``core.store``).
 WriteFailed = StoreRefused
 __all__ = ["PREFIX", "Entry", "Inbox", "WriteFailed", "write_remedy"]
@@ -85,6 +95,8 @@ class Inbox:
         health: Health | None = None,
     ) -> None:
         self._db = db
+        # No number below this one is given (entries recorded before NEXT_SEQ_KEY was kept
+        # on a SQLite file); the store's counter decides above it.
         self._next_seq = next_seq
         self._finished: set[str] = set()  # keys of finished entries the store refused to drop
         # (room id, event id) of each entry not finished yet: what is not recorded twice
@@ -100,12 +112,10 @@ class Inbox:
         self._fence: Lease | None = None  # with replicas: the sync lease a round is fenced with
 
     async def lead(self, fence: Lease) -> None:
-        """This replica syncs now, under ``fence``: rounds are recorded only while it holds
-        the lease, and number their entries on from what the last syncing replica recorded."""
-        pending = await self.pending()
-        stored = await self._db.get(NEXT_SEQ_KEY)
-        last = pending[-1].seq + 1 if pending else 0
-        self._next_seq = max(last, int(stored or 0), self._next_seq)
+        """This replica syncs now, under ``fence``: rounds (and a start's catch-up) are
+        recorded only while it holds the lease; what the inbox holds now is not recorded
+        twice."""
+        await self.pending()
         self._fence = fence
         self._held = False
 
@@ -150,39 +160,31 @@ class Inbox:
         """Record a round: its updates and the token that follows it, atomically. Raises
         ``WriteFailed`` when the file refuses it; then nothing is recorded."""
         async with self._lock:  # a start's catch-up records its round beside the sync loop
-            entries = await self._record(updates, None if self._held else sync_token)
+            token = None if self._held else sync_token
+            entries = await self._record(updates, token, self._fence)
             self._latest = sync_token
             return entries
 
     async def add(self, updates: list[Update]) -> list[Entry]:
         """Record updates of a start's catch-up (a window of its sweep); the token stays held."""
         async with self._lock:
-            return await self._record(updates, None)
+            return await self._record(updates, None, self._fence)
 
     async def release(self) -> None:
         """The start's catch-up is recorded: keep the latest round's token, and tokens again."""
         async with self._lock:
-            await self._record([], self._latest)
+            await self._record([], self._latest, self._fence)
             self._held = False
 
     async def add_transaction(self, txn_id: str, updates: list[Update]) -> list[Entry]:
         """Record a transaction the homeserver pushed (appservice mode), in one write: its
         updates but those of events already recorded, and its id, so that the same
-        transaction again records nothing. Raises ``WriteFailed`` when the file refuses it:
-        then nothing is recorded, and the homeserver pushes it again."""
+        transaction again records nothing, whichever replica it was pushed to before. Not
+        fenced: every replica listens. Raises ``WriteFailed`` when the file refuses it: then
+        nothing is recorded, and the homeserver pushes it again."""
         async with self._lock:
-            if await self._db.get(PUSHED_TXN + txn_id) is not None:
-                return []
-            fresh: dict[str, Update] = {}
-            for update in updates:
-                if update.event_id not in fresh and (
-                    await self._db.get(PUSHED_EVENT + update.event_id) is None
-                ):
-                    fresh[update.event_id] = update
-            now = time.time()
-            marks = {PUSHED_TXN + txn_id: now, **{PUSHED_EVENT + e: now for e in fresh}}
-            drop = await self._stale_marks(now)
-            return await self._record(list(fresh.values()), None, marks, drop)
+            drop = await self._stale_marks(time.time())
+            return await self._record(updates, None, None, txn_id, drop)
 
     async def _stale_marks(self, now: float) -> list[str]:
         """At most once an hour, the pushed marks older than ``PUSHED_KEEP_S``."""
@@ -200,32 +202,57 @@ class Inbox:
         self,
         updates: list[Update],
         sync_token: str | None,
-        marks: dict[str, Any] | None = None,
+        fence: Lease | None,
+        txn_id: str | None = None,
         drop: list[str] | None = None,
     ) -> list[Entry]:
-        """Record what is not waiting already; returns the new entries. Raises
-        ``WriteFailed`` (nothing recorded)."""
+        """Record what is not waiting already (nor, for a pushed transaction ``txn_id``,
+        marked as pushed before); returns the new entries. Raises ``WriteFailed`` (nothing
+        recorded), or ``LeaseLost`` when ``fence`` is no longer held."""
         new: dict[tuple[str, str], Update] = {}
         for update in updates:
             if (identity := _identity(update)) not in self._waiting:
                 new.setdefault(identity, update)
-        entries = [Entry(self._next_seq + i, update) for i, update in enumerate(new.values())]
-        async with self._db.transaction() as tx:
-            if self._fence is not None:
-                tx.fence = self._fence
-                tx.set(NEXT_SEQ_KEY, self._next_seq + len(entries))
-            for key in [*self._finished, *(drop or ())]:
+        finished = set(self._finished)
+        if not (new or sync_token is not None or txn_id is not None or drop or finished):
+            return []
+
+        async def numbered(tx: SerialTransaction) -> list[Entry]:
+            fresh, marks = list(new.values()), []
+            if txn_id is None:
+                found = await tx.get_many([NEXT_SEQ_KEY])
+            else:
+                txn_mark = PUSHED_TXN + txn_id
+                found = await tx.get_many(
+                    [NEXT_SEQ_KEY, txn_mark, *(PUSHED_EVENT + u.event_id for u in fresh)]
+                )
+                if txn_mark in found:  # pushed again, to this replica or another: recorded
+                    fresh = []
+                else:
+                    fresh = _not_marked(fresh, found)
+                    marks = [txn_mark, *(PUSHED_EVENT + u.event_id for u in fresh)]
+            first = max(int(found.get(NEXT_SEQ_KEY) or 0), self._next_seq)
+            entries = [Entry(first + i, update) for i, update in enumerate(fresh)]
+            tx.fence = fence
+            if entries:
+                tx.set(NEXT_SEQ_KEY, first + len(entries))
+            for key in [*finished, *(drop or ())]:
                 tx.delete(key)
             for entry in entries:
                 tx.set(entry.key, entry.to_json())
-            for key, value in (marks or {}).items():
-                tx.set(key, value)
+            now = time.time()
+            for key in marks:
+                tx.set(key, now)
             if sync_token is not None:
                 tx.set(SYNC_TOKEN_KEY, sync_token)
+            return entries
+
+        entries = await self._db.serialized(INBOX_LOCK, numbered)
         if len(entries) < len(updates):
             log.debug("inbox.already_recorded", updates=len(updates) - len(entries))
-        self._finished.clear()
-        self._next_seq += len(entries)
+        self._finished -= finished
+        if entries:
+            self._next_seq = max(self._next_seq, entries[-1].seq + 1)
         self._waiting.update((_identity(e.update), e.key) for e in entries)
         self.depth += len(entries)
         return entries
@@ -280,6 +307,15 @@ class Inbox:
             error=str(fault),
             remedy=fault.remedy,
         )
+
+
+def _not_marked(updates: list[Update], marks: dict[str, Any]) -> list[Update]:
+    """The updates of a pushed transaction whose event no earlier one recorded, each once."""
+    fresh: dict[str, Update] = {}
+    for update in updates:
+        if PUSHED_EVENT + update.event_id not in marks:
+            fresh.setdefault(update.event_id, update)
+    return list(fresh.values())
 
 
 def _identity(update: Update) -> tuple[str, str]:

@@ -32,6 +32,15 @@ class RoomMeta:
 
 
 @dataclass(frozen=True)
+class CaughtUp:
+    """Appservice mode: the start's catch-up was recorded at ``at`` (Unix seconds), and read
+    back ``rooms`` (every replica marks the events pushed there before then as replayed)."""
+
+    at: float
+    rooms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Creation:
     """A chat room an event creates: its id and title are chosen (and recorded) before the
     room exists, so a replay after a crash finds the room instead of making a second one."""
@@ -174,15 +183,23 @@ class MatrixStore:
     async def get_sync_token(self) -> str | None:
         return await self.db.get(SYNC_TOKEN_KEY)
 
-    async def appservice_caught_up(self) -> bool:
-        return await self.db.get(APPSERVICE_KEY) is not None
+    async def appservice_caught_up(self) -> CaughtUp | None:
+        """When this DB's appservice catch-up was recorded; None: it has not been."""
+        data = await self.db.get(APPSERVICE_KEY)
+        if data is None:
+            return None
+        data = data if isinstance(data, dict) else {}
+        return CaughtUp(float(data.get("at", 0.0)), tuple(data.get("rooms", ())))
 
-    async def mark_appservice_caught_up(self) -> None:
-        """The appservice's catch-up is recorded. The sync token goes: the events pushed since
-        are not in it, so a move back to syncing starts without one (and catches up)."""
+    async def mark_appservice_caught_up(self, rooms: set[str]) -> CaughtUp:
+        """The appservice's catch-up is recorded, ``rooms`` read back. The sync token goes: the
+        events pushed since are not in it, so a move back to syncing starts without one (and
+        catches up)."""
+        done = CaughtUp(time.time(), tuple(sorted(rooms)))
         async with self.db.transaction() as tx:
-            tx.set(APPSERVICE_KEY, {"at": time.time()})
+            tx.set(APPSERVICE_KEY, asdict(done))
             tx.delete(SYNC_TOKEN_KEY)
+        return done
 
 
 async def active_chat_rooms(store: MatrixStore, chats: ChatManager, owner: str) -> dict[str, str]:
