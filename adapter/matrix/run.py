@@ -11,7 +11,7 @@ from functools import partial
 import structlog
 from nio import AsyncClient
 
-from adapter.matrix.bot import MAX_BACKOFF_S, Bot, client_config, sleep_or_stop
+from adapter.matrix.bot import Bot, client_config
 from adapter.matrix.config import Config
 from adapter.matrix.homeserver.session import (
     HomeserverUnreachable,
@@ -23,6 +23,7 @@ from adapter.matrix.homeserver.session import (
     log_in,
 )
 from adapter.matrix.homeserver.shared_session import SharedSessionClient, log_in_shared
+from adapter.matrix.modes.parts import MAX_BACKOFF_S, sleep_or_stop
 from adapter.matrix.observe.health import Health
 from adapter.matrix.observe.listener import ListenerUnavailable, MetricsListener
 from adapter.matrix.observe.metrics import Metrics

@@ -11,7 +11,7 @@ M = "adapter.matrix"
 # An event's way through the bot, top to bottom. A module may import its own layer and those
 # below it, never one above. Each entry is a package or module prefix.
 LAYERS: list[tuple[str, ...]] = [
-    (f"{M}.__main__", f"{M}.run", f"{M}.bot"),  # the wiring
+    (f"{M}.__main__", f"{M}.run", f"{M}.bot", f"{M}.modes"),  # the wiring
     (f"{M}.handlers",),
     (f"{M}.chain",),  # the dispatcher, its links, what they hand the handlers
     (f"{M}.healing", f"{M}.conversation"),
