@@ -9,14 +9,11 @@ from contextlib import aclosing, suppress
 from functools import partial
 
 import structlog
-from aiohttp import ClientError
 
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.delivery.lanes import Delivery
-from adapter.matrix.homeserver.client import HomeserverError
-from adapter.matrix.homeserver.session import HomeserverUnreachable
 from adapter.matrix.ingest.update import Update
-from adapter.matrix.modes.parts import MAX_BACKOFF_S, BotParts, sleep_or_stop
+from adapter.matrix.modes.parts import HOMESERVER_FAULTS, MAX_BACKOFF_S, BotParts, sleep_or_stop
 from core.store.contract import LeaseLost
 
 log = structlog.get_logger()
@@ -53,14 +50,7 @@ class CatchingUp(BotParts):
                 await inbox.release()
                 self.ingest.swept()
                 return True
-            except (
-                TimeoutError,
-                HomeserverUnreachable,
-                HomeserverError,
-                ClientError,
-                OSError,
-                WriteFailed,
-            ) as err:
+            except (*HOMESERVER_FAULTS, WriteFailed) as err:
                 log.warning(
                     "sync.catchup_failed", error=str(err) or type(err).__name__, retry_in_s=backoff
                 )

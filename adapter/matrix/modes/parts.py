@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import structlog
+from aiohttp import ClientError
 from nio import AsyncClient
 
 from adapter.matrix.chain.context import Services
@@ -17,6 +18,8 @@ from adapter.matrix.config import Config
 from adapter.matrix.delivery.inbox import Entry
 from adapter.matrix.delivery.lanes import Delivery
 from adapter.matrix.delivery.leases import Leases
+from adapter.matrix.homeserver.client import HomeserverError
+from adapter.matrix.homeserver.session import HomeserverUnreachable
 from adapter.matrix.ingest.appservice import PushedIngest
 from adapter.matrix.ingest.catchup import CatchUpReader
 from adapter.matrix.ingest.sweep import JoinedRoomsSweep, Sweep
@@ -31,6 +34,8 @@ from core.store.coordination import Coordinator
 log = structlog.get_logger()
 
 MAX_BACKOFF_S = 60.0
+# A request to the homeserver that failed for a reason of the moment: retried with backoff.
+HOMESERVER_FAULTS = (TimeoutError, HomeserverUnreachable, HomeserverError, ClientError, OSError)
 
 
 class BotParts:

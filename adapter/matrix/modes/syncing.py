@@ -8,17 +8,15 @@ import secrets
 from typing import Any
 
 import structlog
-from aiohttp import ClientError
 from nio import SyncResponse
 
 from adapter.matrix.delivery.inbox import Inbox, WriteFailed
 from adapter.matrix.delivery.lanes import Delivery
-from adapter.matrix.homeserver.client import HomeserverError
 from adapter.matrix.homeserver.session import HomeserverUnreachable
 from adapter.matrix.ingest.sweep import TIMELINE, TIMELINE_TYPES
 from adapter.matrix.ingest.sync import sync_token_refused
 from adapter.matrix.modes.catching_up import CatchingUp
-from adapter.matrix.modes.parts import MAX_BACKOFF_S, sleep_or_stop
+from adapter.matrix.modes.parts import HOMESERVER_FAULTS, MAX_BACKOFF_S, sleep_or_stop
 
 log = structlog.get_logger()
 
@@ -128,13 +126,7 @@ class Syncing(CatchingUp):
                 log.warning("sync.token_refused", since=since, error=str(err))
                 since = None
                 continue
-            except (
-                TimeoutError,
-                HomeserverUnreachable,
-                HomeserverError,
-                ClientError,
-                OSError,
-            ) as err:
+            except HOMESERVER_FAULTS as err:
                 if stop.is_set():
                     break  # stopping; or the session was lost for good (run_bot says so)
                 self.metrics.sync_failures.inc()
