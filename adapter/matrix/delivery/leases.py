@@ -45,6 +45,7 @@ class Leases:
         self._held: dict[str, Lease] = {}
         self.on_lost = on_lost
         self.rooms = lambda: sum(1 for name in self._held if name.startswith("room:"))
+        self.live: list[str] = [coordinator.replica]  # the live replicas, at the last heartbeat
 
     @property
     def replica(self) -> str:
@@ -116,7 +117,7 @@ class Leases:
     async def renew_now(self, syncing: bool) -> None:
         held = list(self._held.values())
         try:
-            await self.coordinator.heartbeat(syncing, self.rooms())
+            self.live = await self.coordinator.heartbeat(syncing, self.rooms())
             kept = await self.coordinator.renew(held)
         except StoreRefused as err:
             # Nothing is given up for a database we cannot reach: whatever a lease guards is
