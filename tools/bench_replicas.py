@@ -7,7 +7,9 @@ Prints, from one run on one machine (bots as real processes, ``python -m adapter
   sent at once in that room; seconds from the kill to the second answer;
 - concurrency: K = 8, 32, 64 users each sending one message at the same moment to a 1 s
   agent, with 1, 2 and 3 replicas: median and max latency (reply minus message, the
-  homeserver's timestamps) / the agent's time (target: 3 replicas within 1.1x of one);
+  homeserver's timestamps) / the agent's time (target: 3 replicas within 1.1x of one); and
+  the CPU time the bots, Synapse and PostgreSQL used during each burst, beside the machine's
+  (what is coordination and what is contention for the cores);
 - a soak: users writing all along while a random replica is killed -9 every 5-12 s (and
   started again): messages sent, lost, duplicated, answered out of order (target 0, 0, 0).
 
@@ -196,7 +198,71 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.2f}, max {max(values):.2f} (n={len(values)})"
 
 
-async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> None:
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _with_children(pid: int) -> list[int]:
+    """``pid`` and its children (PostgreSQL's server processes are its postmaster's)."""
+    found = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process: the machine is
+    shared, so this shows the load beside ours)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """The CPU time each part used between ``start`` and ``stop``, printed as one line."""
+
+    def __init__(self, bots: list[Replica], synapse_pid: int, postgres_pid: int) -> None:
+        self.bots, self.synapse_pid, self.postgres_pid = bots, synapse_pid, postgres_pid
+
+    def _sample(self) -> dict[str, float]:
+        parts = {r.name: _cpu_s([r.proc.pid]) for r in self.bots if r.proc and r.alive}
+        return {
+            **parts,
+            "synapse": _cpu_s([self.synapse_pid]),
+            "postgres": _cpu_s(_with_children(self.postgres_pid)),
+            "machine": _machine_busy_s(),
+            "wall": time.monotonic(),
+        }
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def report(self) -> str:
+        after = self._sample()
+        used = {k: after[k] - self._before.get(k, after[k]) for k in after}
+        bots = [k for k in used if k not in ("synapse", "postgres", "machine", "wall")]
+        return (
+            f"cpu s over {used['wall']:.1f} s: bots {sum(used[k] for k in bots):.2f} ("
+            + ", ".join(f"{k} {used[k]:.2f}" for k in bots)
+            + f"), synapse {used['synapse']:.2f}, postgres {used['postgres']:.2f}; "
+            f"machine {used['machine']:.2f} of {os.cpu_count()} cores"
+        )
+
+
+async def concurrency(
+    hs: LocalHomeserver, pg: LocalPostgres, configs: list[Config], most: int
+) -> None:
     group = await started(configs[:3], ["a", "b", "c"])
     try:
         bot_id = configs[0].user_id
@@ -205,6 +271,8 @@ async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> 
             for i in range(most)
         ]
         chats = [(await p.onboard())[2] for p in people]
+        assert hs._process and pg._process
+        cpu = CpuUse(group, hs._process.pid, pg._process.pid)
         for running in (3, 2, 1):
             for r in group[running:]:
                 await r.stop()
@@ -215,6 +283,7 @@ async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> 
                 tag = f"r{running}k{k}"
                 for p in people[:k]:
                     await p._drain(0)
+                cpu.start()
                 sent = await asyncio.gather(
                     *(p.send(c, f"{tag} go") for p, c in zip(people[:k], chats, strict=False))
                 )
@@ -222,9 +291,11 @@ async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> 
                 for p, c, s in zip(people[:k], chats, sent, strict=False):
                     asked = await p.origin_ts(c, s)
                     ratios.append((await answer_ts(p, c, s) - asked) / 1000 / AGENT_DELAY_S)
+                used = cpu.report()  # read one by one: the users' syncs do not add to the burst
                 print(
                     f"K={k:2d} users, {running} replica(s): latency / agent time "
-                    f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}"
+                    f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}; {used}",
+                    flush=True,
                 )
         for p in people:
             await p.close()
@@ -306,7 +377,7 @@ async def main(args: argparse.Namespace) -> None:
     with throwaway_homeserver("lambda-bench-replicas-") as (hs, work), LocalPostgres() as pg:
         for part, run in (
             ("failover", lambda c: failover(hs, c, args.samples)),
-            ("concurrency", lambda c: concurrency(hs, c, args.users)),
+            ("concurrency", lambda c: concurrency(hs, pg, c, args.users)),
             ("soak", lambda c: soak(hs, c, args.soak_s, args.writers)),
         ):
             if part not in args.parts:
