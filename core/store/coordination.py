@@ -28,7 +28,8 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ from core.store.postgres import (
 log = structlog.get_logger()
 
 LEASE_TTL_S = 3.0  # a lease not renewed for this long may be taken by another replica
+RENEW_EVERY_S = 1.0  # how often a held lease is renewed
 LIVE_WITHIN_S = 5.0  # a replica not seen for this long is not counted among the live
 INBOX_CHANNEL = "lambda_inbox"  # NOTIFY: the inbox holds new entries
 
@@ -80,7 +82,6 @@ _RELEASE = (
 )
 # Seen within LIVE_WITHIN_S, and its session (if it recorded one) still listed.
 _LIVE_WHERE = f"r.last_seen > now() - make_interval(secs => $1) AND NOT {_GONE}"
-_LIVE = f"SELECT count(*) FROM {REPLICAS_TABLE} r WHERE {_LIVE_WHERE}"
 # The heartbeat, and in the same round trip the other live replicas' ids.
 _HEARTBEAT = (
     f"WITH beat AS (INSERT INTO {REPLICAS_TABLE} "
@@ -136,8 +137,6 @@ class Coordinator(Protocol):
         (``StoreRefused`` when the database cannot be reached)."""
         ...
 
-    async def live_replicas(self) -> int: ...
-
     async def acquire(self, name: str) -> Lease | None:
         """The lease, with a new term, if it is free or expired; else None."""
         ...
@@ -178,9 +177,6 @@ class SoleCoordinator:
 
     async def heartbeat(self, syncing: bool, rooms: int) -> list[str]:
         return [self.replica]
-
-    async def live_replicas(self) -> int:
-        return 1
 
     async def acquire(self, name: str) -> Lease | None:
         self._terms[name] = self._terms.get(name, 0) + 1
@@ -299,9 +295,6 @@ class PostgresCoordinator:
         )
         return [self.replica, *sorted(others or ())]
 
-    async def live_replicas(self) -> int:
-        return int(await self._run(lambda c: c.fetchval(_LIVE, LIVE_WITHIN_S)))
-
     async def acquire(self, name: str) -> Lease | None:
         if self._session is not None and not self._listening():
             return None  # the others would take it at once: they cannot see us alive
@@ -341,6 +334,29 @@ class PostgresCoordinator:
 
     async def _run(self, call: Callable[[asyncpg.Connection], Any]) -> Any:
         return await self._store._run(call)
+
+
+@asynccontextmanager
+async def renewed(coordinator: Coordinator, lease: Lease) -> AsyncIterator[None]:
+    """Keep ``lease`` renewed while the block runs (work that may outlast the TTL, a login to
+    a slow homeserver say, outside the renewals of ``adapter.matrix.delivery.leases``)."""
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                if lease.name not in await coordinator.renew([lease]):
+                    log.warning("lease.lost", lease=lease.name, term=lease.term)
+                    return
+            except StoreRefused as err:  # the next renewal may get through
+                log.info("lease.renew_failed", lease=lease.name, error=str(err))
+
+    keeper = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
 
 
 async def replicas_seen(pool: asyncpg.Pool) -> list[ReplicaSeen]:

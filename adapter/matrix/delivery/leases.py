@@ -20,11 +20,10 @@ from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.observe.health import Health
 from core.store import StoreRefused
 from core.store.contract import Lease, LeaseLost
-from core.store.coordination import Coordinator
+from core.store.coordination import RENEW_EVERY_S, Coordinator
 
 log = structlog.get_logger()
 
-RENEW_EVERY_S = 1.0
 HOLD_WAIT_S = 30.0  # how long ``holding`` waits for a lease another replica holds
 HOLD_POLL_S = 0.2
 current_lease: ContextVar[Lease | None] = ContextVar("current_lease", default=None)
