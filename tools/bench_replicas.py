@@ -241,6 +241,7 @@ class CpuUse:
             **parts,
             "synapse": _cpu_s([self.synapse_pid]),
             "postgres": _cpu_s(_with_children(self.postgres_pid)),
+            "users": _cpu_s([os.getpid()]),  # this bench: the scripted users' clients
             "machine": _machine_busy_s(),
             "wall": time.monotonic(),
         }
@@ -251,12 +252,13 @@ class CpuUse:
     def report(self) -> str:
         after = self._sample()
         used = {k: after[k] - self._before.get(k, after[k]) for k in after}
-        bots = [k for k in used if k not in ("synapse", "postgres", "machine", "wall")]
+        bots = [k for k in used if k not in ("synapse", "postgres", "users", "machine", "wall")]
         return (
             f"cpu s over {used['wall']:.1f} s: bots {sum(used[k] for k in bots):.2f} ("
             + ", ".join(f"{k} {used[k]:.2f}" for k in bots)
-            + f"), synapse {used['synapse']:.2f}, postgres {used['postgres']:.2f}; "
-            f"machine {used['machine']:.2f} of {os.cpu_count()} cores"
+            + f"), synapse {used['synapse']:.2f}, postgres {used['postgres']:.2f}, "
+            f"users {used['users']:.2f}; machine {used['machine']:.2f} "
+            f"({used['machine'] / used['wall']:.2f} of {os.cpu_count()} cores busy)"
         )
 
 
