@@ -9,7 +9,8 @@ Prints, from one run on one machine (bots as real processes, ``python -m adapter
   agent, with 1, 2 and 3 replicas: median and max latency (reply minus message, the
   homeserver's timestamps) / the agent's time (target: 3 replicas within 1.1x of one); and
   the CPU time the bots, Synapse and PostgreSQL used during each burst, beside the machine's
-  (what is coordination and what is contention for the cores);
+  (what is coordination and what is contention for the cores); each count of replicas is
+  warmed first by one untimed message from every user;
 - a soak: users writing all along while a random replica is killed -9 every 5-12 s (and
   started again): messages sent, lost, duplicated, answered out of order (target 0, 0, 0).
 
@@ -279,6 +280,15 @@ async def concurrency(
             for r in group[running:]:
                 await r.stop()
             await leader(group[:running])
+            # Untimed: each room's message once through the replica that now takes it, so
+            # that every count is measured warm (the order 3, 2, 1 would favour the last).
+            for p in people:
+                await p._drain(0)
+            warm = await asyncio.gather(
+                *(p.send(c, f"r{running} warm") for p, c in zip(people, chats, strict=True))
+            )
+            for p, c, s in zip(people, chats, warm, strict=True):
+                await answer_ts(p, c, s)
             for k in (8, 32, 64):
                 if k > most:
                     continue
