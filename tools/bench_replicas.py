@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -264,7 +265,7 @@ class CpuUse:
 
 
 async def concurrency(
-    hs: LocalHomeserver, pg: LocalPostgres, configs: list[Config], most: int
+    hs: LocalHomeserver, pg: LocalPostgres, configs: list[Config], most: int, repeat: int = 1
 ) -> None:
     group = await started(configs[:3], ["a", "b", "c"])
     try:
@@ -276,6 +277,7 @@ async def concurrency(
         chats = [(await p.onboard())[2] for p in people]
         assert hs._process and pg._process
         cpu = CpuUse(group, hs._process.pid, pg._process.pid)
+        runs: dict[tuple[int, int], list[list[float]]] = {}
         for running in (3, 2, 1):
             for r in group[running:]:
                 await r.stop()
@@ -289,10 +291,10 @@ async def concurrency(
             )
             for p, c, s in zip(people, chats, warm, strict=True):
                 await answer_ts(p, c, s)
-            for k in (8, 32, 64):
+            for k, n in itertools.product((8, 32, 64), range(repeat)):
                 if k > most:
                     continue
-                tag = f"r{running}k{k}"
+                tag = f"r{running}k{k}n{n}"
                 for p in people[:k]:
                     await p._drain(0)
                 cpu.start()
@@ -308,6 +310,15 @@ async def concurrency(
                     f"K={k:2d} users, {running} replica(s): latency / agent time "
                     f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}; {used}",
                     flush=True,
+                )
+                runs.setdefault((k, running), []).append(ratios)
+        if repeat > 1:
+            for (k, running), each in sorted(runs.items()):
+                medians = ", ".join(f"{statistics.median(r):.2f}" for r in each)
+                maxes = ", ".join(f"{max(r):.2f}" for r in each)
+                print(
+                    f"K={k:2d}, {running} replica(s), {repeat} runs: medians {medians}; "
+                    f"maxes {maxes}"
                 )
         for p in people:
             await p.close()
@@ -389,7 +400,7 @@ async def main(args: argparse.Namespace) -> None:
     with throwaway_homeserver("lambda-bench-replicas-") as (hs, work), LocalPostgres() as pg:
         for part, run in (
             ("failover", lambda c: failover(hs, c, args.samples)),
-            ("concurrency", lambda c: concurrency(hs, pg, c, args.users)),
+            ("concurrency", lambda c: concurrency(hs, pg, c, args.users, args.repeat)),
             ("soak", lambda c: soak(hs, c, args.soak_s, args.writers)),
         ):
             if part not in args.parts:
@@ -406,5 +417,6 @@ if __name__ == "__main__":
     parser.add_argument("--writers", type=int, default=6)
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="bursts of each K, in a row")
     parser.add_argument("--parts", nargs="*", default=["failover", "concurrency", "soak"])
     asyncio.run(main(parser.parse_args()))
