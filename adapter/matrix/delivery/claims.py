@@ -1,7 +1,7 @@
 """Which replica handles which room (SPEC §10, Replicas). Every replica watches the shared
-inbox (woken by NOTIFY when a round is recorded, and polling every second besides). A room
-with entries is taken by acquiring its lease ``room:<id>``; its entries then go, in order,
-through this replica's lanes, and the lease is given up when the lane has nothing left.
+inbox (woken by NOTIFY when a round is recorded, and looking every half second besides). A
+room with entries is taken by acquiring its lease ``room:<id>``; its entries then go, in
+order, through this replica's lanes, and the lease is given up when the lane has nothing left.
 
 Rooms are spread without asking: each room with work has one owner among the live replicas
 (rendezvous hashing over their ids, which every heartbeat brings), and only its owner tries to
