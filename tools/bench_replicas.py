@@ -7,7 +7,10 @@ Prints, from one run on one machine (bots as real processes, ``python -m adapter
   sent at once in that room; seconds from the kill to the second answer;
 - concurrency: K = 8, 32, 64 users each sending one message at the same moment to a 1 s
   agent, with 1, 2 and 3 replicas: median and max latency (reply minus message, the
-  homeserver's timestamps) / the agent's time (target: 3 replicas within 1.1x of one);
+  homeserver's timestamps) / the agent's time (target: 3 replicas within 1.1x of one); and
+  the CPU time the bots, Synapse and PostgreSQL used during each burst, beside the machine's
+  (what is coordination and what is contention for the cores); each count of replicas is
+  warmed first by one untimed message from every user;
 - a soak: users writing all along while a random replica is killed -9 every 5-12 s (and
   started again): messages sent, lost, duplicated, answered out of order (target 0, 0, 0).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -196,7 +200,73 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.2f}, max {max(values):.2f} (n={len(values)})"
 
 
-async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> None:
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _with_children(pid: int) -> list[int]:
+    """``pid`` and its children (PostgreSQL's server processes are its postmaster's)."""
+    found = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process: the machine is
+    shared, so this shows the load beside ours)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """The CPU time each part used between ``start`` and ``stop``, printed as one line."""
+
+    def __init__(self, bots: list[Replica], synapse_pid: int, postgres_pid: int) -> None:
+        self.bots, self.synapse_pid, self.postgres_pid = bots, synapse_pid, postgres_pid
+
+    def _sample(self) -> dict[str, float]:
+        parts = {r.name: _cpu_s([r.proc.pid]) for r in self.bots if r.proc and r.alive}
+        return {
+            **parts,
+            "synapse": _cpu_s([self.synapse_pid]),
+            "postgres": _cpu_s(_with_children(self.postgres_pid)),
+            "users": _cpu_s([os.getpid()]),  # this bench: the scripted users' clients
+            "machine": _machine_busy_s(),
+            "wall": time.monotonic(),
+        }
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def report(self) -> str:
+        after = self._sample()
+        used = {k: after[k] - self._before.get(k, after[k]) for k in after}
+        bots = [k for k in used if k not in ("synapse", "postgres", "users", "machine", "wall")]
+        return (
+            f"cpu s over {used['wall']:.1f} s: bots {sum(used[k] for k in bots):.2f} ("
+            + ", ".join(f"{k} {used[k]:.2f}" for k in bots)
+            + f"), synapse {used['synapse']:.2f}, postgres {used['postgres']:.2f}, "
+            f"users {used['users']:.2f}; machine {used['machine']:.2f} "
+            f"({used['machine'] / used['wall']:.2f} of {os.cpu_count()} cores busy)"
+        )
+
+
+async def concurrency(
+    hs: LocalHomeserver, pg: LocalPostgres, configs: list[Config], most: int, repeat: int = 1
+) -> None:
     group = await started(configs[:3], ["a", "b", "c"])
     try:
         bot_id = configs[0].user_id
@@ -205,16 +275,29 @@ async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> 
             for i in range(most)
         ]
         chats = [(await p.onboard())[2] for p in people]
+        assert hs._process and pg._process
+        cpu = CpuUse(group, hs._process.pid, pg._process.pid)
+        runs: dict[tuple[int, int], list[list[float]]] = {}
         for running in (3, 2, 1):
             for r in group[running:]:
                 await r.stop()
             await leader(group[:running])
-            for k in (8, 32, 64):
+            # Untimed: each room's message once through the replica that now takes it, so
+            # that every count is measured warm (the order 3, 2, 1 would favour the last).
+            for p in people:
+                await p._drain(0)
+            warm = await asyncio.gather(
+                *(p.send(c, f"r{running} warm") for p, c in zip(people, chats, strict=True))
+            )
+            for p, c, s in zip(people, chats, warm, strict=True):
+                await answer_ts(p, c, s)
+            for k, n in itertools.product((8, 32, 64), range(repeat)):
                 if k > most:
                     continue
-                tag = f"r{running}k{k}"
+                tag = f"r{running}k{k}n{n}"
                 for p in people[:k]:
                     await p._drain(0)
+                cpu.start()
                 sent = await asyncio.gather(
                     *(p.send(c, f"{tag} go") for p, c in zip(people[:k], chats, strict=False))
                 )
@@ -222,9 +305,20 @@ async def concurrency(hs: LocalHomeserver, configs: list[Config], most: int) -> 
                 for p, c, s in zip(people[:k], chats, sent, strict=False):
                     asked = await p.origin_ts(c, s)
                     ratios.append((await answer_ts(p, c, s) - asked) / 1000 / AGENT_DELAY_S)
+                used = cpu.report()  # read one by one: the users' syncs do not add to the burst
                 print(
                     f"K={k:2d} users, {running} replica(s): latency / agent time "
-                    f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}"
+                    f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}; {used}",
+                    flush=True,
+                )
+                runs.setdefault((k, running), []).append(ratios)
+        if repeat > 1:
+            for (k, running), each in sorted(runs.items()):
+                medians = ", ".join(f"{statistics.median(r):.2f}" for r in each)
+                maxes = ", ".join(f"{max(r):.2f}" for r in each)
+                print(
+                    f"K={k:2d}, {running} replica(s), {repeat} runs: medians {medians}; "
+                    f"maxes {maxes}"
                 )
         for p in people:
             await p.close()
@@ -306,7 +400,7 @@ async def main(args: argparse.Namespace) -> None:
     with throwaway_homeserver("lambda-bench-replicas-") as (hs, work), LocalPostgres() as pg:
         for part, run in (
             ("failover", lambda c: failover(hs, c, args.samples)),
-            ("concurrency", lambda c: concurrency(hs, c, args.users)),
+            ("concurrency", lambda c: concurrency(hs, pg, c, args.users, args.repeat)),
             ("soak", lambda c: soak(hs, c, args.soak_s, args.writers)),
         ):
             if part not in args.parts:
@@ -323,5 +417,6 @@ if __name__ == "__main__":
     parser.add_argument("--writers", type=int, default=6)
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="bursts of each K, in a row")
     parser.add_argument("--parts", nargs="*", default=["failover", "concurrency", "soak"])
     asyncio.run(main(parser.parse_args()))

@@ -8,6 +8,15 @@ released, and every taking makes its term grow, so a write fenced with an older 
 Expiry is reckoned by the database's clock (``now()``), never a replica's. A replica renews
 what it holds about every second and gives it up on purpose when done.
 
+A replica that dies on a live machine (kill -9, a crash) has its PostgreSQL sessions closed
+by the kernel at once. Each replica keeps one long-lived connection (the one that LISTENs),
+named after it (``application_name``), and records that name with its heartbeat: a lease
+whose holder recorded a session that PostgreSQL no longer lists (``pg_stat_activity``; the
+replicas share one role, so they see each other's names) is taken at once, not at its
+expiry. A replica that stalls (SIGSTOP, a long pause) keeps its session, so its leases last
+until the TTL as before; a lost machine (no session closed) falls back to the TTL too. A
+replica holds leases only while its own session is up.
+
 With a SQLite file there is one process: ``SoleCoordinator`` holds every lease at once, so the
 same code runs without a database round trip.
 """
@@ -16,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -27,20 +38,38 @@ import asyncpg
 import structlog
 
 from core.store.contract import Lease, StoreRefused
-from core.store.postgres import LEASES_TABLE, REPLICAS_TABLE, PostgresStore
+from core.store.postgres import (
+    APPLICATION_NAME_MAX,
+    BOT_APPLICATION,
+    LEASES_TABLE,
+    REPLICAS_TABLE,
+    PostgresStore,
+)
 
 log = structlog.get_logger()
 
 LEASE_TTL_S = 3.0  # a lease not renewed for this long may be taken by another replica
+RENEW_EVERY_S = 1.0  # how often a held lease is renewed
 LIVE_WITHIN_S = 5.0  # a replica not seen for this long is not counted among the live
 INBOX_CHANNEL = "lambda_inbox"  # NOTIFY: the inbox holds new entries
 
+HOST_IN_ID = 24  # characters of the host name kept in a replica's id (see new_replica_id)
+# The replica ``r`` recorded a session that PostgreSQL no longer lists: its process is gone.
+_GONE = (
+    "(r.session IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+    "WHERE a.datname = current_database() AND a.application_name = r.session))"
+)
+# ``prior``: who held it, and whether its expiry was still ahead (for the log only).
 _ACQUIRE = (
+    f"WITH prior AS (SELECT holder, expires_at > now() AS running FROM {LEASES_TABLE} "
+    "WHERE name = $1) "
     f"INSERT INTO {LEASES_TABLE} AS l (name, holder, term, expires_at) "
     "VALUES ($1, $2, 1, now() + make_interval(secs => $3)) "
     "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, term = l.term + 1, "
     "expires_at = EXCLUDED.expires_at "
-    "WHERE l.holder = '' OR l.expires_at < now() RETURNING term"
+    "WHERE l.holder = '' OR l.expires_at < now() OR l.holder <> $2 AND EXISTS "
+    f"(SELECT 1 FROM {REPLICAS_TABLE} r WHERE r.id = l.holder AND {_GONE}) "
+    "RETURNING term, (SELECT holder FROM prior) AS was, (SELECT running FROM prior) AS running"
 )
 _RENEW = (
     f"UPDATE {LEASES_TABLE} SET expires_at = now() + make_interval(secs => $4) "
@@ -51,18 +80,32 @@ _RELEASE = (
     f"UPDATE {LEASES_TABLE} SET holder = '', expires_at = now() "
     "WHERE holder = $1 AND (name, term) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))"
 )
+# Seen within LIVE_WITHIN_S, and its session (if it recorded one) still listed.
+_LIVE_WHERE = f"r.last_seen > now() - make_interval(secs => $1) AND NOT {_GONE}"
+# The heartbeat, and in the same round trip the other live replicas' ids.
 _HEARTBEAT = (
-    f"INSERT INTO {REPLICAS_TABLE} (id, host, pid, started_at, last_seen, syncing, rooms) "
-    "VALUES ($1, $2, $3, now(), now(), $4, $5) ON CONFLICT (id) DO UPDATE SET "
-    "last_seen = now(), syncing = EXCLUDED.syncing, rooms = EXCLUDED.rooms"
+    f"WITH beat AS (INSERT INTO {REPLICAS_TABLE} "
+    "(id, host, pid, started_at, last_seen, syncing, rooms, session) "
+    "VALUES ($2, $3, $4, now(), now(), $5, $6, $7) ON CONFLICT (id) DO UPDATE SET "
+    "last_seen = now(), syncing = EXCLUDED.syncing, rooms = EXCLUDED.rooms, "
+    "session = EXCLUDED.session RETURNING id) "
+    f"SELECT array_agg(r.id) FROM {REPLICAS_TABLE} r WHERE r.id <> $2 AND {_LIVE_WHERE}"
 )
-_LIVE = f"SELECT count(*) FROM {REPLICAS_TABLE} WHERE last_seen > now() - make_interval(secs => $1)"
 _FORGET_DEAD = f"DELETE FROM {REPLICAS_TABLE} WHERE last_seen < now() - interval '1 hour'"
 
 
 def new_replica_id() -> str:
-    """Random, with the host and pid for the humans reading logs and the doctor."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    """Random, with the host and pid for the humans reading logs and the doctor; short and
+    plain enough to be kept whole in its session's name (``session_name``)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:HOST_IN_ID] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def session_name(replica: str) -> str:
+    """The ``application_name`` of the replica's long-lived connection. An id too long for
+    it is cut: two replicas cut alike would each be taken for alive while the other is, so
+    the cut errs on the side of waiting for the TTL."""
+    return f"{BOT_APPLICATION} {replica}"[:APPLICATION_NAME_MAX]
 
 
 @dataclass(frozen=True)
@@ -89,11 +132,10 @@ class Coordinator(Protocol):
 
     async def close(self) -> None: ...
 
-    async def heartbeat(self, syncing: bool, rooms: int) -> None:
-        """This replica is alive (``StoreRefused`` when the database cannot be reached)."""
+    async def heartbeat(self, syncing: bool, rooms: int) -> list[str]:
+        """This replica is alive; returns the ids of the live replicas, this one first
+        (``StoreRefused`` when the database cannot be reached)."""
         ...
-
-    async def live_replicas(self) -> int: ...
 
     async def acquire(self, name: str) -> Lease | None:
         """The lease, with a new term, if it is free or expired; else None."""
@@ -133,11 +175,8 @@ class SoleCoordinator:
     async def close(self) -> None:
         pass
 
-    async def heartbeat(self, syncing: bool, rooms: int) -> None:
-        pass
-
-    async def live_replicas(self) -> int:
-        return 1
+    async def heartbeat(self, syncing: bool, rooms: int) -> list[str]:
+        return [self.replica]
 
     async def acquire(self, name: str) -> Lease | None:
         self._terms[name] = self._terms.get(name, 0) + 1
@@ -164,7 +203,7 @@ class SoleCoordinator:
 
 
 class PostgresCoordinator:
-    """Replicas on the PostgreSQL store's database (tables of migration 2)."""
+    """Replicas on the PostgreSQL store's database (tables of migrations 2 and 3)."""
 
     shared = True
 
@@ -174,23 +213,54 @@ class PostgresCoordinator:
         self._pool = store.pool
         self._woken = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
+        self._started = False
+        # The name of this replica's long-lived session, once ``start`` made it: from then on
+        # others take its leases as soon as that session is gone, so it holds none without it.
+        self._session: str | None = None
 
     async def start(self) -> None:
+        self._started, self._session = True, session_name(self.replica)
         await self._listen()
 
+    def _listening(self) -> bool:
+        try:
+            return self._listener is not None and not self._listener.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back: it broke
+            return False
+
     async def _listen(self) -> None:
-        """A connection of its own waits for NOTIFY; if it breaks, the poll still finds work."""
+        """A connection of its own waits for NOTIFY, and is the session by which the others
+        know this replica is alive; if it breaks, the poll still finds work, and the next
+        heartbeat opens it again."""
         try:
             self._listener = await self._pool.acquire()
+            if self._session is not None:
+                await self._listener.execute(
+                    "SELECT set_config('application_name', $1, false)", self._session
+                )
+                seen = await self._listener.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
+                    "AND application_name = $1",
+                    self._session,
+                )
+                if not seen:  # the others could not tell it alive: leases only by the TTL
+                    log.error("replica.session_unseen", session=self._session)
+                    self._session = None
             await self._listener.add_listener(INBOX_CHANNEL, self._on_notify)
+            self._listener.add_termination_listener(self._on_session_end)
+            log.info("replica.session_opened", session=self._session)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as err:
             log.info("replica.listen_failed", error=str(err) or type(err).__name__)
             await self._drop_listener()
 
+    def _on_session_end(self, _: asyncpg.Connection) -> None:
+        log.warning("replica.session_lost", session=self._session)
+
     async def _drop_listener(self) -> None:
         if self._listener is not None:
             try:
-                await self._pool.release(self._listener)
+                self._listener.remove_termination_listener(self._on_session_end)
+                await self._pool.release(self._listener)  # its name is reset with it
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 pass
             self._listener = None
@@ -212,23 +282,34 @@ class PostgresCoordinator:
                 pass
         await self._drop_listener()
 
-    async def heartbeat(self, syncing: bool, rooms: int) -> None:
-        host, pid = socket.gethostname(), os.getpid()
-        await self._run(lambda c: c.execute(_HEARTBEAT, self.replica, host, pid, syncing, rooms))
-        if self._listener is None or self._listener.is_closed():
-            self._listener = None
+    async def heartbeat(self, syncing: bool, rooms: int) -> list[str]:
+        if self._started and not self._listening():
+            await self._drop_listener()
             await self._listen()
-
-    async def live_replicas(self) -> int:
-        return int(await self._run(lambda c: c.fetchval(_LIVE, LIVE_WITHIN_S)))
+        session = self._session if self._listening() else None
+        host, pid = socket.gethostname(), os.getpid()
+        others = await self._run(
+            lambda c: c.fetchval(
+                _HEARTBEAT, LIVE_WITHIN_S, self.replica, host, pid, syncing, rooms, session
+            )
+        )
+        return [self.replica, *sorted(others or ())]
 
     async def acquire(self, name: str) -> Lease | None:
-        term = await self._run(lambda c: c.fetchval(_ACQUIRE, name, self.replica, LEASE_TTL_S))
-        return None if term is None else Lease(name, self.replica, int(term))
+        if self._session is not None and not self._listening():
+            return None  # the others would take it at once: they cannot see us alive
+        row = await self._run(lambda c: c.fetchrow(_ACQUIRE, name, self.replica, LEASE_TTL_S))
+        if row is None:
+            return None
+        if row["running"] and row["was"] not in ("", self.replica):
+            log.info("lease.taken_from_gone", lease=name, holder=row["was"], term=row["term"])
+        return Lease(name, self.replica, int(row["term"]))
 
     async def renew(self, leases: list[Lease]) -> set[str]:
         if not leases:
             return set()
+        if self._session is not None and not self._listening():
+            return set()  # our session is gone: the others may have taken any of them
         names, terms = [x.name for x in leases], [x.term for x in leases]
         rows = await self._run(lambda c: c.fetch(_RENEW, self.replica, names, terms, LEASE_TTL_S))
         return {row["name"] for row in rows}
@@ -255,13 +336,36 @@ class PostgresCoordinator:
         return await self._store._run(call)
 
 
+@asynccontextmanager
+async def renewed(coordinator: Coordinator, lease: Lease) -> AsyncIterator[None]:
+    """Keep ``lease`` renewed while the block runs (work that may outlast the TTL, a login to
+    a slow homeserver say, outside the renewals of ``adapter.matrix.delivery.leases``)."""
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                if lease.name not in await coordinator.renew([lease]):
+                    log.warning("lease.lost", lease=lease.name, term=lease.term)
+                    return
+            except StoreRefused as err:  # the next renewal may get through
+                log.info("lease.renew_failed", lease=lease.name, error=str(err))
+
+    keeper = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+
+
 async def replicas_seen(pool: asyncpg.Pool) -> list[ReplicaSeen]:
     """The replicas that were seen within the last hour (the doctor's list), oldest first."""
     async with pool.acquire() as conn:
         await conn.execute(_FORGET_DEAD)
         rows = await conn.fetch(
-            f"SELECT *, last_seen > now() - make_interval(secs => $1) AS live "
-            f"FROM {REPLICAS_TABLE} ORDER BY started_at",
+            "SELECT id, host, pid, started_at, last_seen, syncing, rooms, "
+            f"{_LIVE_WHERE} AS live FROM {REPLICAS_TABLE} r ORDER BY started_at",
             LIVE_WITHIN_S,
         )
     return [ReplicaSeen(**dict(row)) for row in rows]

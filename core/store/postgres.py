@@ -41,8 +41,10 @@ from core.store.contract import (
 from core.store.location import redact_url, scrub
 
 # What the bot's connections call themselves (pg_stat_activity.application_name): how the
-# reset tool knows a bot is connected. The tools name theirs otherwise.
+# reset tool knows a bot is connected. The tools name theirs otherwise. A replica's one
+# long-lived connection adds its id after a space (``core.store.coordination``).
 BOT_APPLICATION = "lambda-matrix-bot"
+APPLICATION_NAME_MAX = 63  # PostgreSQL keeps this many bytes of it (NAMEDATALEN - 1)
 KV_TABLE = "lambda_kv"
 SCHEMA_TABLE = "lambda_schema"
 LEASES_TABLE = "lambda_leases"
@@ -59,6 +61,9 @@ MIGRATIONS: tuple[str, ...] = (
     f"CREATE TABLE {REPLICAS_TABLE} (id text PRIMARY KEY, host text NOT NULL, pid integer "
     "NOT NULL, started_at timestamptz NOT NULL, last_seen timestamptz NOT NULL, syncing "
     "boolean NOT NULL DEFAULT false, rooms integer NOT NULL DEFAULT 0)",
+    # 3: the application_name of each replica's long-lived connection: a replica whose
+    # session is gone (its process died) gives up its leases at once, not at their expiry.
+    f"ALTER TABLE {REPLICAS_TABLE} ADD COLUMN session text",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 UPGRADE_LOCK = 0x6C616D62  # pg_advisory_xact_lock key ("lamb"): one upgrade at a time
@@ -80,6 +85,20 @@ _WRITE = (
     f"WITH gone AS (DELETE FROM {KV_TABLE} WHERE key = ANY($1::text[])) "
     f"INSERT INTO {KV_TABLE} (key, value) SELECT * FROM unnest($2::text[], $3::text[]) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+# A fenced write, in one statement (one round trip): the writes of ``_WRITE``, made only if
+# the lease row still has our term; it returns how many lease rows matched (0: refused). FOR
+# SHARE keeps a takeover (an UPDATE of that row) waiting until the statement's transaction
+# ends, so the writes land before it or not at all; a takeover that committed first leaves
+# the fence empty (read committed re-reads the locked row), and nothing is written.
+_FENCED_WRITE = (
+    f"WITH fence AS MATERIALIZED (SELECT 1 FROM {LEASES_TABLE} WHERE name = $4 AND holder = $5 "
+    "AND term = $6 FOR SHARE), "
+    f"gone AS (DELETE FROM {KV_TABLE} WHERE key = ANY($1::text[]) "
+    "AND EXISTS (SELECT FROM fence)), "
+    f"kept AS (INSERT INTO {KV_TABLE} (key, value) SELECT * FROM unnest($2::text[], $3::text[]) "
+    "WHERE EXISTS (SELECT FROM fence) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value) "
+    "SELECT count(*) FROM fence"
 )
 # A fence: the lease row still has our term. FOR SHARE keeps a takeover (an UPDATE of that
 # row) waiting until this transaction ends, so the writes land before it or not at all.
@@ -192,6 +211,7 @@ async def _prepare(conn: asyncpg.Connection) -> None:
         await conn.fetch(_SCAN_FROM, NOTHING_AFTER)
         await conn.fetch(_SCAN_RANGE, NOTHING_AFTER, NOTHING_AFTER)
         await conn.execute(_WRITE, [], [], [])  # no key: it writes nothing
+        await conn.fetchval(_FENCED_WRITE, [], [], [], "", "", 0)  # no lease: nor does this
 
 
 def open_failure(err: BaseException, url: str) -> StoreError:
@@ -315,14 +335,11 @@ class PostgresStore:
             await self._run(lambda conn: conn.execute(_WRITE, *args))
             return
         fence = tx.fence
-
-        async def fenced(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                if await conn.fetchval(_FENCE, fence.name, fence.holder, fence.term) is None:
-                    raise LeaseLost(fence)
-                await conn.execute(_WRITE, *args)
-
-        await self._run(fenced)
+        held = await self._run(
+            lambda conn: conn.fetchval(_FENCED_WRITE, *args, fence.name, fence.holder, fence.term)
+        )
+        if not held:
+            raise LeaseLost(fence)
 
     async def serialized(self, lock: str, work: SerialWork[T]) -> T:
         async def locked(conn: asyncpg.Connection) -> T:
@@ -482,7 +499,8 @@ async def bot_connections(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     and since when (pg_stat_activity, by ``BOT_APPLICATION``)."""
     return await conn.fetch(
         "SELECT pid, client_addr, client_hostname, backend_start FROM pg_stat_activity "
-        "WHERE datname = current_database() AND application_name = $1 "
+        "WHERE datname = current_database() "
+        "AND (application_name = $1 OR starts_with(application_name, $1 || ' ')) "
         "AND pid <> pg_backend_pid() ORDER BY backend_start",
         BOT_APPLICATION,
     )

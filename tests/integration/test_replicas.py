@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession
+from postgres import LocalPostgres
 
-from adapter.matrix.config import Config
+from adapter.matrix.config import Config, ListenAddr
 from adapter.matrix.handlers.chat_rooms import linked_rooms
-from tests.integration.conftest import TIMEOUT, BotProcess, doctor_tool
+from tests.integration.conftest import TIMEOUT, BotProcess, doctor_tool, unique
 
 SLOW = "tests.integration.agents:SlowAgent"
 
@@ -257,3 +259,58 @@ async def test_archive_then_confirm_on_another_replica_archives(replicas, make_u
     await alice.ask(chat, bot_id, "!confirm", "Archived")
     other = next(r for r in group if r is not asked)
     assert other.named("chat.archived", room_id=chat)
+
+
+async def health_of(url: str) -> tuple[int, list[str]]:
+    """``/health``'s status and the reasons of its problems."""
+    async with ClientSession() as http, http.get(f"{url}/health") as resp:
+        return resp.status, [p["reason"] for p in (await resp.json()).get("problems", [])]
+
+
+async def until_health(replica: Replica, status: int, reason: str | None = None) -> None:
+    url = (await replica.wait_for("metrics.listening"))["url"]
+    deadline = time.monotonic() + TIMEOUT
+    while (seen := await health_of(url))[0] != status or (reason and reason not in seen[1]):
+        assert time.monotonic() < deadline, f"{replica.name}: /health {seen}, not {status}"
+        await asyncio.sleep(0.2)
+
+
+async def test_each_replica_cut_off_from_the_database_reports_503_then_recovers(
+    bot_config: Config, tmp_path: Path
+):
+    """The one that syncs and the one that stands by: /health says store_refuses_writes while
+    PostgreSQL is away, and 200 again once it is back."""
+    server = LocalPostgres()
+    server.start()
+    url = server.create_database(unique("health"))
+    group = [
+        Replica(
+            replace(
+                bot_config,
+                db_url=url,
+                store_path=tmp_path / f"r{i}",
+                metrics_addr=ListenAddr("127.0.0.1", 0),
+            ),
+            f"r{i}",
+        )
+        for i in range(2)
+    ]
+    try:
+        for replica in group:
+            await replica.start()
+        await leader(group)
+        for replica in group:
+            await until_health(replica, 200)
+        server.stop()
+        for replica in group:
+            await until_health(replica, 503, "store_refuses_writes")
+        server.start()
+        # The one that stands by says so at its next renewal (the syncing one, at its next
+        # recorded round: a long poll away when nobody writes).
+        await asyncio.wait(
+            [asyncio.ensure_future(until_health(r, 200)) for r in group],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        await asyncio.gather(*(r.close() for r in group))
+        server.remove()

@@ -39,7 +39,7 @@ DONE, REFUSED = 0, 1
 FIND_THE_BOT = (
     "Each is a `python -m adapter.matrix` process with this LAMBDA_MATRIX_DB. To find them, "
     f"in psql: SELECT pid, client_addr, backend_start FROM pg_stat_activity WHERE "
-    f"application_name = '{BOT_APPLICATION}'; then stop each (Ctrl-C in its terminal, or "
+    f"application_name LIKE '{BOT_APPLICATION}%'; then stop each (Ctrl-C in its terminal, or "
     "kill -TERM on its host), and run this again."
 )
 

@@ -1,17 +1,21 @@
 """Which replica handles which room (SPEC §10, Replicas). Every replica watches the shared
-inbox (woken by NOTIFY when a round is recorded, and polling every second besides). A room
-with entries is taken by acquiring its lease ``room:<id>``; its entries then go, in order,
-through this replica's lanes, and the lease is given up when the lane has nothing left.
+inbox (woken by NOTIFY when a round is recorded, and looking every half second besides). A
+room with entries is taken by acquiring its lease ``room:<id>``; its entries then go, in
+order, through this replica's lanes, and the lease is given up when the lane has nothing left.
 
-Rooms are spread: a replica takes at most its fair share of the rooms with work (counted over
-the live replicas), unless a room has waited for a few polls with nobody taking it. A lease
+Rooms are spread without asking: each room with work has one owner among the live replicas
+(rendezvous hashing over their ids, which every heartbeat brings), and only its owner tries to
+take it, so a burst's rooms are taken at once and never fought over. A room that has waited
+``UNCLAIMED_S`` with nobody taking it (its owner died, or is not seen live yet) is taken by
+whoever looks; one found held is not asked for again before another ``UNCLAIMED_S``. A lease
 that another replica took over (after a stall of ours) stops that room's lane at once."""
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Callable
+import hashlib
+import time
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -24,9 +28,15 @@ from core.store.contract import Lease
 
 log = structlog.get_logger()
 
-POLL_S = 1.0  # at most this long between two looks at the inbox (NOTIFY wakes sooner)
-UNCLAIMED_POLLS = 2  # a room nobody took for this many looks is taken past the fair share
+POLL_S = 0.5  # at most this long between two looks at the inbox (NOTIFY wakes sooner)
+UNCLAIMED_S = 1.0  # a room seen waiting this long, not taken, is taken by whoever looks
 ROOM = "room:"
+
+
+def owner(room: str, replicas: Sequence[str]) -> str:
+    """The replica that takes ``room`` (rendezvous hashing: the same answer on every replica
+    that sees the same live ones; one replica more or less moves only its share of rooms)."""
+    return max(replicas, key=lambda r: hashlib.sha256(f"{room}\0{r}".encode()).digest())
 
 
 class RoomClaims:
@@ -48,7 +58,7 @@ class RoomClaims:
         self._on_gain = on_gain
         self._held: dict[str, Lease] = {}  # room -> its lease, while its lane works
         self._pushed: dict[str, int] = {}  # room -> the last entry handed to its lane
-        self._unclaimed: dict[str, int] = {}  # room -> looks it was seen waiting, not ours
+        self._unclaimed: dict[str, float] = {}  # room -> since when seen waiting, not ours
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -104,20 +114,17 @@ class RoomClaims:
         rooms: dict[str, list[Entry]] = {}
         for entry in pending:
             rooms.setdefault(entry.update.room_id, []).append(entry)
-        self._unclaimed = {r: n for r, n in self._unclaimed.items() if r in rooms}
-        live = max(1, await self._leases.coordinator.live_replicas())
-        share = math.ceil(len(rooms) / live)
-        wanted, room_for = [], share - len(self._held)
+        now = time.monotonic()
+        self._unclaimed = {r: t for r, t in self._unclaimed.items() if r in rooms}
+        me, live = self._leases.replica, self._leases.live
+        wanted = []
         for room, entries in rooms.items():  # oldest work first: entries come in order
             if room in self._held:
                 self._push(room, entries)
                 continue
-            looks = self._unclaimed.get(room, 0)
-            if room_for <= 0 and looks < UNCLAIMED_POLLS:
-                self._unclaimed[room] = looks + 1
-                continue
-            room_for -= 1
-            wanted.append(room)
+            since = self._unclaimed.setdefault(room, now)
+            if owner(room, live) == me or now - since >= UNCLAIMED_S:
+                wanted.append(room)
         # Asked together: a burst's rooms are not taken one round trip after another.
         leases = await asyncio.gather(
             *(self._leases.acquire(ROOM + room) for room in wanted), return_exceptions=True
@@ -125,8 +132,8 @@ class RoomClaims:
         for room, lease in zip(wanted, leases, strict=True):
             if isinstance(lease, StoreRefused):
                 log.info("claims.store_refused", room_id=room, error=str(lease))
-            if not isinstance(lease, Lease):  # another replica has it (or the DB is away)
-                self._unclaimed[room] = self._unclaimed.get(room, 0) + 1
+            if not isinstance(lease, Lease):  # another replica has it (or the DB is away):
+                self._unclaimed[room] = now  # not asked again before UNCLAIMED_S
                 continue
             self._unclaimed.pop(room, None)
             self._held[room] = lease

@@ -20,11 +20,10 @@ from adapter.matrix.ingest.update import RetryLater
 from adapter.matrix.observe.health import Health
 from core.store import StoreRefused
 from core.store.contract import Lease, LeaseLost
-from core.store.coordination import Coordinator
+from core.store.coordination import RENEW_EVERY_S, Coordinator
 
 log = structlog.get_logger()
 
-RENEW_EVERY_S = 1.0
 HOLD_WAIT_S = 30.0  # how long ``holding`` waits for a lease another replica holds
 HOLD_POLL_S = 0.2
 current_lease: ContextVar[Lease | None] = ContextVar("current_lease", default=None)
@@ -45,6 +44,7 @@ class Leases:
         self._held: dict[str, Lease] = {}
         self.on_lost = on_lost
         self.rooms = lambda: sum(1 for name in self._held if name.startswith("room:"))
+        self.live: list[str] = [coordinator.replica]  # the live replicas, at the last heartbeat
 
     @property
     def replica(self) -> str:
@@ -116,7 +116,7 @@ class Leases:
     async def renew_now(self, syncing: bool) -> None:
         held = list(self._held.values())
         try:
-            await self.coordinator.heartbeat(syncing, self.rooms())
+            self.live = await self.coordinator.heartbeat(syncing, self.rooms())
             kept = await self.coordinator.renew(held)
         except StoreRefused as err:
             # Nothing is given up for a database we cannot reach: whatever a lease guards is

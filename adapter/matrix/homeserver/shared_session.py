@@ -3,7 +3,8 @@ device id, access token) is kept in the store, under ``session``, and shared. Th
 replica logs in; the others reuse its token, so the account keeps one device and the
 homeserver's transaction-id dedup covers every replica's sends (a second guard, beside the
 fence, against a stale replica's send). A replica that meets a revoked token renews it once
-for all, under the lease ``login``: one that comes second finds the new token in the store.
+for all, under the lease ``login`` (kept renewed however slow the login): one that comes
+second finds the new token in the store.
 
 Each replica still writes the session to its own ``MATRIX_STORE_PATH`` (mode 0600), so the
 rest of ``session`` works as with one process."""
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 import structlog
@@ -28,7 +31,7 @@ from adapter.matrix.homeserver.session import (
 )
 from core.store import Store, StoreRefused
 from core.store.contract import Lease
-from core.store.coordination import Coordinator
+from core.store.coordination import Coordinator, renewed
 
 log = structlog.get_logger()
 
@@ -45,6 +48,20 @@ async def _hold_login(coordinator: Coordinator) -> Lease:
             raise TokenRefused("another replica has been logging in for too long")
         await asyncio.sleep(0.2)
     return lease
+
+
+@asynccontextmanager
+async def _logging_in(coordinator: Coordinator, lease: Lease) -> AsyncIterator[None]:
+    """The block under the ``login`` lease, kept renewed however slow the login, then the
+    lease given up."""
+    try:
+        async with renewed(coordinator, lease):
+            yield
+    finally:
+        try:
+            await coordinator.release([lease])
+        except StoreRefused:
+            pass  # it expires by itself
 
 
 async def _stored(store: Store, config: Config) -> Session | None:
@@ -76,7 +93,7 @@ class SharedSessionClient(SessionClient):
             lease = await _hold_login(self._coordinator)
         except StoreRefused as err:
             raise TokenRefused(f"the access token was revoked; the DB is down: {err}") from err
-        try:
+        async with _logging_in(self._coordinator, lease):
             stored = await _stored(self._store, self.settings)
             if stored is not None and stored.access_token not in (refused, self.access_token):
                 self.restore_login(stored.user_id, stored.device_id, stored.access_token)
@@ -84,14 +101,9 @@ class SharedSessionClient(SessionClient):
                 log.info("session.adopted", device_id=stored.device_id, request=request)
                 return
             await super()._renew(refused, soft_logout, request)
-            renewed = load_session(self.settings)
-            if renewed is not None:
-                await self._store.set(SESSION_KEY, asdict(renewed))
-        finally:
-            try:
-                await self._coordinator.release([lease])
-            except StoreRefused:
-                pass  # it expires by itself
+            renewed_session = load_session(self.settings)
+            if renewed_session is not None:
+                await self._store.set(SESSION_KEY, asdict(renewed_session))
 
 
 async def log_in_shared(
@@ -99,8 +111,7 @@ async def log_in_shared(
 ) -> Session:
     """``log_in``, starting from the session the replicas share, and sharing what it ends
     with. One replica at a time, so replicas started together log in once."""
-    lease = await _hold_login(coordinator)
-    try:
+    async with _logging_in(coordinator, await _hold_login(coordinator)):
         stored = await _stored(store, config)
         local = load_session(config)
         if stored is not None and stored != local:
@@ -109,8 +120,3 @@ async def log_in_shared(
         if session != stored:
             await store.set(SESSION_KEY, asdict(session))
         return session
-    finally:
-        try:
-            await coordinator.release([lease])
-        except StoreRefused:
-            pass
