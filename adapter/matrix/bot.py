@@ -100,7 +100,8 @@ class Bot(Replicated):
         self.store = MatrixStore(store)
         self.metrics, self.health = metrics, health
         hs = Homeserver(client, config.server_name)
-        conversation = Conversations(hs, config.history_turns)
+        # With replicas no sync feeds every room here: each answer reads its room (history.py).
+        conversation = Conversations(hs, config.history_turns, fed=not self.coordinator.shared)
         self.services = Services(
             hs=hs,
             store=self.store,

@@ -83,3 +83,10 @@ class CountingAgent:
         with Path(os.environ["TEST_AGENT_CALLS"]).open("a") as calls:
             calls.write(text + "\n")
         return f"Echo: {text}"
+
+
+class HistoryAgent:
+    """Echoes the text and the history it was given, so a test in another process reads it."""
+
+    async def reply(self, chat: Chat, text: str, history: list[Turn]) -> str:
+        return f"Echo: {text} | " + "; ".join(f"{turn.role}: {turn.text}" for turn in history)

@@ -21,6 +21,7 @@ from adapter.matrix.handlers.chat_rooms import linked_rooms
 from tests.integration.conftest import TIMEOUT, BotProcess, doctor_tool, unique
 
 SLOW = "tests.integration.agents:SlowAgent"
+HISTORY = "tests.integration.agents:HistoryAgent"
 
 
 class Replica(BotProcess):
@@ -195,6 +196,39 @@ async def test_kill_9_of_the_replica_answering_a_room_mid_answer_answers_once(
     await alice.wait_for(lambda: answers(alice, chat, bot_id, "once"))
     await alice.ask(chat, bot_id, "next", "Echo: next")  # anything of "once" came before
     assert answers(alice, chat, bot_id, "") == ["once", "next"]
+
+
+async def test_each_replica_answers_with_the_rooms_conversation_and_plain_replies(
+    replicas, make_user, bot_config
+):
+    """Whichever replica answers, the agent gets the conversation as the room has it (an edit
+    included, whoever saw it), and an answer that follows its question is no rich reply, as
+    with one process. Three users' rooms on two replicas: rooms are spread between them."""
+    group = await replicas(2, LAMBDA_AGENT=HISTORY)
+    await leader(group)
+    bot_id = bot_config.user_id
+    for i in range(3):
+        user = await make_user(f"h{i}")
+        _, _, chat = await user.onboard(bot_id)
+        first = await user.ask(chat, bot_id, "one", "Echo: one |")
+        one = next(e["event_id"] for e in user.timeline[chat] if e["content"].get("body") == "one")
+        await user.send_content(
+            chat,
+            {
+                "msgtype": "m.text",
+                "body": "* one, edited",
+                "m.new_content": {"msgtype": "m.text", "body": "one, edited"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": one},
+            },
+        )
+        second = await user.ask(chat, bot_id, "two", "Echo: two |")
+        assert second["content"]["body"] == (
+            f"Echo: two | user: one, edited; assistant: {first['content']['body']}"
+        )
+        for answer in (first, second):
+            assert "m.in_reply_to" not in answer["content"].get("m.relates_to", {}), answer
+    taken = {r.name: len(r.named("room.taken")) for r in group}
+    print("rooms taken per replica:", taken)
 
 
 async def test_a_replica_stalled_past_its_lease_sends_nothing_when_it_wakes(

@@ -176,7 +176,8 @@ async def test_a_room_is_read_once_then_kept_in_step_from_sync_and_answers():
         "!r", "$4", message_content("Echo: second", source_event_id="$3", notice=False)
     )
     conversation.observe("!r", [said("$5", "third"), edit("$6", "$5", "third, edited")])
-    assert conversation.follows("!r", "$6") and not conversation.follows("!r", "$5")
+    assert await conversation.follows("!r", "$6")
+    assert not await conversation.follows("!r", "$5")
     history = await conversation.history("!r", ALICE, "$7", 10**13)
     assert texts(history)[-3:] == [
         ("user", "second"),
@@ -237,6 +238,10 @@ class RoomsHomeserver:
         self.reads.append(room_id)
         return list(reversed(self.pages.get(room_id, [])))[:limit], None
 
+    async def latest(self, room_id, limit, types):
+        newest = [ev for ev in reversed(self.pages.get(room_id, [])) if ev["type"] in types]
+        return newest[:limit], "position", len(newest) > limit
+
 
 async def ask(conversation: Conversations, room_id: str) -> list[Turn]:
     return await conversation.history(room_id, ALICE, "$next", 10**13)
@@ -289,7 +294,7 @@ async def test_the_cache_evicts_whole_rooms_least_recently_used_first():
         False,
         True,
     ]
-    assert conversation.follows("!a", "$new")
+    assert await conversation.follows("!a", "$new")
     await ask(conversation, "!c")
     assert hs.reads == ["!a", "!b", "!c", "!d"]  # !c was kept: no second read
 
@@ -309,7 +314,7 @@ async def test_a_room_read_again_after_eviction_gives_the_same_turns():
     conversation.observe("!a", later)  # kept in step from sync
     kept = await ask(conversation, "!a")
     await ask(conversation, "!b")  # !a is evicted, its latest message with it
-    assert "!a" not in conversation and not conversation.follows("!a", "$late-edit")
+    assert "!a" not in conversation and not await conversation.follows("!a", "$late-edit")
     again = await ask(conversation, "!a")
     assert again == kept and hs.reads == ["!a", "!b", "!a"]
     assert kept[-1].text == "one more" and kept[-3].text == "edited"
@@ -362,3 +367,21 @@ async def test_a_room_being_read_is_never_evicted_and_keeps_what_sync_adds_meanw
     release.set()
     await reading
     assert (await ask(conversation, "!a"))[-1].text == "sent during the read"
+
+
+@pytest.mark.asyncio
+async def test_without_a_sync_feed_each_answer_reads_the_room_and_its_latest_message():
+    """Replicas: what other replicas saw (an edit, an answer) is in the next history, and an
+    answer follows its question only if the room says it is the latest."""
+    hs = RoomsHomeserver()
+    hs.talk("!a", 2)
+    conversation = Conversations(hs, 20, fed=False)  # type: ignore[arg-type]
+    await ask(conversation, "!a")
+    edited = edit("$e", "$q0!a", "question 0, edited")
+    hs.pages["!a"] += [edited, said("$late", "one more")]
+    conversation.observe("!a", [said("$unseen", "not in the room")])  # a feed is ignored
+    turns = await ask(conversation, "!a")
+    assert hs.reads == ["!a", "!a"]
+    assert turns[0].text == "question 0, edited" and turns[-1].text == "one more"
+    assert await conversation.follows("!a", "$late")
+    assert not await conversation.follows("!a", "$q1!a")

@@ -2,7 +2,12 @@
 needs it (one ``/messages`` request, bounded), then kept in step from sync and from the bot's
 own answers. Everything here is a cache: losing it changes nothing the agent sees, so it is
 kept within a memory budget, whole rooms least recently used out first; a room out of it is
-read again when next needed, as after a restart."""
+read again when next needed, as after a restart.
+
+With replicas no cache is kept (``fed=False``): a replica sees only the rounds of the rooms
+it handles, not the edits, redactions and answers other replicas saw, so each answer reads
+its room (the conversation, and which message is the latest) from the homeserver. An agent
+takes seconds; the reads take milliseconds."""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from adapter.matrix.conversation.turns import (
     history_before,
     slim,
 )
-from adapter.matrix.homeserver.client import Homeserver
+from adapter.matrix.homeserver.client import Homeserver, HomeserverError
 from adapter.matrix.vocabulary.content import answered_source
 from core.agent import Turn
 
@@ -64,8 +69,11 @@ class Conversations:
     """The rooms' recent messages, read lazily, and what the latest message of each room is:
     kept within ``budget`` bytes (estimated), whole rooms least recently used out first."""
 
-    def __init__(self, hs: Homeserver, turns: int, budget: int = BUDGET_BYTES) -> None:
+    def __init__(
+        self, hs: Homeserver, turns: int, budget: int = BUDGET_BYTES, fed: bool = True
+    ) -> None:
         self.hs = hs
+        self.fed = fed  # False: no sync feeds this process every room (replicas): keep nothing
         self.turns = turns
         self.window = read_size(turns)
         self.budget = budget
@@ -85,6 +93,8 @@ class Conversations:
     def observe(self, room_id: str, events: Iterable[dict], limited: bool = False) -> None:
         """New timeline events of a room, oldest first (a sync round's, the bot's own too). A
         ``limited`` timeline left a gap: a room read before is read again when next needed."""
+        if not self.fed:
+            return
         room = self._use(room_id)
         if limited and room_id not in self._reads:
             self._forget_events(room)
@@ -119,16 +129,26 @@ class Conversations:
             ],
         )
 
-    def follows(self, room_id: str, event_id: str) -> bool:
-        """Whether ``event_id`` is the latest message the bot has seen in the room, so that an
-        answer sent now directly follows it (a room out of the cache: no, a rich reply)."""
-        room = self._rooms.get(room_id)
-        return room is not None and room.latest == event_id
+    async def follows(self, room_id: str, event_id: str) -> bool:
+        """Whether ``event_id`` is the latest message in the room, so that an answer sent now
+        directly follows it: the latest the bot has seen (a room out of the cache: no, a rich
+        reply), or without a cache the room's latest, read now (unread: a rich reply)."""
+        if self.fed:
+            room = self._rooms.get(room_id)
+            return room is not None and room.latest == event_id
+        try:
+            latest, _, _ = await self.hs.latest(room_id, 1, sorted(MESSAGE_TYPES))
+        except HomeserverError as err:
+            log.info("conversation.latest_unread", room_id=room_id, error=str(err))
+            return False
+        return bool(latest) and latest[0].get("event_id") == event_id
 
     async def history(self, room_id: str, owner: str, event_id: str, ts: int) -> list[Turn]:
         """The turns before the message ``event_id``, at most ``turns`` of them."""
         if self.turns == 0:
             return []
+        if not self.fed:
+            self.forget(room_id)  # what sync did not feed is read anew for each answer
         events = await self._read(room_id)
         return history_before(
             conversation_turns(events, owner, self.hs.bot_id), event_id, ts, self.turns
