@@ -89,7 +89,9 @@ _HEARTBEAT = (
     "VALUES ($2, $3, $4, now(), now(), $5, $6, $7) ON CONFLICT (id) DO UPDATE SET "
     "last_seen = now(), syncing = EXCLUDED.syncing, rooms = EXCLUDED.rooms, "
     "session = EXCLUDED.session RETURNING id) "
-    f"SELECT array_agg(r.id) FROM {REPLICAS_TABLE} r WHERE r.id <> $2 AND {_LIVE_WHERE}"
+    f"SELECT (SELECT array_agg(r.id) FROM {REPLICAS_TABLE} r WHERE r.id <> $2 AND {_LIVE_WHERE}) "
+    "AS others, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = current_database() "
+    "AND a.application_name = $7) AS listed"
 )
 _FORGET_DEAD = f"DELETE FROM {REPLICAS_TABLE} WHERE last_seen < now() - interval '1 hour'"
 
@@ -149,7 +151,7 @@ class Coordinator(Protocol):
 
     async def holds(self, lease: Lease) -> bool:
         """Still ours, checked at the database (and extended: what follows the check has a
-        whole TTL before another replica may take it)."""
+        whole TTL before another replica may take it, unless this replica's session ends)."""
         ...
 
     async def notify_inbox(self) -> None: ...
@@ -238,6 +240,10 @@ class PostgresCoordinator:
                 await self._listener.execute(
                     "SELECT set_config('application_name', $1, false)", self._session
                 )
+                if self._listener.get_server_version().major >= 14:
+                    # It sits idle between notifications: an operator's idle_session_timeout
+                    # must not end it (the others would take this live replica's leases).
+                    await self._listener.execute("SET idle_session_timeout = 0")
                 seen = await self._listener.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
                     "AND application_name = $1",
@@ -288,12 +294,17 @@ class PostgresCoordinator:
             await self._listen()
         session = self._session if self._listening() else None
         host, pid = socket.gethostname(), os.getpid()
-        others = await self._run(
-            lambda c: c.fetchval(
+        row = await self._run(
+            lambda c: c.fetchrow(
                 _HEARTBEAT, LIVE_WITHIN_S, self.replica, host, pid, syncing, rooms, session
             )
         )
-        return [self.replica, *sorted(others or ())]
+        if session is not None and not row["listed"]:
+            # Our session looks open here but PostgreSQL no longer lists it (a failover left
+            # it half-open): the others take our leases as gone. Open it again.
+            log.warning("replica.session_unlisted", session=session)
+            await self._drop_listener()
+        return [self.replica, *sorted(row["others"] or ())]
 
     async def acquire(self, name: str) -> Lease | None:
         if self._session is not None and not self._listening():

@@ -107,7 +107,15 @@ _FENCE = f"SELECT 1 FROM {LEASES_TABLE} WHERE name = $1 AND holder = $2 AND term
 # one-key UPGRADE_LOCK) under the bot's class "lamb", keyed by the lock's name. Taken in its
 # own statement, so the reads after it see what the holder before it committed.
 SERIAL_LOCKS = 0x6C616D62
-_SERIAL_LOCK = "SELECT pg_advisory_xact_lock($1::integer, hashtext($2))"
+# A replica that stalls (SIGSTOP, a pause, cut off) inside ``serialized`` would hold that lock,
+# and the sync lease's row, for every replica: PostgreSQL ends its session once it has been
+# idle in the transaction this long (under the 3 s lease TTL), which frees both; its commit
+# then fails, and it recorded nothing. The work between two statements takes milliseconds.
+SERIAL_IDLE_MS = 2000
+_SERIAL_LOCK = (
+    "SELECT set_config('idle_in_transaction_session_timeout', $3::text, true), "
+    "pg_advisory_xact_lock($1::integer, hashtext($2))"
+)
 
 # Faults of the moment (server class codes): the connection (08), the operator (57: shut down,
 # starting up), resources (53: disk, memory, connections), a rolled-back transaction (40),
@@ -350,7 +358,7 @@ class PostgresStore:
             writing = False
             try:
                 async with conn.transaction():
-                    await conn.execute(_SERIAL_LOCK, SERIAL_LOCKS, lock)
+                    await conn.execute(_SERIAL_LOCK, SERIAL_LOCKS, lock, str(SERIAL_IDLE_MS))
                     tx = SerialTransaction(read)
                     result = await work(tx)
                     fence = tx.fence

@@ -392,9 +392,10 @@ async def test_a_sweep_walks_every_room_once_in_windows_sized_by_their_cost():
     hs = SlidingHomeserver(300)
     gave_way = 0
 
-    async def give_way():
+    async def give_way() -> bool:
         nonlocal gave_way
         gave_way += 1
+        return False  # no user waited
 
     walk = sweep.Sweep(hs, first_sync=None)  # type: ignore[arg-type]
     seen = [g.room_id for w in [w async for w in walk.windows(give_way)] for g in w.rooms]

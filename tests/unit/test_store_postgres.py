@@ -4,6 +4,8 @@ back under an open store."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from postgres import LocalPostgres
 
@@ -16,6 +18,7 @@ from core.store import (
     redact_url,
     scrub,
 )
+from core.store.contract import SerialTransaction
 from core.store.postgres import BOT_APPLICATION, BOT_TABLES, SCHEMA_VERSION
 
 
@@ -134,3 +137,33 @@ def test_a_message_quoting_the_password_is_scrubbed():
     assert scrub(f"failed for {url} with p@ss and p%40ss", url) == (
         "failed for postgresql://u:***@h/db with *** and ***"
     )
+
+
+async def test_a_store_stalled_inside_serialized_holds_the_others_up_only_until_postgres_ends_it(
+    pg_url,
+):
+    """A replica paused between two statements of ``serialized`` (SIGSTOP, a long pause) would
+    hold its lock for every replica: PostgreSQL ends its session once it has been idle in
+    the transaction for ``SERIAL_IDLE_MS``, the others go on, and it recorded nothing."""
+    stalled, other = await open_store(pg_url), await open_store(pg_url)
+    inside, resume = asyncio.Event(), asyncio.Event()
+
+    async def stall(tx: SerialTransaction) -> None:
+        await tx.get_many(["n"])
+        inside.set()
+        await resume.wait()  # no statement is sent meanwhile, as if the process were stopped
+        tx.set("n", "stalled")
+
+    async def take(tx: SerialTransaction) -> None:
+        tx.set("n", "other")
+
+    first = asyncio.create_task(stalled.serialized("c", stall))
+    await inside.wait()
+    await other.serialized("c", take)  # waits for the lock until the stalled session is ended
+    assert not first.done()
+    resume.set()
+    with pytest.raises(StoreRefused):
+        await first
+    assert await other.get("n") == "other"
+    await stalled.close()
+    await other.close()

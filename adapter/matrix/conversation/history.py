@@ -109,8 +109,7 @@ class Conversations:
         self._fit()
 
     def forget(self, room_id: str) -> None:
-        """Drop what is kept of a room: with replicas, another one may have answered in it
-        since, so a replica that takes a room reads its conversation again."""
+        """Drop what is kept of a room: it is read again when next needed."""
         if room_id not in self._reads and room_id in self._rooms:
             self._size -= self._rooms.pop(room_id).size
 

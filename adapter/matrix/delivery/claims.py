@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import structlog
 
@@ -40,8 +40,7 @@ def owner(room: str, replicas: Sequence[str]) -> str:
 
 
 class RoomClaims:
-    """Takes rooms with work from the shared inbox and hands their entries to ``delivery``.
-    ``on_gain`` hears of each room taken (its caches are re-read)."""
+    """Takes rooms with work from the shared inbox and hands their entries to ``delivery``."""
 
     def __init__(
         self,
@@ -49,13 +48,11 @@ class RoomClaims:
         inbox: Inbox,
         delivery: Delivery,
         health: Health,
-        on_gain: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._leases = leases
         self._inbox = inbox
         self._delivery = delivery
         self._health = health
-        self._on_gain = on_gain
         self._held: dict[str, Lease] = {}  # room -> its lease, while its lane works
         self._pushed: dict[str, int] = {}  # room -> the last entry handed to its lane
         self._unclaimed: dict[str, float] = {}  # room -> since when seen waiting, not ours
@@ -137,7 +134,6 @@ class RoomClaims:
                 continue
             self._unclaimed.pop(room, None)
             self._held[room] = lease
-            self._on_gain(room)
             log.info("room.taken", room_id=room, term=lease.term, entries=len(rooms[room]))
             self._push(room, rooms[room])
 

@@ -36,7 +36,6 @@ FIRST_WINDOW = 10  # rooms in the first window, where a user most likely waits: 
 WINDOW = 50
 LEAST_WINDOW = 10  # below it, a request's own cost dominates (measured: 5 rooms cost as much)
 WINDOW_COST_S = 0.12
-GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
 # After a window, the sweep rests REST times as long as it took: the homeserver is a single
 # process, and a window out slows everything a user's message goes through (its send, the
 # live sync that carries it), before the bot can know to give way. Measured at 300 rooms, back
@@ -156,11 +155,11 @@ class Sweep:
         self.sliding = True  # until the homeserver says it has no sliding sync
 
     async def windows(
-        self, give_way: Callable[[], Awaitable[None]]
+        self, give_way: Callable[[], Awaitable[bool]]
     ) -> AsyncGenerator[Window, None]:
         """Every window of a walk from the start (a walk that failed is walked again: the
         caller skips what it already took). Before asking for the next window, ``give_way``
-        lets what users wait for go first."""
+        lets what users wait for go first, and says whether they had any."""
         if self.sliding:
             try:
                 async with aclosing(self._sliding(give_way)) as windows:
@@ -182,7 +181,7 @@ class Sweep:
         )
 
     async def _sliding(
-        self, give_way: Callable[[], Awaitable[None]]
+        self, give_way: Callable[[], Awaitable[bool]]
     ) -> AsyncGenerator[Window, None]:
         started, pos, end, windows, waited = time.monotonic(), None, FIRST_WINDOW - 1, 0, 0.0
         size, took, slowest, rested = FIRST_WINDOW, 0.0, 0.0, 0.0
@@ -191,10 +190,9 @@ class Sweep:
                 await asyncio.sleep(took * REST)
                 rested += took * REST
                 paused = time.monotonic()
-                await give_way()
-                paused = time.monotonic() - paused
-                waited += paused
-                size = next_window(size, took, users_waited=paused > GAVE_WAY_S)
+                users = await give_way()
+                waited += time.monotonic() - paused
+                size = next_window(size, took, users_waited=users)
                 end += size
             asked = time.monotonic()
             body = await self.hs.sliding_sync(
@@ -246,7 +244,7 @@ class JoinedRoomsSweep:
         self.hs = hs
 
     async def windows(
-        self, give_way: Callable[[], Awaitable[None]]
+        self, give_way: Callable[[], Awaitable[bool]]
     ) -> AsyncGenerator[Window, None]:
         started = time.monotonic()
         joined = await self.hs.joined_rooms()

@@ -22,6 +22,7 @@ SWEEP_YIELD_S = 1.0  # at most this long, a sweep's next window waits for busy l
 SWEEP_SETTLE_S = 0.3  # and until they have been quiet this long: a user just answered may write
 # again at once; so may the users who were waiting for the bot, once it is back: the sweep's
 # second window waits until the live path has run this long too.
+GAVE_WAY_S = 0.005  # a give-way longer than this waited for users' updates
 
 
 class CatchingUp(BotParts):
@@ -63,16 +64,18 @@ class CatchingUp(BotParts):
             backoff = min(backoff * 2, MAX_BACKOFF_S)
         return False
 
-    async def _give_way(self, delivery: Delivery) -> None:
+    async def _give_way(self, delivery: Delivery) -> bool:
         """Before a sweep's next window, what users wait for goes first: a live round in hand
         (its updates not queued yet), then the lanes handling updates, and a moment after them
         (a user just answered often writes again at once), and the start's first moments (the
         users who waited for the bot write as it comes back); for at most SWEEP_YIELD_S and
-        SWEEP_SETTLE_S, so that the sweep still goes on under a steady load."""
-        started = time.monotonic()
-        if (back := SWEEP_SETTLE_S - (started - self._catching_up_since)) > 0:
+        SWEEP_SETTLE_S, so that the sweep still goes on under a steady load. True: users' updates
+        were waited for (the start's moments are not counted)."""
+        if (back := SWEEP_SETTLE_S - (time.monotonic() - self._catching_up_since)) > 0:
             await asyncio.sleep(back)  # the bot is just back: its first live rounds go first
+        started = time.monotonic()
         with suppress(TimeoutError):
             await asyncio.wait_for(self._round_done.wait(), SWEEP_YIELD_S)
         left = max(0.0, SWEEP_YIELD_S - (time.monotonic() - started))
         await delivery.quiet(left, settle=SWEEP_SETTLE_S)
+        return time.monotonic() - started > GAVE_WAY_S

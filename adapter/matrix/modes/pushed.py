@@ -121,6 +121,9 @@ class Pushed(CatchingUp):
                 caught = await self.store.appservice_caught_up()
             except StoreRefused:
                 continue  # the next look
+            except Exception:  # a bug: logged, and looked for again (never silently gone)
+                log.exception("appservice.catch_up_look_crashed")
+                continue
             if caught is not None:
                 pushed.caught_up(caught.at * 1000, set(caught.rooms))
                 log.info("appservice.caught_up", rooms=len(caught.rooms))
@@ -131,14 +134,20 @@ class Pushed(CatchingUp):
     ) -> None:
         if not await self._catch_up(stop, inbox, delivery):
             return
-        rooms = set(self.ingest.deferred)
-        try:
-            caught = await self.store.mark_appservice_caught_up(rooms)
-        except StoreRefused as err:  # the next start catches up again: no harm
-            log.warning("store.write_failed", during="catchup", error=str(err))
-            pushed.caught_up(time.time() * 1000, rooms)
+        rooms, backoff = set(self.ingest.deferred), 1.0
+        pushed.caught_up(time.time() * 1000, rooms)  # this replica knows at once
+        while not stop.is_set():  # the others know once it is recorded: until then, they
+            try:  # check each pushed message's room for an answer first
+                caught = await self.store.mark_appservice_caught_up(rooms)
+            except StoreRefused as err:
+                log.warning(
+                    "store.write_failed", during="catchup", error=str(err), retry_in_s=backoff
+                )
+                await sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            pushed.caught_up(caught.at * 1000, rooms)
             return
-        pushed.caught_up(caught.at * 1000, rooms)
 
     async def _ping(self, stop: asyncio.Event, appservice_id: str) -> None:
         """Have the homeserver ping the listener, and so retry at once what it holds."""

@@ -38,9 +38,7 @@ class Replicated(Syncing, Pushed):
             expand=self.catchup.expand,
             on_idle=lambda: claims.wake(),
         )
-        claims = RoomClaims(
-            self.leases, inbox, delivery, self.health, on_gain=self.services.conversation.forget
-        )
+        claims = RoomClaims(self.leases, inbox, delivery, self.health)
         leading = asyncio.Event()  # set while this replica syncs; cleared when the lease is lost
 
         def lost(lease: Lease) -> None:
