@@ -240,7 +240,13 @@ class SQLiteStore:
                 await self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:  # SQLite may have rolled back by itself
-                    await self._conn.execute("ROLLBACK")
+                    try:
+                        await self._conn.execute("ROLLBACK")
+                    except sqlite3.OperationalError as err:
+                        # A task cancelled while its COMMIT ran (a stop) finds it ended since:
+                        # nothing to roll back, and the cancellation goes on as it came.
+                        if "no transaction is active" not in str(err):
+                            raise
                 raise
 
     async def _apply(self, tx: Transaction) -> None:
