@@ -119,7 +119,7 @@ async def warm_answer(conversation: Conversations, room_id: str, n: int, answer:
         f"$a{n}-{room_id[1:]}",
         message_content(answer, source_event_id=ev["event_id"], notice=False),
     )
-    await conversation.follows(room_id, ev["event_id"])
+    conversation.follows(room_id, ev["event_id"])
     return time.perf_counter() - started
 
 

@@ -176,8 +176,8 @@ async def test_a_room_is_read_once_then_kept_in_step_from_sync_and_answers():
         "!r", "$4", message_content("Echo: second", source_event_id="$3", notice=False)
     )
     conversation.observe("!r", [said("$5", "third"), edit("$6", "$5", "third, edited")])
-    assert await conversation.follows("!r", "$6")
-    assert not await conversation.follows("!r", "$5")
+    assert conversation.follows("!r", "$6")
+    assert not conversation.follows("!r", "$5")
     history = await conversation.history("!r", ALICE, "$7", 10**13)
     assert texts(history)[-3:] == [
         ("user", "second"),
@@ -294,7 +294,7 @@ async def test_the_cache_evicts_whole_rooms_least_recently_used_first():
         False,
         True,
     ]
-    assert await conversation.follows("!a", "$new")
+    assert conversation.follows("!a", "$new")
     await ask(conversation, "!c")
     assert hs.reads == ["!a", "!b", "!c", "!d"]  # !c was kept: no second read
 
@@ -314,7 +314,7 @@ async def test_a_room_read_again_after_eviction_gives_the_same_turns():
     conversation.observe("!a", later)  # kept in step from sync
     kept = await ask(conversation, "!a")
     await ask(conversation, "!b")  # !a is evicted, its latest message with it
-    assert "!a" not in conversation and not await conversation.follows("!a", "$late-edit")
+    assert "!a" not in conversation and not conversation.follows("!a", "$late-edit")
     again = await ask(conversation, "!a")
     assert again == kept and hs.reads == ["!a", "!b", "!a"]
     assert kept[-1].text == "one more" and kept[-3].text == "edited"
@@ -370,9 +370,9 @@ async def test_a_room_being_read_is_never_evicted_and_keeps_what_sync_adds_meanw
 
 
 @pytest.mark.asyncio
-async def test_without_a_sync_feed_each_answer_reads_the_room_and_its_latest_message():
-    """Replicas: what other replicas saw (an edit, an answer) is in the next history, and an
-    answer follows its question only if the room says it is the latest."""
+async def test_without_a_sync_feed_each_answer_reads_the_room_and_the_lanes_say_the_latest():
+    """Replicas: what other replicas saw (an edit) is in the next history, and the latest
+    message is the last one handed to this replica's lane, or its own answer."""
     hs = RoomsHomeserver()
     hs.talk("!a", 2)
     conversation = Conversations(hs, 20, fed=False)  # type: ignore[arg-type]
@@ -383,5 +383,8 @@ async def test_without_a_sync_feed_each_answer_reads_the_room_and_its_latest_mes
     turns = await ask(conversation, "!a")
     assert hs.reads == ["!a", "!a"]
     assert turns[0].text == "question 0, edited" and turns[-1].text == "one more"
-    assert await conversation.follows("!a", "$late")
-    assert not await conversation.follows("!a", "$q1!a")
+    assert not conversation.follows("!a", "$late")  # not handed to a lane here
+    conversation.arrived("!a", "$late")
+    assert conversation.follows("!a", "$late")
+    conversation.sent("!a", "$answer", message_content("Echo", source_event_id="$late"))
+    assert not conversation.follows("!a", "$late")

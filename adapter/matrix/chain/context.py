@@ -83,7 +83,7 @@ class Services:
         rich = update.is_event and (
             update.catchup
             or update.may_be_answered
-            or not await self.conversation.follows(update.room_id, update.event_id)
+            or not self.conversation.follows(update.room_id, update.event_id)
         )
         content = message_content(
             body,

@@ -4,10 +4,11 @@ own answers. Everything here is a cache: losing it changes nothing the agent see
 kept within a memory budget, whole rooms least recently used out first; a room out of it is
 read again when next needed, as after a restart.
 
-With replicas no cache is kept (``fed=False``): a replica sees only the rounds of the rooms
-it handles, not the edits, redactions and answers other replicas saw, so each answer reads
-its room (the conversation, and which message is the latest) from the homeserver. An agent
-takes seconds; the reads take milliseconds."""
+With replicas no conversation is kept (``fed=False``): a replica sees only the rounds of the
+rooms it handles, not the edits, redactions and answers other replicas saw, so each answer
+reads its room's conversation from the homeserver (an agent takes seconds, the read
+milliseconds). Which message is a room's latest comes from the updates handed to this
+replica's lanes (``arrived``) and its own answers."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from adapter.matrix.conversation.turns import (
     history_before,
     slim,
 )
-from adapter.matrix.homeserver.client import Homeserver, HomeserverError
+from adapter.matrix.homeserver.client import Homeserver
 from adapter.matrix.vocabulary.content import answered_source
 from core.agent import Turn
 
@@ -115,6 +116,9 @@ class Conversations:
 
     def sent(self, room_id: str, event_id: str, content: dict) -> None:
         """The bot sent a message: it is the room's latest, and a turn if it is an answer."""
+        if not self.fed:
+            self.arrived(room_id, event_id)
+            return
         self.observe(
             room_id,
             [
@@ -128,26 +132,25 @@ class Conversations:
             ],
         )
 
-    async def follows(self, room_id: str, event_id: str) -> bool:
-        """Whether ``event_id`` is the latest message in the room, so that an answer sent now
-        directly follows it: the latest the bot has seen (a room out of the cache: no, a rich
-        reply), or without a cache the room's latest, read now (unread: a rich reply)."""
-        if self.fed:
-            room = self._rooms.get(room_id)
-            return room is not None and room.latest == event_id
-        try:
-            latest, _, _ = await self.hs.latest(room_id, 1, sorted(MESSAGE_TYPES))
-        except HomeserverError as err:
-            log.info("conversation.latest_unread", room_id=room_id, error=str(err))
-            return False
-        return bool(latest) and latest[0].get("event_id") == event_id
+    def arrived(self, room_id: str, event_id: str) -> None:
+        """Without a sync feed (replicas): a user's event handed to this replica's lane is the
+        room's latest message so far."""
+        if not self.fed:
+            self._resize(self._use(room_id), latest=event_id)
+            self._fit()
+
+    def follows(self, room_id: str, event_id: str) -> bool:
+        """Whether ``event_id`` is the latest message the bot has seen in the room, so that an
+        answer sent now directly follows it (a room out of the cache: no, a rich reply)."""
+        room = self._rooms.get(room_id)
+        return room is not None and room.latest == event_id
 
     async def history(self, room_id: str, owner: str, event_id: str, ts: int) -> list[Turn]:
         """The turns before the message ``event_id``, at most ``turns`` of them."""
         if self.turns == 0:
             return []
-        if not self.fed:
-            self.forget(room_id)  # what sync did not feed is read anew for each answer
+        if not self.fed and room_id not in self._reads:  # no feed: read anew for each answer
+            self._forget_events(self._use(room_id))
         events = await self._read(room_id)
         return history_before(
             conversation_turns(events, owner, self.hs.bot_id), event_id, ts, self.turns

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -40,7 +40,8 @@ def owner(room: str, replicas: Sequence[str]) -> str:
 
 
 class RoomClaims:
-    """Takes rooms with work from the shared inbox and hands their entries to ``delivery``."""
+    """Takes rooms with work from the shared inbox and hands their entries to ``delivery``;
+    ``on_handed`` hears of each (what this replica knows of its rooms)."""
 
     def __init__(
         self,
@@ -48,7 +49,9 @@ class RoomClaims:
         inbox: Inbox,
         delivery: Delivery,
         health: Health,
+        on_handed: Callable[[Entry], None] = lambda _: None,
     ) -> None:
+        self._on_handed = on_handed
         self._leases = leases
         self._inbox = inbox
         self._delivery = delivery
@@ -142,4 +145,6 @@ class RoomClaims:
         new = [entry for entry in entries if entry.seq > last]
         if new:
             self._pushed[room] = new[-1].seq
+            for entry in new:
+                self._on_handed(entry)
             self._delivery.push(new, self._held[room])

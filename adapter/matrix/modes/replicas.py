@@ -38,7 +38,12 @@ class Replicated(Syncing, Pushed):
             expand=self.catchup.expand,
             on_idle=lambda: claims.wake(),
         )
-        claims = RoomClaims(self.leases, inbox, delivery, self.health)
+
+        def handed(entry: Entry) -> None:  # the room's latest message, as far as it knows
+            if entry.update.is_event:
+                self.services.conversation.arrived(entry.update.room_id, entry.update.event_id)
+
+        claims = RoomClaims(self.leases, inbox, delivery, self.health, on_handed=handed)
         leading = asyncio.Event()  # set while this replica syncs; cleared when the lease is lost
 
         def lost(lease: Lease) -> None:
