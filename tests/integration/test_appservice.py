@@ -235,7 +235,10 @@ async def test_kill_9_mid_burst_answers_each_message_once_in_order(
     await alice.wait_for(lambda: len(echoes(alice, chat, runner.user_id)) >= 2)
     await proc.kill()
     await runner.start()
-    await alice.wait_for(lambda: len(echoes(alice, chat, runner.user_id)) >= len(sent))
+    # The homeserver pushes again what the killed bot did not acknowledge on its own backoff
+    # (2 s, 4 s, 8 s...; the start's ping cuts it short only once it is in recovery): two runs
+    # of the full suite in ten missed the 30 s wait here. Cause not found yet; see the note.
+    await alice.wait_for(lambda: len(echoes(alice, chat, runner.user_id)) >= len(sent), 90)
     await alice.ask(chat, runner.user_id, "after", "Echo: after")
     assert echoes(alice, chat, runner.user_id) == [*sent, "after"]
     await runner.stop()

@@ -4,9 +4,9 @@ own answers. Everything here is a cache: losing it changes nothing the agent see
 kept within a memory budget, whole rooms least recently used out first; a room out of it is
 read again when next needed, as after a restart.
 
-With replicas no conversation is kept (``fed=False``): a replica sees only the rounds of the
-rooms it handles, not the edits, redactions and answers other replicas saw, so each answer
-reads its room's conversation from the homeserver (an agent takes seconds, the read
+With replicas what is kept is not trusted (``fed=False``): a replica sees only the rounds of
+the rooms it handles, not the edits, redactions and answers other replicas saw, so each answer
+reads its room's conversation from the homeserver anew (an agent takes seconds, the read
 milliseconds). Which message is a room's latest comes from the updates handed to this
 replica's lanes (``arrived``) and its own answers."""
 
@@ -74,7 +74,7 @@ class Conversations:
         self, hs: Homeserver, turns: int, budget: int = BUDGET_BYTES, fed: bool = True
     ) -> None:
         self.hs = hs
-        self.fed = fed  # False: no sync feeds this process every room (replicas): keep nothing
+        self.fed = fed  # False: no sync feeds this process every room (replicas)
         self.turns = turns
         self.window = read_size(turns)
         self.budget = budget

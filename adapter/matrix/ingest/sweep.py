@@ -41,7 +41,7 @@ WINDOW_COST_S = 0.12
 # live sync that carries it), before the bot can know to give way. Measured at 300 rooms, back
 # to back windows held that message's live round ~300 ms after bot.ready. The start's own
 # moments are kept for users by the give-way's settle (modes/catching_up.py), so the rest is
-# short: it only spaces the windows out (0.5 made the sweep 2.5x the old one's total).
+# short: it only spaces the windows out (docs/PERFORMANCE.md has both).
 REST = 0.25
 TIMELINE = 20  # latest events per room; a room that needs more reads back in its lane
 # The types a fallback's first sync asks for: what the rule reads, and what the conversation
