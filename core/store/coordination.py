@@ -96,6 +96,16 @@ _HEARTBEAT = (
 _FORGET_DEAD = f"DELETE FROM {REPLICAS_TABLE} WHERE last_seen < now() - interval '1 hour'"
 
 
+async def _woken_within(woken: asyncio.Event, timeout: float) -> None:
+    """Until ``woken`` is set (the inbox got entries) or ``timeout`` seconds passed; then
+    cleared for the next wait."""
+    try:
+        await asyncio.wait_for(woken.wait(), timeout)
+    except TimeoutError:
+        pass
+    woken.clear()
+
+
 def new_replica_id() -> str:
     """Random, with the host and pid for the humans reading logs and the doctor; short and
     plain enough to be kept whole in its session's name (``session_name``)."""
@@ -197,11 +207,7 @@ class SoleCoordinator:
         self._woken.set()
 
     async def wait_inbox(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._woken.wait(), timeout)
-        except TimeoutError:
-            pass
-        self._woken.clear()
+        await _woken_within(self._woken, timeout)
 
 
 class PostgresCoordinator:
@@ -337,11 +343,7 @@ class PostgresCoordinator:
         await self._run(lambda c: c.execute("SELECT pg_notify($1, '')", INBOX_CHANNEL))
 
     async def wait_inbox(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._woken.wait(), timeout)
-        except TimeoutError:
-            pass
-        self._woken.clear()
+        await _woken_within(self._woken, timeout)
 
     async def _run(self, call: Callable[[asyncpg.Connection], Any]) -> Any:
         return await self._store._run(call)
